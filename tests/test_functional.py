@@ -1,0 +1,302 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import wtacrs
+from wtacrs import functional as wf
+from wtacrs.estimator import budget
+
+
+def saved_tensors(fn):
+    """Run ``fn`` and return the distinct non-parameter storages saved for backward."""
+    seen = {}
+
+    def pack(t):
+        seen.setdefault(id(t.untyped_storage()), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, list(seen.values())
+
+
+def activation_bytes(tensors, params=()):
+    param_storages = {id(p.untyped_storage()) for p in params}
+    return sum(t.untyped_storage().nbytes() for t in tensors if id(t.untyped_storage()) not in param_storages)
+
+
+def _linear_case(shape=(4, 32, 12), out=7, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
+    w = torch.randn(out, shape[-1], generator=g, dtype=dtype)
+    b = torch.randn(out, generator=g, dtype=dtype)
+    dz = torch.randn(*shape[:-1], out, generator=g, dtype=dtype)
+    return x, w, b, dz
+
+
+def _grads(fn, x, w, b, dz):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    fn(x, w, b).backward(dz)
+    return x.grad, w.grad, b.grad
+
+
+def test_linear_forward_is_exact():
+    x, w, b, _ = _linear_case()
+    out = wf.linear(x, w.requires_grad_(), b, ratio=0.3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 12), (50, 12)])
+def test_grad_input_and_grad_bias_equal_torch(shape):
+    x, w, b, dz = _linear_case(shape)
+    ref = _grads(F.linear, x, w, b, dz)
+    got = _grads(lambda *a: wf.linear(*a, ratio=0.2, generator=torch.Generator().manual_seed(0)), x, w, b, dz)
+    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[2], ref[2])
+
+
+def test_non_contiguous_input():
+    x, w, b, dz = _linear_case((32, 4, 12))
+    x = x.transpose(0, 1)  # [4, 32, 12], not contiguous
+    dz = dz.transpose(0, 1)
+    ref = _grads(F.linear, x, w, b, dz)
+    got = _grads(lambda *a: wf.linear(*a, ratio=0.5, generator=torch.Generator().manual_seed(0)), x, w, b, dz)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[2], ref[2])
+
+
+def test_exact_path_when_budget_covers_all_tokens():
+    x, w, b, dz = _linear_case()
+    ref = _grads(F.linear, x, w, b, dz)
+    got = _grads(lambda *a: wf.linear(*a, ratio=1.0), x, w, b, dz)
+    torch.testing.assert_close(got[1], ref[1])
+
+
+def test_grad_weight_is_unbiased():
+    x, w, b, dz = _linear_case((2, 24, 6), out=4, seed=1)
+    x = x * torch.rand(2, 24, 1, generator=torch.Generator().manual_seed(2)) ** -1.5  # uneven row norms
+    exact = _grads(F.linear, x, w, b, dz)[1]
+    trials = 3000
+    g = torch.Generator().manual_seed(3)
+    w_ = w.clone().requires_grad_()
+    estimates = []
+    for _ in range(trials):
+        w_.grad = None
+        wf.linear(x, w_, ratio=0.25, generator=g).backward(dz)
+        estimates.append(w_.grad.clone())
+    est = torch.stack(estimates)
+    bound = 5 * est.std(0) / math.sqrt(trials) + 1e-5 * exact.abs().max()
+    assert ((est.mean(0) - exact).abs() <= bound).all()
+
+
+def test_saved_bytes_are_k_rows_plus_int32_indices():
+    x, w, b, _ = _linear_case((4, 32, 12))
+    w.requires_grad_()
+    out, saved = saved_tensors(lambda: wf.linear(x, w, b, ratio=0.3, generator=torch.Generator().manual_seed(0)))
+    k = budget(4 * 32, 0.3)
+    assert activation_bytes(saved, params=[w]) == k * 12 * 4 + k * 4
+
+
+def test_frozen_weight_stores_nothing_for_its_gradient():
+    x, w, b, _ = _linear_case()
+    x.requires_grad_()
+    _, saved = saved_tensors(lambda: wf.linear(x, w, b, ratio=0.3))
+    assert activation_bytes(saved, params=[w]) == 0
+
+
+def test_shared_sample_is_stored_once():
+    x, w, b, _ = _linear_case()
+    w.requires_grad_()
+    w2 = w.detach().clone().requires_grad_()
+    sample = wf.sample_input(x, ratio=0.3, generator=torch.Generator().manual_seed(0))
+    _, saved = saved_tensors(lambda: (wf.linear(x, w, b, ratio=0.3, sample=sample), wf.linear(x, w2, b, ratio=0.3, sample=sample)))
+    k = budget(128, 0.3)
+    assert activation_bytes(saved, params=[w, w2]) == k * 12 * 4 + k * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_linear(dtype):
+    x, w, b, dz = _linear_case(dtype=dtype)
+    got = _grads(lambda *a: wf.linear(*a, ratio=0.3, generator=torch.Generator().manual_seed(0)), x, w, b, dz)
+    assert all(t.dtype == dtype and torch.isfinite(t).all() for t in got)
+
+
+def test_single_token_and_pad_only_batches():
+    x, w, b, dz = _linear_case((1, 12))
+    got = _grads(lambda *a: wf.linear(*a, ratio=0.3), x, w, b, dz)
+    torch.testing.assert_close(got[1], _grads(F.linear, x, w, b, dz)[1])
+    # pad-only: every token has gradient norm 0, and indeed its output gradient is 0
+    x, w, b, dz = _linear_case()
+    mask = torch.zeros(4, 32)
+    got = _grads(lambda *a: wf.linear(*a, ratio=0.3, grad_norm=mask), x, w, b, dz * 0)
+    assert torch.equal(got[1], torch.zeros_like(w))
+
+
+def test_nan_input_propagates_like_the_exact_product():
+    x, w, b, dz = _linear_case()
+    x[1, 5, 3] = float("nan")
+    ref = _grads(F.linear, x, w, b, dz)[1]
+    got = _grads(lambda *a: wf.linear(*a, ratio=0.3, generator=torch.Generator().manual_seed(0)), x, w, b, dz)[1]
+    assert torch.equal(got.isnan(), ref.isnan())
+
+
+def test_zero_rows_do_not_crash():
+    x, w, b, dz = _linear_case()
+    x[:, :20] = 0
+    got = _grads(lambda *a: wf.linear(*a, ratio=0.1, generator=torch.Generator().manual_seed(0)), x, w, b, dz)
+    assert torch.isfinite(got[1]).all()
+
+
+def test_same_seed_same_gradient():
+    x, w, b, dz = _linear_case()
+    run = lambda: _grads(lambda *a: wf.linear(*a, ratio=0.3, generator=torch.Generator().manual_seed(11)), x, w, b, dz)[1]
+    assert torch.equal(run(), run())
+
+
+def _saved_shapes(device_ctx, make):
+    with device_ctx:
+        x, w, b = make()
+        out, saved = saved_tensors(lambda: wf.linear(x, w, b, ratio=0.3))
+        out.sum().backward()
+        return sorted((tuple(t.shape), t.dtype) for t in saved if t is not w)
+
+
+def test_linear_runs_on_meta_and_fake_tensors_with_cpu_shapes():
+    def make():
+        return torch.randn(4, 32, 12), torch.randn(7, 12, requires_grad=True), torch.randn(7, requires_grad=True)
+
+    cpu = _saved_shapes(torch.device("cpu"), make)
+    meta = _saved_shapes(torch.device("meta"), make)
+    with FakeTensorMode():
+        fake = _saved_shapes(torch.device("cpu"), make)
+    assert cpu == meta == fake
+    assert ((budget(128, 0.3), 12), torch.float32) in cpu
+
+
+# -- matmul -------------------------------------------------------------------------------------
+
+
+def _matmul_case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(2, 3, 20, 8, generator=g) * torch.rand(2, 3, 20, 1, generator=g) ** -1
+    b = torch.randn(2, 3, 8, 16, generator=g) * torch.rand(2, 3, 1, 16, generator=g) ** -1
+    dc = torch.randn(2, 3, 20, 16, generator=g)
+    return a, b, dc
+
+
+def _matmul_grads(fn, a, b, dc):
+    a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    fn(a, b).backward(dc)
+    return a.grad, b.grad
+
+
+def test_matmul_forward_exact_and_exact_path():
+    a, b, dc = _matmul_case()
+    ref = _matmul_grads(torch.matmul, a, b, dc)
+    got = _matmul_grads(lambda x, y: wf.matmul(x, y, ratio=1.0), a, b, dc)
+    assert torch.equal(wf.matmul(a, b, ratio=0.3), torch.matmul(a, b))
+    torch.testing.assert_close(got, ref)
+    kept = _matmul_grads(lambda x, y: wf.matmul(x, y, ratio=0.3, sample_a=False, sample_b=False), a, b, dc)
+    torch.testing.assert_close(kept, ref)
+
+
+def test_matmul_gradients_are_unbiased():
+    a, b, dc = _matmul_case(1)
+    exact = _matmul_grads(torch.matmul, a, b, dc)
+    trials = 2000
+    g = torch.Generator().manual_seed(0)
+    sums = [torch.zeros_like(a), torch.zeros_like(b)]
+    sqs = [torch.zeros_like(a), torch.zeros_like(b)]
+    for _ in range(trials):
+        for i, grad in enumerate(_matmul_grads(lambda x, y: wf.matmul(x, y, ratio=0.3, generator=g), a, b, dc)):
+            sums[i] += grad
+            sqs[i] += grad**2
+    for s, sq, ex in zip(sums, sqs, exact):
+        mean = s / trials
+        sd = (sq / trials - mean**2).clamp_min(0).sqrt()
+        assert ((mean - ex).abs() <= 5 * sd / math.sqrt(trials) + 1e-4 * ex.abs().max()).all()
+
+
+def test_matmul_saved_bytes_per_batch_and_head():
+    a, b, _ = _matmul_case()
+    a.requires_grad_(), b.requires_grad_()
+    _, saved = saved_tensors(lambda: wf.matmul(a, b, ratio=0.3, generator=torch.Generator().manual_seed(0)))
+    km, kn = budget(20, 0.3), budget(16, 0.3)
+    assert activation_bytes(saved) == 2 * 3 * (km * 8 * 4 + km * 4 + kn * 8 * 4 + kn * 4)
+
+
+def test_matmul_stores_nothing_for_a_frozen_operand():
+    a, b, _ = _matmul_case()
+    a.requires_grad_()
+    _, saved = saved_tensors(lambda: wf.matmul(a, b, ratio=0.3))
+    kn = budget(16, 0.3)
+    assert activation_bytes(saved) == 2 * 3 * (kn * 8 * 4 + kn * 4)
+
+
+def test_matmul_on_meta():
+    a = torch.randn(2, 3, 20, 8, device="meta", requires_grad=True)
+    b = torch.randn(2, 3, 8, 16, device="meta", requires_grad=True)
+    wf.matmul(a, b, ratio=0.3).sum().backward()
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
+
+
+# -- module and gradient-norm sources -------------------------------------------------------------
+
+
+def test_module_shares_parameters_and_is_exact_in_eval_and_no_grad():
+    lin = nn.Linear(12, 7)
+    mod = wtacrs.WTACRSLinear(lin, ratio=0.3)
+    assert mod.weight is lin.weight and mod.bias is lin.bias
+    assert list(mod.state_dict()) == list(lin.state_dict())
+    x = torch.randn(4, 10, 12)
+    mod.eval()
+    assert torch.equal(mod(x), lin(x))
+    mod.train()
+    with torch.no_grad():
+        assert torch.equal(mod(x), lin(x))
+    assert torch.equal(mod(x), lin(x))
+    assert mod.to_linear().weight is lin.weight
+
+
+def test_token_mask_keeps_pad_tokens_out_of_the_sample():
+    lin = wtacrs.WTACRSLinear(nn.Linear(12, 7), ratio=0.5)
+    x = torch.randn(2, 10, 12)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    mask[1, 3:] = False
+    with wtacrs.token_mask(mask):
+        _, saved = saved_tensors(lambda: lin(x))
+    indices = next(t for t in saved if t.dtype == torch.int32)
+    assert mask.reshape(-1)[indices.long()].all()
+
+
+def test_gradient_norm_cache_feeds_the_next_pass_and_stays_unbiased():
+    torch.manual_seed(0)
+    lin = wtacrs.WTACRSLinear(nn.Linear(6, 4, bias=False), ratio=0.3, key="layer")
+    x = torch.randn(3, 8, 6)
+    dz = torch.randn(3, 8, 4) * torch.rand(3, 8, 1) ** -1
+    cache = wtacrs.GradNormCache()
+    with cache.batch([10, 11, 12]):
+        out = lin(x)
+    out.backward(dz)
+    assert len(cache) == 3
+    norms = cache.lookup("layer", (10, 11, 12), 24, torch.device("cpu"))
+    raw = torch.linalg.vector_norm(dz, dim=-1).reshape(-1)
+    torch.testing.assert_close(norms, raw.clamp_min(0.1 * raw.mean()))
+
+    exact = dz.reshape(-1, 4).T @ x.reshape(-1, 6)
+    trials = 3000
+    lin.generator = torch.Generator().manual_seed(1)
+    est = []
+    for _ in range(trials):
+        lin.weight.grad = None
+        with cache.batch([10, 11, 12]):
+            out = lin(x)
+        out.backward(dz)
+        est.append(lin.weight.grad.clone())
+    est = torch.stack(est)
+    assert ((est.mean(0) - exact).abs() <= 5 * est.std(0) / math.sqrt(trials) + 1e-5).all()

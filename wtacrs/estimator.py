@@ -1,0 +1,198 @@
+"""The WTA-CRS estimator: pure functions over tensors.
+
+A product ``G = X^T Y = sum_i x_i^T y_i`` over n row pairs is estimated from k of the n rows.
+Every function works on a batch of independent problems: the row dimension is the last one of
+``p`` (``[..., n]``) and the second-to-last one of ``x`` (``[..., n, d]``). Shapes depend only on
+``n`` and ``k``, never on values, so the same code runs on the meta device and under
+FakeTensorMode.
+
+Winner-take-all (SPEC section 2): sort the probabilities, keep the ``m`` largest rows
+deterministically (weight 1) when that lowers ``(1 - q_C) / (k - m)`` below the plain-CRS value
+``1/k``, and spend the other ``k - m`` slots on i.i.d. draws from the residual distribution with
+weight ``(1 - q_C) / ((k - m) p_j)``. The estimate is unbiased in every path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+INDEX_DTYPE_LIMIT = 2**31
+
+
+class RowSample(NamedTuple):
+    """Which rows to keep and how to weight them.
+
+    ``indices``: int64 ``[..., k]`` row indices into ``[..., n]``.
+    ``weights``: fp32 ``[..., k]``; ``sum_t weights[t] * x[indices[t]]^T y[indices[t]]`` is an
+    unbiased estimate of ``X^T Y``. Slots with weight 0 are padding (no residual mass).
+    """
+
+    indices: Tensor
+    weights: Tensor
+
+
+def budget(n: int, ratio: float, min_k: int = 1) -> int:
+    """Rows kept out of ``n``: ``min(n, max(min_k, ceil(ratio * n)))``."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if min_k < 1:
+        raise ValueError(f"min_k must be >= 1, got {min_k}")
+    # round first so that 0.3 * 10 is 3, not ceil(3.0000000000000004) = 4
+    return min(n, max(min_k, math.ceil(round(ratio * n, 9))))
+
+
+def index_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n < INDEX_DTYPE_LIMIT else torch.int64
+
+
+def row_probabilities(x: Tensor, grad_norm: Tensor | None = None) -> Tensor:
+    """``p_i ∝ ||x_i|| * g_i`` in fp32, normalised over the last dimension.
+
+    ``x``: ``[..., n, d]`` any float dtype. ``grad_norm``: ``[..., n]`` (or broadcastable), an
+    estimate of ``||y_i||``; None means 1. Rows whose norm is not finite (NaN/Inf inputs) get
+    probability 0 here; ``wtacrs_sample`` keeps them deterministically instead. When every
+    score is 0 (all-zero rows, pad-only batches) ``p`` is all zeros and the estimate is exactly 0.
+    """
+    score = torch.linalg.vector_norm(x.float(), dim=-1)
+    if grad_norm is not None:
+        score = score * grad_norm.float()
+    score = torch.where(torch.isfinite(score), score, torch.zeros_like(score))
+    total = score.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, score / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(score))
+
+
+def _forced_rows(x: Tensor | None, n: int, like: Tensor) -> Tensor:
+    """Rows of ``x`` with a non-finite value: kept exactly so NaN/Inf reach the gradient."""
+    if x is None:
+        return torch.zeros_like(like, dtype=torch.bool)
+    return ~torch.isfinite(x).all(dim=-1)
+
+
+def _residual_draws(p_residual: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    """k i.i.d. draws per row of ``p_residual`` ``[..., n]`` (rows with no mass draw uniformly)."""
+    flat = p_residual.reshape(-1, p_residual.shape[-1])
+    has_mass = flat.sum(dim=-1, keepdim=True) > 0
+    flat = torch.where(has_mass, flat, torch.ones_like(flat))
+    if flat.device.type == "meta":
+        generator = None
+    draws = torch.multinomial(flat, k, replacement=True, generator=generator)
+    return draws.reshape(*p_residual.shape[:-1], k)
+
+
+def wtacrs_sample(
+    p: Tensor, k: int, generator: torch.Generator | None = None, *, forced: Tensor | None = None
+) -> RowSample:
+    """Winner-take-all column-row sampling of ``k`` of the ``n`` rows of ``p`` ``[..., n]``.
+
+    ``forced`` (bool ``[..., n]``) marks rows that must be kept exactly (weight 1), e.g. rows
+    holding NaN/Inf; they count towards the winner set. Returns static-shape ``[..., k]`` tensors.
+    """
+    n = p.shape[-1]
+    if k >= n:
+        indices = torch.arange(n, device=p.device).expand(*p.shape[:-1], n)
+        return RowSample(indices, torch.ones(p.shape, dtype=torch.float32, device=p.device))
+    p = p.float()
+    if forced is None:
+        forced = torch.zeros_like(p, dtype=torch.bool)
+    # forced rows sort first; inside each group rows sort by probability
+    key = torch.where(forced, torch.full_like(p, 2.0), p)
+    top_key, top_idx = torch.topk(key, k, dim=-1)
+    top_p = torch.gather(p, -1, top_idx)
+    n_forced = forced.sum(dim=-1, keepdim=True)
+
+    # q(m) = probability mass of the m largest rows, for m = 0..k-1
+    zero = torch.zeros_like(top_p[..., :1])
+    q = torch.cat([zero, torch.cumsum(top_p[..., :-1], dim=-1)], dim=-1)
+    m_range = torch.arange(k, device=p.device)
+    total = p.sum(dim=-1, keepdim=True)
+    score = (total - q).clamp_min(0) / (k - m_range).to(p.dtype)
+    allowed = m_range >= n_forced
+    score = torch.where(allowed, score, torch.full_like(score, math.inf))
+    best_score, best_m = score.min(dim=-1, keepdim=True)
+    # winner set only if it beats the smallest allowed set (plain CRS when nothing is forced)
+    base_m = n_forced.clamp_max(k - 1)
+    base_score = torch.gather(score, -1, base_m)
+    m = torch.where(best_score < base_score, best_m, base_m)
+
+    is_winner = m_range < m  # [..., k]
+    q_c = torch.gather(q, -1, m)
+    residual_mass = (total - q_c).clamp_min(0)
+
+    # residual distribution: p with the winners removed
+    winner_rows = torch.zeros_like(p, dtype=torch.bool).scatter(-1, top_idx, is_winner)
+    p_residual = torch.where(winner_rows | forced, torch.zeros_like(p), p)
+    draws = _residual_draws(p_residual, k, generator)
+    p_draw = torch.gather(p, -1, draws)
+    s = (k - m).to(p.dtype)
+    valid = (residual_mass > 0) & (p_draw > 0)
+    draw_weight = torch.where(valid, residual_mass / (s * torch.where(valid, p_draw, torch.ones_like(p_draw))), 0.0)
+
+    indices = torch.where(is_winner, top_idx, draws)
+    weights = torch.where(is_winner, torch.ones_like(draw_weight), draw_weight)
+    return RowSample(indices, weights)
+
+
+def crs_sample(p: Tensor, k: int, generator: torch.Generator | None = None) -> RowSample:
+    """Plain column-row sampling: k i.i.d. draws from ``p`` with weight ``1 / (k p_j)``."""
+    n = p.shape[-1]
+    if k >= n:
+        return wtacrs_sample(p, k, generator)
+    p = p.float()
+    draws = _residual_draws(p, k, generator)
+    p_draw = torch.gather(p, -1, draws)
+    valid = p_draw > 0
+    weights = torch.where(valid, 1.0 / (k * torch.where(valid, p_draw, torch.ones_like(p_draw))), 0.0)
+    return RowSample(draws, weights)
+
+
+def topk_sample(p: Tensor, k: int, generator: torch.Generator | None = None) -> RowSample:
+    """Deterministic top-k with weight 1. Biased: a comparison baseline only."""
+    n = p.shape[-1]
+    indices = torch.topk(p.float(), min(k, n), dim=-1).indices
+    return RowSample(indices, torch.ones(indices.shape, dtype=torch.float32, device=p.device))
+
+
+SAMPLERS = {"wtacrs": wtacrs_sample, "crs": crs_sample, "topk": topk_sample}
+
+
+def sample_rows(
+    x: Tensor,
+    k: int,
+    *,
+    grad_norm: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    method: str = "wtacrs",
+) -> tuple[Tensor, Tensor]:
+    """Sample ``k`` rows of ``x`` ``[..., n, d]`` and fold their weights in.
+
+    Returns ``(rows, indices)``: ``rows`` ``[..., k, d]`` in ``x.dtype`` (weight folded in),
+    ``indices`` ``[..., k]`` int32 (int64 when n >= 2^31). These are what a sampled op stores.
+    """
+    n = x.shape[-2]
+    p = row_probabilities(x, grad_norm)
+    if method == "wtacrs":
+        sample = wtacrs_sample(p, k, generator, forced=_forced_rows(x, n, p))
+    else:
+        sample = SAMPLERS[method](p, k, generator)
+    rows = torch.gather(x, -2, sample.indices.unsqueeze(-1).expand(*sample.indices.shape, x.shape[-1]))
+    rows = rows * sample.weights.unsqueeze(-1).to(x.dtype)
+    return rows, sample.indices.to(index_dtype(n))
+
+
+def estimate_product(
+    x: Tensor,
+    y: Tensor,
+    k: int,
+    *,
+    method: str = "wtacrs",
+    grad_norm: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Estimate ``x^T y`` (``[..., n, a]`` and ``[..., n, b]`` -> ``[..., a, b]``) from k rows."""
+    rows, indices = sample_rows(x, k, grad_norm=grad_norm, generator=generator, method=method)
+    y_rows = torch.gather(y, -2, indices.long().unsqueeze(-1).expand(*indices.shape, y.shape[-1]))
+    return rows.transpose(-1, -2) @ y_rows

@@ -1,0 +1,196 @@
+"""Autograd ops with an exact forward and a sampled weight gradient.
+
+Both ops store their activations with ``save_for_backward`` only, so
+``torch.autograd.graph.saved_tensors_hooks`` (and therefore the profiler) sees every byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wtacrs.estimator import budget, sample_rows
+
+GradNormSink = Callable[[Tensor], None]
+
+
+def _gather_rows(x: Tensor, indices: Tensor) -> Tensor:
+    """``x[..., indices, :]`` for ``x`` ``[..., n, d]`` and ``indices`` ``[..., k]``."""
+    idx = indices.long().unsqueeze(-1).expand(*indices.shape, x.shape[-1])
+    return torch.gather(x, -2, idx)
+
+
+class SampledLinear(torch.autograd.Function):
+    """``F.linear`` whose weight gradient comes from k stored input rows.
+
+    Saved: ``weight`` (a parameter, for grad_input), and either ``rows`` ``[k, in]`` (weights folded
+    in, input dtype) with ``indices`` ``[k]`` int32, or the input itself when ``k >= n``; nothing for
+    the weight gradient when the weight does not require grad.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, rows, indices, grad_norm_sink):
+        ctx.input_shape = input.shape
+        ctx.has_bias = bias is not None
+        ctx.grad_norm_sink = grad_norm_sink
+        if rows is None:
+            ctx.save_for_backward(weight)
+        elif indices is None:
+            ctx.save_for_backward(weight, rows)
+        else:
+            ctx.save_for_backward(weight, rows, indices)
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, *stored = ctx.saved_tensors
+        grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.grad_norm_sink is not None:
+            ctx.grad_norm_sink(torch.linalg.vector_norm(grad_2d.detach().float(), dim=-1))
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_2d.mm(weight).view(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            if len(stored) == 1:  # k >= n: the exact product
+                grad_weight = grad_2d.t().mm(stored[0].reshape(-1, stored[0].shape[-1]))
+            else:
+                rows, indices = stored
+                grad_weight = grad_2d.index_select(0, indices).t().mm(rows)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_input, grad_weight, grad_bias, None, None, None
+
+
+def linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ratio: float,
+    min_k: int = 1,
+    grad_norm: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    sample: tuple[Tensor, Tensor] | None = None,
+    grad_norm_sink: GradNormSink | None = None,
+) -> Tensor:
+    """``F.linear(input, weight, bias)`` with an unbiased WTA-CRS estimate of the weight gradient.
+
+    ``input`` ``[..., in]`` (2D or 3D), ``weight`` ``[out, in]``. The n = ``input.numel() / in``
+    token rows are sampled with ``p_i ∝ ||h_i|| * grad_norm_i``; ``k = budget(n, ratio, min_k)``
+    rows are stored. ``grad_norm`` (``[n]`` or ``input.shape[:-1]``) estimates the output-gradient
+    row norms (0 for pad tokens); None means 1. ``sample`` is a precomputed ``(rows, indices)``
+    from :func:`sample_input` to share one sample between layers that read the same input.
+    ``grad_norm_sink`` receives the fp32 output-gradient row norms ``[n]`` during backward (the
+    per-sample gradient-norm cache uses it).
+    """
+    if not weight.requires_grad:
+        rows = indices = None
+    elif sample is not None:
+        rows, indices = sample
+    else:
+        rows, indices = sample_input(input, ratio=ratio, min_k=min_k, grad_norm=grad_norm, generator=generator)
+    return SampledLinear.apply(input, weight, bias, rows, indices, grad_norm_sink)
+
+
+def sample_input(
+    input: Tensor,
+    *,
+    ratio: float,
+    min_k: int = 1,
+    grad_norm: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The ``(rows, indices)`` a sampled linear stores for ``input`` ``[..., in]``.
+
+    When ``k >= n`` it is ``(input, None)``: the input itself is kept and the gradient is exact.
+    """
+    x = input.detach().reshape(-1, input.shape[-1])
+    n = x.shape[0]
+    k = budget(n, ratio, min_k)
+    if k >= n:
+        return input.detach(), None
+    if grad_norm is not None:
+        grad_norm = grad_norm.reshape(n)
+    with torch.no_grad():
+        return sample_rows(x, k, grad_norm=grad_norm, generator=generator)
+
+
+class SampledMatmul(torch.autograd.Function):
+    """``a @ b`` (``[..., M, K] @ [..., K, N]``) with both operand gradients estimated.
+
+    For ``grad_b = a^T grad`` it stores rows of ``a`` sampled along M (``[..., kM, K]`` + indices),
+    or ``a`` itself; for ``grad_a = grad b^T`` it stores columns of ``b`` sampled along N, kept as
+    rows of ``b^T`` (``[..., kN, K]`` + indices), or ``b`` itself. The four slots are saved in the
+    fixed order ``a_rows, a_idx, b_cols, b_idx``; unused slots are None.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, a_rows, a_idx, b_cols, b_idx):
+        ctx.a_shape, ctx.b_shape = a.shape, b.shape
+        ctx.save_for_backward(a_rows, a_idx, b_cols, b_idx)
+        return torch.matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_rows, a_idx, b_cols, b_idx = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if b_idx is None:  # b_cols is b itself
+                grad_a = torch.matmul(grad, b_cols.transpose(-1, -2))
+            else:
+                grad_cols = _gather_rows(grad.transpose(-1, -2), b_idx)  # [..., kN, M]
+                grad_a = torch.matmul(grad_cols.transpose(-1, -2), b_cols)
+            grad_a = grad_a.sum_to_size(ctx.a_shape)
+        if ctx.needs_input_grad[1]:
+            if a_idx is None:  # a_rows is a itself
+                grad_b = torch.matmul(a_rows.transpose(-1, -2), grad)
+            else:
+                grad_rows = _gather_rows(grad, a_idx)  # [..., kM, N]
+                grad_b = torch.matmul(a_rows.transpose(-1, -2), grad_rows)
+            grad_b = grad_b.sum_to_size(ctx.b_shape)
+        return grad_a, grad_b, None, None, None, None
+
+
+def matmul(
+    a: Tensor,
+    b: Tensor,
+    *,
+    ratio: float,
+    min_k: int = 1,
+    sample_a: bool = True,
+    sample_b: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``torch.matmul(a, b)`` for batched ``[..., M, K] @ [..., K, N]`` with sampled gradients.
+
+    Rows of ``a`` are sampled along M and columns of ``b`` along N, independently per leading
+    index (per (batch, head) in attention), ``k = budget(M or N, ratio, min_k)``. ``sample_a=False``
+    keeps ``a`` whole (exact ``grad_b``), ``sample_b=False`` keeps ``b`` whole (exact ``grad_a``).
+    Nothing is stored for an operand whose gradient is not required.
+    """
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"matmul needs operands of at least 2 dims, got {tuple(a.shape)} and {tuple(b.shape)}")
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a_rows = a_idx = b_cols = b_idx = None
+    with torch.no_grad():
+        if b.requires_grad:
+            a_rows, a_idx = _operand_sample(a.detach(), lead, ratio, min_k, sample_a, generator)
+        if a.requires_grad:
+            b_t = b.detach().transpose(-1, -2)
+            b_cols, b_idx = _operand_sample(b_t, lead, ratio, min_k, sample_b, generator)
+            if b_idx is None:
+                b_cols = b.detach()
+    return SampledMatmul.apply(a, b, a_rows, a_idx, b_cols, b_idx)
+
+
+def _operand_sample(x, lead, ratio, min_k, sample, generator):
+    """Sampled rows of ``x`` ``[..., n, d]`` (broadcast to ``lead``), or ``(x, None)`` if kept whole."""
+    n = x.shape[-2]
+    k = budget(n, ratio, min_k)
+    if not sample or k >= n:
+        return x, None
+    x = x.expand(*lead, *x.shape[-2:])
+    return sample_rows(x, k, generator=generator)

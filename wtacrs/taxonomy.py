@@ -1,0 +1,178 @@
+"""The operator taxonomy of a transformer block and the per-family module tables.
+
+One table answers "which operator of the WTA-CRS figure is this module?" for every supported
+model family. The converter uses it to decide what to replace; the profiler uses it to attribute
+saved activations. Adding a family is one ``Family(...)`` entry in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from torch import nn
+
+
+class Operator(str, Enum):
+    """Operators of a transformer block (the poster's figure), plus the parts around the blocks."""
+
+    LINEAR_Q = "Linear-Q"
+    LINEAR_K = "Linear-K"
+    LINEAR_V = "Linear-V"
+    LINEAR_QKV = "Linear-QKV"  # a fused projection (GPT-2's c_attn)
+    LINEAR_O = "Linear-O"
+    LINEAR_U = "Linear-U"  # up / gate / wi / wi_0 / wi_1 / intermediate
+    LINEAR_D = "Linear-D"  # down / wo / output
+    TENSORMUL_1 = "TensorMul-1"  # Q K^T
+    TENSORMUL_2 = "TensorMul-2"  # P V
+    SOFTMAX = "Softmax"
+    DROPOUT = "Dropout"
+    ACTIVATION = "Activation"  # GeLU / ReLU / SiLU
+    LAYERNORM = "LayerNorm"
+    EMBEDDING = "Embedding"
+    HEAD_LOSS = "Head/Loss"
+    OTHER = "Other"
+
+
+class Category(str, Enum):
+    """How an operator's saved activation is treated."""
+
+    SAMPLED = "sampled"  # k of n rows kept (WTA-CRS)
+    LOSSLESS = "lossless"  # compressed without loss (bit-packed masks, shared inputs)
+    UNCOMPRESSED = "uncompressed"  # stored as the exact op stores it
+
+
+LINEAR_OPERATORS = frozenset(
+    {
+        Operator.LINEAR_Q,
+        Operator.LINEAR_K,
+        Operator.LINEAR_V,
+        Operator.LINEAR_QKV,
+        Operator.LINEAR_O,
+        Operator.LINEAR_U,
+        Operator.LINEAR_D,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module names of one architecture family.
+
+    ``linears`` maps a regular expression, matched against the end of a module's qualified name,
+    to the operator that module implements. ``attention`` matches the attention modules (the ones
+    that call the attention function), and ``encoder``/``decoder`` tell which token mask a module
+    reads in an encoder-decoder model.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    linears: dict[str, Operator]
+    attention: str
+    layernorm: str
+    decoder: str | None = None
+    cross_attention: str | None = None
+    _compiled: list[tuple[re.Pattern[str], Operator]] = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        compiled = [(re.compile(rf"(^|\.)(?:{pattern})$"), op) for pattern, op in self.linears.items()]
+        object.__setattr__(self, "_compiled", compiled)
+
+    def linear_operator(self, qualified_name: str) -> Operator | None:
+        """The operator of the Linear (or Conv1D) module at ``qualified_name``, or None."""
+        for pattern, op in self._compiled:
+            if pattern.search(qualified_name):
+                return op
+        return None
+
+    def is_attention(self, qualified_name: str) -> bool:
+        return re.search(rf"(^|\.)(?:{self.attention})$", qualified_name) is not None
+
+    def is_decoder(self, qualified_name: str) -> bool:
+        """True when the module reads decoder tokens (encoder-decoder families only)."""
+        return self.decoder is not None and re.search(rf"(^|\.)(?:{self.decoder})(\.|$)", qualified_name) is not None
+
+    def is_cross_attention(self, qualified_name: str) -> bool:
+        return self.cross_attention is not None and re.search(
+            rf"(^|\.)(?:{self.cross_attention})(\.|$)", qualified_name
+        ) is not None
+
+
+FAMILIES: dict[str, Family] = {
+    "t5": Family(
+        name="t5",
+        model_types=("t5", "mt5", "umt5"),
+        linears={
+            r"(SelfAttention|EncDecAttention)\.q": Operator.LINEAR_Q,
+            r"(SelfAttention|EncDecAttention)\.k": Operator.LINEAR_K,
+            r"(SelfAttention|EncDecAttention)\.v": Operator.LINEAR_V,
+            r"(SelfAttention|EncDecAttention)\.o": Operator.LINEAR_O,
+            r"DenseReluDense\.(wi|wi_0|wi_1)": Operator.LINEAR_U,
+            r"DenseReluDense\.wo": Operator.LINEAR_D,
+        },
+        attention=r"SelfAttention|EncDecAttention",
+        layernorm=r"layer_norm|final_layer_norm",
+        decoder=r"decoder",
+        cross_attention=r"EncDecAttention",
+    ),
+    "bert": Family(
+        name="bert",
+        model_types=("bert", "roberta"),
+        linears={
+            r"attention\.self\.query": Operator.LINEAR_Q,
+            r"attention\.self\.key": Operator.LINEAR_K,
+            r"attention\.self\.value": Operator.LINEAR_V,
+            r"attention\.output\.dense": Operator.LINEAR_O,
+            r"intermediate\.dense": Operator.LINEAR_U,
+            r"layer\.\d+\.output\.dense": Operator.LINEAR_D,
+        },
+        attention=r"attention\.self",
+        layernorm=r"LayerNorm",
+    ),
+    "gpt2": Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        linears={
+            r"attn\.c_attn": Operator.LINEAR_QKV,
+            r"attn\.c_proj": Operator.LINEAR_O,
+            r"mlp\.c_fc": Operator.LINEAR_U,
+            r"mlp\.c_proj": Operator.LINEAR_D,
+        },
+        attention=r"attn",
+        layernorm=r"ln_1|ln_2|ln_f",
+    ),
+    "llama": Family(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2"),
+        linears={
+            r"self_attn\.q_proj": Operator.LINEAR_Q,
+            r"self_attn\.k_proj": Operator.LINEAR_K,
+            r"self_attn\.v_proj": Operator.LINEAR_V,
+            r"self_attn\.o_proj": Operator.LINEAR_O,
+            r"mlp\.(gate_proj|up_proj)": Operator.LINEAR_U,
+            r"mlp\.down_proj": Operator.LINEAR_D,
+        },
+        attention=r"self_attn",
+        layernorm=r"input_layernorm|post_attention_layernorm|norm",
+    ),
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a transformers model (peft wrappers are looked through)."""
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "get_base_model"):
+        config = getattr(model.get_base_model(), "config", None)
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
+    raise UnsupportedModelError(
+        f"unsupported model type {model_type!r} ({type(model).__name__}); supported families: {supported}"
+    )
