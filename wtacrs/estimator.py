@@ -49,27 +49,26 @@ def index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < INDEX_DTYPE_LIMIT else torch.int64
 
 
-def row_probabilities(x: Tensor, grad_norm: Tensor | None = None) -> Tensor:
+def row_norms(x: Tensor) -> Tensor:
+    """fp32 ``[..., n]`` Euclidean norms of the rows of ``x`` ``[..., n, d]``, without an fp32 copy."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+
+
+def row_probabilities(x: Tensor, grad_norm: Tensor | None = None, *, norms: Tensor | None = None) -> Tensor:
     """``p_i ∝ ||x_i|| * g_i`` in fp32, normalised over the last dimension.
 
-    ``x``: ``[..., n, d]`` any float dtype. ``grad_norm``: ``[..., n]`` (or broadcastable), an
-    estimate of ``||y_i||``; None means 1. Rows whose norm is not finite (NaN/Inf inputs) get
-    probability 0 here; ``wtacrs_sample`` keeps them deterministically instead. When every
-    score is 0 (all-zero rows, pad-only batches) ``p`` is all zeros and the estimate is exactly 0.
+    ``x``: ``[..., n, d]`` any float dtype (or pass precomputed ``norms``). ``grad_norm``:
+    ``[..., n]`` (or broadcastable), an estimate of ``||y_i||``; None means 1. Rows whose norm is
+    not finite (NaN/Inf inputs) get probability 0 here; ``sample_rows`` keeps them
+    deterministically instead. When every score is 0 (all-zero rows, pad-only batches) ``p`` is
+    all zeros and the estimate is exactly 0.
     """
-    score = torch.linalg.vector_norm(x.float(), dim=-1)
+    score = row_norms(x) if norms is None else norms
     if grad_norm is not None:
         score = score * grad_norm.float()
     score = torch.where(torch.isfinite(score), score, torch.zeros_like(score))
     total = score.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, score / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(score))
-
-
-def _forced_rows(x: Tensor | None, n: int, like: Tensor) -> Tensor:
-    """Rows of ``x`` with a non-finite value: kept exactly so NaN/Inf reach the gradient."""
-    if x is None:
-        return torch.zeros_like(like, dtype=torch.bool)
-    return ~torch.isfinite(x).all(dim=-1)
 
 
 def _residual_draws(p_residual: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
@@ -173,13 +172,18 @@ def sample_rows(
     ``indices`` ``[..., k]`` int32 (int64 when n >= 2^31). These are what a sampled op stores.
     """
     n = x.shape[-2]
-    p = row_probabilities(x, grad_norm)
+    norms = row_norms(x)
+    p = row_probabilities(x, grad_norm, norms=norms)
     if method == "wtacrs":
-        sample = wtacrs_sample(p, k, generator, forced=_forced_rows(x, n, p))
+        # a non-finite norm means a NaN/Inf in the row (or an overflow): keep the row exactly
+        sample = wtacrs_sample(p, k, generator, forced=~torch.isfinite(norms))
     else:
         sample = SAMPLERS[method](p, k, generator)
-    rows = torch.gather(x, -2, sample.indices.unsqueeze(-1).expand(*sample.indices.shape, x.shape[-1]))
-    rows = rows * sample.weights.unsqueeze(-1).to(x.dtype)
+    if x.dim() == 2:  # index_select is much faster than gather on CPU
+        rows = x.index_select(0, sample.indices)
+    else:
+        rows = torch.gather(x, -2, sample.indices.unsqueeze(-1).expand(*sample.indices.shape, x.shape[-1]))
+    rows.mul_(sample.weights.unsqueeze(-1).to(x.dtype))
     return rows, sample.indices.to(index_dtype(n))
 
 
