@@ -4,10 +4,31 @@ The forward pass is exact; each weight gradient ``dW = H^T dZ`` is estimated wit
 ``k`` sampled rows of ``H``, so only those rows are stored.
 """
 
-from wtacrs import estimator, functional
+from wtacrs import estimator, functional, lossless
+from wtacrs.config import WTACRSConfig
+from wtacrs.convert import convert, is_converted, revert
 from wtacrs.estimator import budget
 from wtacrs.gradnorm import GradNormCache, token_mask
-from wtacrs.modules import WTACRSLinear
+from wtacrs.modules import WTACRSConv1D, WTACRSLinear
+from wtacrs.taxonomy import FAMILIES, Category, Operator, UnsupportedModelError, family_of
 
-__all__ = ["GradNormCache", "WTACRSLinear", "budget", "estimator", "functional", "token_mask"]
+__all__ = [
+    "FAMILIES",
+    "Category",
+    "GradNormCache",
+    "Operator",
+    "UnsupportedModelError",
+    "WTACRSConfig",
+    "WTACRSConv1D",
+    "WTACRSLinear",
+    "budget",
+    "convert",
+    "estimator",
+    "family_of",
+    "functional",
+    "is_converted",
+    "lossless",
+    "revert",
+    "token_mask",
+]
 __version__ = "0.1.0"

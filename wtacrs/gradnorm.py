@@ -46,13 +46,13 @@ def token_mask(mask: Tensor | None = None, **streams: Tensor | None) -> Iterator
         _token_masks.reset(token)
 
 
-def current_token_mask(stream: str, n: int) -> Tensor | None:
-    """The fp32 ``[n]`` mask of ``stream`` (or of the default stream) if it has ``n`` tokens."""
+def current_token_mask(stream: str, n: int) -> tuple[Tensor | None, int | None]:
+    """The ``[n]`` mask of ``stream`` (or of the default stream) if it has ``n`` tokens, and its id."""
     masks = _token_masks.get()
     mask = masks.get(stream, masks.get("default"))
     if mask is None or mask.numel() != n:
-        return None
-    return mask.reshape(n).float()
+        return None, None
+    return mask.reshape(n), id(mask)
 
 
 class GradNormCache:
@@ -116,9 +116,16 @@ def active_cache() -> tuple[GradNormCache, tuple] | None:
 
 
 def resolve_grad_norm(key: str, stream: str, n: int, device: torch.device):
-    """``(grad_norm [n] or None, sink or None)`` for a sampled layer's forward pass."""
+    """``(grad_norm, sink, source)`` for a sampled layer's forward pass over ``n`` tokens.
+
+    ``grad_norm`` is fp32 ``[n]`` or None (meaning 1); ``sink`` receives the output-gradient row
+    norms in backward when a :class:`GradNormCache` is active; ``source`` is a hashable name of
+    where ``grad_norm`` came from, or None when it is specific to this layer (cached norms), so
+    layers reading the same input with the same ``source`` have identical probabilities.
+    """
     active = active_cache()
     grad_norm = sink = None
+    source: tuple | None = ("ones",)
     if active is not None:
         cache, ids = active
         grad_norm = cache.lookup(key, ids, n, device)
@@ -126,8 +133,12 @@ def resolve_grad_norm(key: str, stream: str, n: int, device: torch.device):
         def sink(norms: Tensor, _cache=cache, _ids=ids, _key=key) -> None:
             _cache.update(_key, _ids, norms)
 
-    mask = current_token_mask(stream, n)
+        if grad_norm is not None:
+            source = None
+    mask, mask_id = current_token_mask(stream, n)
     if mask is not None:
-        mask = mask.to(device)
+        mask = mask.to(device=device, dtype=torch.float32)
         grad_norm = mask if grad_norm is None else grad_norm * mask
-    return grad_norm, sink
+        if source is not None:
+            source = ("mask", mask_id)
+    return grad_norm, sink, source

@@ -1,0 +1,63 @@
+"""``WTACRSConfig``: what :func:`wtacrs.convert` replaces and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from wtacrs.taxonomy import Operator
+
+PROBABILITY_SOURCES = ("auto", "activation")
+
+
+@dataclass
+class WTACRSConfig:
+    """Settings of a WTA-CRS conversion. Every field is validated in ``__post_init__``."""
+
+    ratio: float = field(default=0.3, metadata={"help": "Fraction of the n tokens whose rows are stored: k = ceil(ratio * n)."})
+    min_k: int = field(default=1, metadata={"help": "Lower bound on k (k never exceeds n)."})
+    q: bool = field(default=True, metadata={"help": "Sample Linear-Q (and a fused QKV projection)."})
+    k: bool = field(default=True, metadata={"help": "Sample Linear-K."})
+    v: bool = field(default=True, metadata={"help": "Sample Linear-V."})
+    o: bool = field(default=True, metadata={"help": "Sample Linear-O, the attention output projection."})
+    u: bool = field(default=True, metadata={"help": "Sample Linear-U (up / gate / wi)."})
+    d: bool = field(default=True, metadata={"help": "Sample Linear-D (down / wo)."})
+    tm1: bool = field(default=True, metadata={"help": "Sample TensorMul-1 (Q K^T) in the attention function."})
+    tm2: bool = field(default=True, metadata={"help": "Sample TensorMul-2 (P V) in the attention function."})
+    lossless: bool = field(default=True, metadata={"help": "Bit-packed dropout and ReLU masks; GeLU/SiLU store only their input."})
+    probability: str = field(
+        default="auto",
+        metadata={
+            "help": "Gradient-norm source of the sampling probabilities: 'auto' uses a GradNormCache when one is "
+            "active, else the batch's token mask, else 1; 'activation' uses activation norms only."
+        },
+    )
+    seed: int | None = field(default=None, metadata={"help": "Seed of the sampling generator; None draws from torch's default generator."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
+            raise ValueError(f"WTACRSConfig.ratio must be a number in (0, 1], got {self.ratio!r}")
+        if isinstance(self.min_k, bool) or not isinstance(self.min_k, int) or self.min_k < 1:
+            raise ValueError(f"WTACRSConfig.min_k must be an int >= 1, got {self.min_k!r}")
+        for name in ("q", "k", "v", "o", "u", "d", "tm1", "tm2", "lossless"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"WTACRSConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.probability not in PROBABILITY_SOURCES:
+            raise ValueError(f"WTACRSConfig.probability must be one of {PROBABILITY_SOURCES}, got {self.probability!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"WTACRSConfig.seed must be an int or None, got {self.seed!r}")
+
+    def samples(self, operator: Operator) -> bool:
+        """Whether the linear implementing ``operator`` is sampled."""
+        return {
+            Operator.LINEAR_Q: self.q,
+            Operator.LINEAR_K: self.k,
+            Operator.LINEAR_V: self.v,
+            Operator.LINEAR_QKV: self.q and self.k and self.v,
+            Operator.LINEAR_O: self.o,
+            Operator.LINEAR_U: self.u,
+            Operator.LINEAR_D: self.d,
+        }.get(operator, False)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}
