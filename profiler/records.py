@@ -20,8 +20,15 @@ A record is a plain dict so it survives any JSON tool. Its keys:
                     deduplicated bytes saved for backward
 ``throughput``      ``{"step_time_s", "tokens_per_s", "samples_per_s", "timed_steps"}`` or None
                     (None for meta estimates)
-``env``             ``{"torch", "transformers", "python", "device_name", "host"}``
+``flops``           FLOPs of one training step (matmuls), or None
+``env``             ``{"torch", "transformers", "peft", "python", "device_name", "host"}``
 ``finished_at``     ISO-8601 UTC time the cell ended
+
+Optional keys: ``estimate`` (``device: auto`` cells measured on the CPU after a meta estimate:
+``{"peak_bytes", "models_device", "flops", "cpu_seconds"}``), ``traceback`` (the last frames of a
+cell with status ``error``/``oom``). For ``estimated`` cells of ``device: auto``, ``message``
+says why no CPU run was made. ``results.jsonl`` holds one record per cell (``--resume``
+rewrites it without the failed tries it reruns).
 
 Bytes are ints. Missing figures are None, never 0.
 """

@@ -165,7 +165,10 @@ def _saved_shapes(device_ctx, make):
         return sorted((tuple(t.shape), t.dtype) for t in saved if t is not w)
 
 
-def test_linear_runs_on_meta_and_fake_tensors_with_cpu_shapes():
+@pytest.mark.parametrize("shapes_only", [True, False])
+def test_linear_runs_on_meta_and_fake_tensors_with_cpu_shapes(shapes_only, monkeypatch):
+    monkeypatch.setattr(wtacrs.estimator, "META_SHAPES_ONLY", shapes_only)
+
     def make():
         return torch.randn(4, 32, 12), torch.randn(7, 12, requires_grad=True), torch.randn(7, requires_grad=True)
 

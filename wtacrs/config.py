@@ -23,7 +23,15 @@ class WTACRSConfig:
     d: bool = field(default=True, metadata={"help": "Sample Linear-D (down / wo)."})
     tm1: bool = field(default=True, metadata={"help": "Sample TensorMul-1 (Q K^T) in the attention function."})
     tm2: bool = field(default=True, metadata={"help": "Sample TensorMul-2 (P V) in the attention function."})
+    tm2_v: str = field(
+        default="sample",
+        metadata={"help": "TensorMul-2 reuses the softmax's P for dV; for dP it keeps k sampled head-dim columns of V ('sample') or V itself ('store', exact dP)."},
+    )
     lossless: bool = field(default=True, metadata={"help": "Bit-packed dropout and ReLU masks; GeLU/SiLU store only their input."})
+    lean_norm: bool = field(
+        default=True,
+        metadata={"help": "LayerNorm/RMSNorm store only their input; sampled linears fed by a norm, an activation or a dropout rebuild their rows from tensors saved anyway instead of storing rows."},
+    )
     probability: str = field(
         default="auto",
         metadata={
@@ -31,16 +39,21 @@ class WTACRSConfig:
             "active, else the batch's token mask, else 1; 'activation' uses activation norms only."
         },
     )
-    seed: int | None = field(default=None, metadata={"help": "Seed of the sampling generator; None draws from torch's default generator."})
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the sampling generators (one per device). None derives one from torch.initial_seed(). Sampling never draws from torch's default generator."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
             raise ValueError(f"WTACRSConfig.ratio must be a number in (0, 1], got {self.ratio!r}")
         if isinstance(self.min_k, bool) or not isinstance(self.min_k, int) or self.min_k < 1:
             raise ValueError(f"WTACRSConfig.min_k must be an int >= 1, got {self.min_k!r}")
-        for name in ("q", "k", "v", "o", "u", "d", "tm1", "tm2", "lossless"):
+        for name in ("q", "k", "v", "o", "u", "d", "tm1", "tm2", "lossless", "lean_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"WTACRSConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.tm2_v not in ("sample", "store"):
+            raise ValueError(f"WTACRSConfig.tm2_v must be 'sample' or 'store', got {self.tm2_v!r}")
         if self.probability not in PROBABILITY_SOURCES:
             raise ValueError(f"WTACRSConfig.probability must be one of {PROBABILITY_SOURCES}, got {self.probability!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):

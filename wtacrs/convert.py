@@ -19,6 +19,7 @@ unchanged. :func:`revert` puts every original module back.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from wtacrs.config import WTACRSConfig
 from wtacrs.gradnorm import token_mask
-from wtacrs.modules import LosslessActivation, LosslessDropout, SampleShare, WTACRSConv1D, WTACRSLinear
+from wtacrs.modules import Generators, LeanNorm, LosslessActivation, LosslessDropout, SampleShare, WTACRSConv1D, WTACRSLinear
 from wtacrs.taxonomy import Family, family_of
 
 _STATE = "_wtacrs_state"
@@ -39,9 +40,9 @@ class _ConversionState:
     family: Family
     replaced: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
     attention_modules: list[nn.Module] = field(default_factory=list)
-    attn_configs: list[tuple[object, str]] = field(default_factory=list)
     share: SampleShare = field(default_factory=SampleShare)
     generator: torch.Generator | None = None
+    generators: Generators | None = None
     own_forward: object = None  # an instance-level forward installed before us (accelerate hooks)
 
 
@@ -83,15 +84,19 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
     family = family_of(hf_model)
     state = _ConversionState(config=config, family=family)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if config.seed is not None and device.type != "meta":
-        state.generator = torch.Generator(device=device).manual_seed(config.seed)
+    # sampling never draws from torch's default generator: the converted model consumes it as the
+    # original does, so the same seed gives the same dropout masks
+    seed = config.seed if config.seed is not None else int(torch.randint(2**62, (), generator=torch.Generator().manual_seed(torch.initial_seed() % 2**62)))
+    state.generators = Generators(seed)
+    state.generator = state.generators.for_device(device)
 
     sampling = dict(
         ratio=config.ratio,
         min_k=config.min_k,
-        generator=state.generator,
+        generator=state.generators,
         share=state.share,
         use_grad_norm=config.probability == "auto",
+        recompute_rows=config.lean_norm,
     )
     for name, module in list(model.named_modules()):
         qualified = _strip_peft_prefix(name)
@@ -126,6 +131,8 @@ def _convert_child(state, parent, child_name, child, qualified, sampling) -> Non
             return
         cls = WTACRSConv1D if _is_conv1d(child) else WTACRSLinear
         _replace(state, parent, child_name, cls(child, stream=_stream(family, qualified), key=qualified, **sampling))
+    elif config.lean_norm and re.search(rf"(^|\.)(?:{family.layernorm})$", qualified) and hasattr(child, "weight"):
+        _replace(state, parent, child_name, LeanNorm(child))
     elif config.lossless and type(child) is nn.Dropout and child.p > 0:
         _replace(state, parent, child_name, LosslessDropout(child))
     elif config.lossless and type(child).__name__ in ACTIVATION_CLASS_NAMES:
@@ -140,31 +147,24 @@ def _replace(state: _ConversionState, parent: nn.Module, name: str, new: nn.Modu
 
 
 def _enable_attention(state: _ConversionState, hf_model: nn.Module) -> None:
-    from wtacrs.attention import AttentionSettings, register
+    from wtacrs import attention
 
-    register()
-    config = state.config
-    seen = {}
-    for module in hf_model.modules():
-        cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
-            seen[id(cfg)] = cfg
-    for name, module in hf_model.named_modules():
-        if state.family.is_attention(name) and hasattr(module, "config"):
-            fallback = module.config._attn_implementation or "eager"
-            module.wtacrs_attention = AttentionSettings(
-                ratio=config.ratio,
-                min_k=config.min_k,
-                tm1=config.tm1,
-                tm2=config.tm2,
-                lossless_dropout=config.lossless,
-                fallback=fallback,
-                generator=state.generator,
-            )
-            state.attention_modules.append(module)
-    for cfg in seen.values():
-        state.attn_configs.append((cfg, cfg._attn_implementation))
-        cfg._attn_implementation = "wtacrs"
+    config, family = state.config, state.family
+
+    def settings_for(name: str, module: nn.Module):
+        return attention.AttentionSettings(
+            ratio=config.ratio,
+            min_k=config.min_k,
+            tm1=config.tm1,
+            tm2=config.tm2,
+            tm2_v=config.tm2_v,
+            lossless_dropout=config.lossless,
+            fallback=module.config._attn_implementation or "eager",
+            generator=state.generator,
+            query_stream=None if not config.probability == "auto" else _stream(family, f"{name}.q"),
+        )
+
+    state.attention_modules = attention.enable(hf_model, settings_for)
 
 
 def _token_masks(family: Family, kwargs: dict) -> dict[str, torch.Tensor | None]:
@@ -212,10 +212,10 @@ def revert(model: nn.Module) -> nn.Module:
         current = getattr(parent, name)
         original.train(current.training)
         setattr(parent, name, original)
-    for module in state.attention_modules:
-        del module.wtacrs_attention
-    for cfg, implementation in state.attn_configs:
-        cfg._attn_implementation = implementation
+    if state.attention_modules:
+        from wtacrs import attention
+
+        attention.disable(hf_model)
     del hf_model.forward
     if state.own_forward is not None:
         hf_model.forward = state.own_forward

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wtacrs.estimator import budget, sample_rows
+from wtacrs import estimator
+from wtacrs.estimator import budget, index_dtype, row_norms, row_probabilities, sample_rows, wtacrs_sample
+from wtacrs.rowsource import RowSource
 
 GradNormSink = Callable[[Tensor], None]
 
@@ -24,29 +26,33 @@ def _gather_rows(x: Tensor, indices: Tensor) -> Tensor:
 
 
 class SampledLinear(torch.autograd.Function):
-    """``F.linear`` whose weight gradient comes from k stored input rows.
+    """``F.linear`` whose weight gradient comes from k stored (or recomputed) input rows.
 
-    Saved: ``weight`` (a parameter, for grad_input), and either ``rows`` ``[k, in]`` (weights folded
-    in, input dtype) with ``indices`` ``[k]`` int32, or the input itself when ``k >= n``; nothing for
-    the weight gradient when the weight does not require grad.
+    Saved, after the ``weight`` (a parameter, for grad_input), one of:
+
+    - ``rows`` ``[k, in]`` (sample weights folded in, input dtype) and ``indices`` ``[k]`` int32;
+    - the input itself when ``k >= n`` (exact gradient);
+    - ``sample_weights`` ``[k]`` fp32, ``indices`` and the tensors of a
+      :class:`~wtacrs.rowsource.RowSource`, which rebuilds the rows in backward (those tensors are
+      saved by other ops already, so only ``8 k`` bytes are new);
+    - nothing when the weight does not require grad.
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, rows, indices, grad_norm_sink):
+    def forward(ctx, input, weight, bias, rows, indices, grad_norm_sink, row_source, *source_tensors):
         ctx.input_shape = input.shape
         ctx.has_bias = bias is not None
         ctx.grad_norm_sink = grad_norm_sink
-        if rows is None:
-            ctx.save_for_backward(weight)
-        elif indices is None:
-            ctx.save_for_backward(weight, rows)
-        else:
-            ctx.save_for_backward(weight, rows, indices)
+        ctx.row_source = row_source
+        saved = [t for t in (weight, rows, indices) if t is not None]
+        ctx.save_for_backward(*saved, *source_tensors)
+        ctx.n_saved = len(saved)
         return F.linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        weight, *stored = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        weight, stored, source_tensors = saved[0], saved[1 : ctx.n_saved], saved[ctx.n_saved :]
         grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
         if ctx.grad_norm_sink is not None:
             ctx.grad_norm_sink(torch.linalg.vector_norm(grad_2d.detach().float(), dim=-1))
@@ -58,10 +64,12 @@ class SampledLinear(torch.autograd.Function):
                 grad_weight = grad_2d.t().mm(stored[0].reshape(-1, stored[0].shape[-1]))
             else:
                 rows, indices = stored
+                if ctx.row_source is not None:  # rows holds the sample weights
+                    rows = ctx.row_source.rows(source_tensors, indices).to(grad_2d.dtype) * rows.unsqueeze(-1).to(grad_2d.dtype)
                 grad_weight = grad_2d.index_select(0, indices).t().mm(rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return (grad_input, grad_weight, grad_bias, None, None, None, None) + (None,) * len(source_tensors)
 
 
 def linear(
@@ -73,26 +81,35 @@ def linear(
     min_k: int = 1,
     grad_norm: Tensor | None = None,
     generator: torch.Generator | None = None,
-    sample: tuple[Tensor, Tensor] | None = None,
+    sample: tuple[Tensor, Tensor | None] | None = None,
     grad_norm_sink: GradNormSink | None = None,
+    row_source: RowSource | None = None,
 ) -> Tensor:
     """``F.linear(input, weight, bias)`` with an unbiased WTA-CRS estimate of the weight gradient.
 
     ``input`` ``[..., in]`` (2D or 3D), ``weight`` ``[out, in]``. The n = ``input.numel() / in``
     token rows are sampled with ``p_i ∝ ||h_i|| * grad_norm_i``; ``k = budget(n, ratio, min_k)``
     rows are stored. ``grad_norm`` (``[n]`` or ``input.shape[:-1]``) estimates the output-gradient
-    row norms (0 for pad tokens); None means 1. ``sample`` is a precomputed ``(rows, indices)``
-    from :func:`sample_input` to share one sample between layers that read the same input.
-    ``grad_norm_sink`` receives the fp32 output-gradient row norms ``[n]`` during backward (the
-    per-sample gradient-norm cache uses it).
+    row norms (0 for pad tokens); None means 1. ``sample`` is a precomputed result of
+    :func:`sample_input` (with the same ``row_source``) to share one sample between layers that
+    read the same input. ``grad_norm_sink`` receives the fp32 output-gradient row norms ``[n]``
+    during backward (the per-sample gradient-norm cache uses it). ``row_source`` says how to
+    rebuild input rows from tensors saved elsewhere; then only indices and weights are stored.
     """
+    source_tensors: tuple[Tensor, ...] = ()
     if not weight.requires_grad:
-        rows = indices = None
-    elif sample is not None:
-        rows, indices = sample
+        rows = indices = row_source = None
     else:
-        rows, indices = sample_input(input, ratio=ratio, min_k=min_k, grad_norm=grad_norm, generator=generator)
-    return SampledLinear.apply(input, weight, bias, rows, indices, grad_norm_sink)
+        if sample is None:
+            sample = sample_input(
+                input, ratio=ratio, min_k=min_k, grad_norm=grad_norm, generator=generator, row_source=row_source
+            )
+        rows, indices = sample
+        if indices is None:  # k >= n: exact
+            row_source = None
+        elif row_source is not None:
+            source_tensors = row_source.tensors
+    return SampledLinear.apply(input, weight, bias, rows, indices, grad_norm_sink, row_source, *source_tensors)
 
 
 def sample_input(
@@ -102,10 +119,13 @@ def sample_input(
     min_k: int = 1,
     grad_norm: Tensor | None = None,
     generator: torch.Generator | None = None,
+    row_source: RowSource | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """The ``(rows, indices)`` a sampled linear stores for ``input`` ``[..., in]``.
+    """What a sampled linear stores for ``input`` ``[..., in]``: ``(rows, indices)``.
 
-    When ``k >= n`` it is ``(input, None)``: the input itself is kept and the gradient is exact.
+    ``rows`` ``[k, in]`` carry the sample weights; with a ``row_source`` they are replaced by the
+    fp32 sample weights ``[k]`` alone. When ``k >= n`` it is ``(input, None)``: the input itself is
+    kept and the gradient is exact.
     """
     x = input.detach().reshape(-1, input.shape[-1])
     n = x.shape[0]
@@ -115,7 +135,14 @@ def sample_input(
     if grad_norm is not None:
         grad_norm = grad_norm.reshape(n)
     with torch.no_grad():
-        return sample_rows(x, k, grad_norm=grad_norm, generator=generator)
+        if row_source is None:
+            return sample_rows(x, k, grad_norm=grad_norm, generator=generator)
+        if x.device.type == "meta" and estimator.META_SHAPES_ONLY:
+            return torch.empty(k, dtype=torch.float32, device="meta"), torch.empty(k, dtype=index_dtype(n), device="meta")
+        norms = row_norms(x)
+        p = row_probabilities(x, grad_norm, norms=norms)
+        sample = wtacrs_sample(p, k, generator, forced=~torch.isfinite(norms))
+        return sample.weights, sample.indices.to(index_dtype(n))
 
 
 class SampledMatmul(torch.autograd.Function):

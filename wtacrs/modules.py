@@ -10,10 +10,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wtacrs import functional, lossless
+from wtacrs import functional, lossless, rowsource
 from wtacrs.gradnorm import resolve_grad_norm
+from wtacrs.rowsource import RowSource
 
 _layer_ids = itertools.count()
+
+
+class Generators:
+    """One seeded ``torch.Generator`` per device, created on first use (none on meta).
+
+    Sampling draws from these instead of torch's default generator, so a converted model consumes
+    the default generator exactly as the original does: same seed, same dropout masks.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def for_device(self, device: torch.device) -> torch.Generator | None:
+        if device.type == "meta":
+            return None
+        g = self._by_device.get(device)
+        if g is None:
+            g = self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return g
 
 
 class SampleShare:
@@ -29,8 +50,8 @@ class SampleShare:
         self.size = size
         self._entries: OrderedDict[tuple, tuple[weakref.ref, tuple[Tensor, Tensor | None]]] = OrderedDict()
 
-    def get_or_sample(self, input: Tensor, source: tuple, ratio: float, min_k: int, sample_fn):
-        key = (id(input), input._version, source, ratio, min_k)
+    def get_or_sample(self, input: Tensor, source: tuple, ratio: float, min_k: int, recompute: bool, sample_fn):
+        key = (id(input), input._version, source, ratio, min_k, recompute)
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is input:
             return entry[1]
@@ -55,7 +76,7 @@ class _Sampled:
     share: SampleShare | None
     use_grad_norm: bool
 
-    def _init_sampling(self, ratio, min_k, generator, stream, key, share, use_grad_norm) -> None:
+    def _init_sampling(self, ratio, min_k, generator, stream, key, share, use_grad_norm, recompute_rows=True) -> None:
         self.ratio = ratio
         self.min_k = min_k
         self.generator = generator
@@ -63,38 +84,45 @@ class _Sampled:
         self.key = key if key is not None else f"linear{next(_layer_ids)}"
         self.share = share
         self.use_grad_norm = use_grad_norm
+        self.recompute_rows = recompute_rows
 
     def _sampled_linear(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         n = input.numel() // input.shape[-1]
         grad_norm, sink, source = None, None, ("ones",)
         if self.use_grad_norm:
             grad_norm, sink, source = resolve_grad_norm(self.key, self.stream, n, input.device)
+        row_source = rowsource.lookup(input) if self.recompute_rows else None
+        generator = self._generator_for(input)
+
+        def sample_fn():
+            return functional.sample_input(
+                input, ratio=self.ratio, min_k=self.min_k, grad_norm=grad_norm, generator=generator, row_source=row_source
+            )
+
         sample = None
         if self.share is not None and source is not None:
-            sample = self.share.get_or_sample(
-                input,
-                source,
-                self.ratio,
-                self.min_k,
-                lambda: functional.sample_input(
-                    input, ratio=self.ratio, min_k=self.min_k, grad_norm=grad_norm, generator=self._generator_for(input)
-                ),
-            )
-        return functional.linear(
+            sample = self.share.get_or_sample(input, source, self.ratio, self.min_k, row_source is not None, sample_fn)
+        out = functional.linear(
             input,
             weight,
             bias,
             ratio=self.ratio,
             min_k=self.min_k,
             grad_norm=grad_norm,
-            generator=self._generator_for(input),
+            generator=generator,
             sample=sample,
             grad_norm_sink=sink,
+            row_source=row_source,
         )
+        if row_source is not None:  # a consumer of this output (Linear-D) can rebuild its rows too
+            rowsource.register(out, row_source.then(lambda rows: F.linear(rows.to(weight.dtype), weight, bias), weight.shape[0]))
+        return out
 
     def _generator_for(self, input: Tensor) -> torch.Generator | None:
         g = self.generator
-        if g is None or input.device.type == "meta" or g.device.type != input.device.type:
+        if isinstance(g, Generators):
+            return g.for_device(input.device)
+        if g is None or input.device.type == "meta" or g.device != input.device:
             return None
         return g
 
@@ -126,13 +154,14 @@ class WTACRSLinear(nn.Linear, _Sampled):
         key: str | None = None,
         share: SampleShare | None = None,
         use_grad_norm: bool = True,
+        recompute_rows: bool = True,
     ) -> None:
         nn.Module.__init__(self)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._init_sampling(ratio, min_k, generator, stream, key, share, use_grad_norm)
+        self._init_sampling(ratio, min_k, generator, stream, key, share, use_grad_norm, recompute_rows)
 
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad):
@@ -164,7 +193,7 @@ class WTACRSConv1D(nn.Module, _Sampled):
         self.nx = getattr(conv1d, "nx", conv1d.weight.shape[0])
         self.weight = conv1d.weight
         self.bias = conv1d.bias
-        defaults = dict(min_k=1, generator=None, stream="default", key=None, share=None, use_grad_norm=True)
+        defaults = dict(min_k=1, generator=None, stream="default", key=None, share=None, use_grad_norm=True, recompute_rows=True)
         defaults.update(sampling)
         self._init_sampling(defaults.pop("ratio"), **defaults)
 
@@ -188,7 +217,18 @@ class LosslessDropout(nn.Dropout):
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and torch.is_grad_enabled() and input.requires_grad):
             return F.dropout(input, self.p, self.training, self.inplace)
-        return lossless.dropout(input, self.p, self.training)
+        out, mask, saved = lossless.dropout_with_mask(input, self.p, self.training)
+        source = rowsource.lookup(input)
+        width = input.shape[-1]
+        if source is not None and mask is not None and mask.mode == "packed" and width % 8 == 0:
+            p, fused = self.p, mask.fused
+
+            def drop_rows(rows, packed, *, indices):
+                keep = lossless.unpack_bits(packed.view(-1, width // 8).index_select(0, indices).reshape(-1), rows.shape)
+                return lossless.dropout_rows(rows, keep, p, fused=fused)
+
+            rowsource.register(out, source.then(drop_rows, extra=(saved,)))
+        return out
 
 
 class SavedInputActivation(torch.autograd.Function):
@@ -212,7 +252,7 @@ class SavedInputActivation(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         with torch.enable_grad():
             xd = x.detach().requires_grad_()
-            y = ctx.module(xd)
+            y = ctx.module.forward(xd)  # .forward: module hooks ran once, in the forward pass
         return torch.autograd.grad(y, xd, grad, create_graph=torch.is_grad_enabled())[0], None
 
 
@@ -231,5 +271,68 @@ class LosslessActivation(nn.Module):
         if not (self.training and torch.is_grad_enabled() and input.requires_grad):
             return self.activation(input)
         if isinstance(self.activation, nn.ReLU):
-            return lossless.relu(input)
-        return SavedInputActivation.apply(input, self.activation)
+            out = lossless.relu(input)
+        else:
+            out = SavedInputActivation.apply(input, self.activation)
+        source = rowsource.lookup(input)
+        if source is not None:
+            rowsource.register(out, source.then(self.activation.forward))  # .forward: no hooks in backward
+        return out
+
+
+class RecomputedNorm(torch.autograd.Function):
+    """A LayerNorm / RMSNorm module that stores only its input.
+
+    Forward runs the original module (bitwise its output); backward recomputes it from the saved
+    input and differentiates that, for the input and the norm's own parameters. Eager
+    LayerNorm keeps its input and a normalised copy (T5's RMSNorm: input, normalised copy and
+    the reciprocal RMS), so this halves the norm's share of saved activations.
+    """
+
+    @staticmethod
+    def forward(ctx, x, module, *params):
+        ctx.module = module
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return module(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        params = [p for p, needed in zip(ctx.module._parameters.values(), ctx.needs_input_grad[2:]) if needed]
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            y = ctx.module.forward(xd)  # .forward: module hooks ran once, in the forward pass
+            wrt = ([xd] if ctx.needs_input_grad[0] else []) + params
+            grads = list(torch.autograd.grad(y, wrt, grad, create_graph=torch.is_grad_enabled()))
+        grad_x = grads.pop(0) if ctx.needs_input_grad[0] else None
+        grad_params = [grads.pop(0) if needed else None for needed in ctx.needs_input_grad[2:]]
+        return (grad_x, None, *grad_params)
+
+
+class LeanNorm(nn.Module):
+    """Wraps a row-wise norm module so training stores only its input (:class:`RecomputedNorm`).
+
+    It shares the norm's parameter and buffer dicts, so state-dict keys do not change, and calls
+    the norm's own ``forward``. Its output is registered as a row source: sampled linears that
+    read it (Linear-Q/K/V/U) rebuild their rows from the norm's saved input instead of storing
+    rows of their own.
+    """
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "norm", norm)  # not a submodule: keys stay "<path>.weight"
+        self._parameters = norm._parameters
+        self._buffers = norm._buffers
+
+    def forward(self, input: Tensor) -> Tensor:
+        params = list(self._parameters.values())
+        if not (self.training and torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params))):
+            return self.norm.forward(input)
+        out = RecomputedNorm.apply(input, self.norm, *params)
+        width, norm = input.shape[-1], self.norm
+        rowsource.register(out, RowSource((input,), lambda ts, idx: norm.forward(ts[0].reshape(-1, width).index_select(0, idx)), width))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"lean {self.norm!r}"

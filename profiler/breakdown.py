@@ -1,0 +1,470 @@
+"""Per-operator breakdown of the activations saved for backward.
+
+Every tensor an autograd node saves (``save_for_backward`` in custom Functions, the generated
+formulas of built-in ops) is attributed to an operator of the WTA-CRS figure
+(``wtacrs.taxonomy.Operator``) and a category (``Category``), deduplicated by storage, with
+parameter storages excluded. Two facts decide the attribution:
+
+- *which module saved it*: a ``saved_tensors_hooks`` pack hook notes the innermost module with a
+  role (a Linear of the family table, an attention module, a LayerNorm, a Dropout, an activation,
+  an Embedding, the head or loss) from torch's ``ModuleTracker``;
+- *which autograd node saved it*: after the forward, a walk over the graph lists every node's
+  saved tensors. Pack events of a storage are matched to the nodes that save it in creation order
+  (a pack hook fires while its node is built, before the op runs for inputs and after for
+  outputs, so the node, not the last op, is the reliable witness).
+
+``SAVER_RULES`` maps a node class name to a small function of the save site, registered with
+``@register_saver`` (in the manner of ``torch.utils.flop_counter.register_flop_formula``). A rule
+returns ``(Operator, Category)`` or None to fall back on the module's role.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.function import BackwardCFunction
+from torch.utils.module_tracker import ModuleTracker
+
+from wtacrs.taxonomy import Category, Family, Operator
+
+from .tracker import StorageTracker
+
+Attribution = tuple[Operator, Category]
+
+
+@dataclass(frozen=True)
+class ModuleRole:
+    """What a module is in the block. ``kind``: linear | attention | layernorm | dropout |
+    activation | embedding | head, or "" for none. ``operator`` is set for linears."""
+
+    kind: str
+    path: str
+    operator: Operator | None = None
+
+
+NO_ROLE = ModuleRole("", "Global")
+
+
+@dataclass(frozen=True)
+class SaveSite:
+    """One saved tensor as an attribution rule sees it.
+
+    ``node``: the saving autograd node's class name (``MmBackward0``, ``SampledLinearBackward``).
+    ``slot``: the saved attribute (``self``, ``mat2``, ``result``, ``query``, ``saved_tensors[0]``).
+    ``role``: the innermost module with a role when the tensor was packed.
+    ``random_mask``: the storage was filled by a random op (a composite dropout's mask).
+    ``call_index``: the node's rank among matmul nodes of the same attention module, in forward
+    order (0 for ``Q K^T``, 1 for ``P V``).
+    """
+
+    node: str
+    slot: str
+    role: ModuleRole
+    random_mask: bool = False
+    call_index: int = 0
+
+
+@dataclass(frozen=True)
+class SavedActivation:
+    """One deduplicated saved storage: ``nbytes`` is the whole storage, ``node``/``slot``/``path``
+    say where it was first saved."""
+
+    operator: Operator
+    category: Category
+    nbytes: int
+    node: str
+    slot: str
+    path: str
+
+
+# -- the registry ---------------------------------------------------------------------------------
+SAVER_RULES: dict[str, Callable[[SaveSite], Attribution | None]] = {}
+
+# Nodes of wtacrs ops (and others) whose saved tensors are not stored as the exact op stores them.
+NODE_CATEGORIES: dict[str, Category] = {
+    "SampledLinearBackward": Category.SAMPLED,
+    "SampledMatmulBackward": Category.SAMPLED,
+    "PackedDropoutBackward": Category.LOSSLESS,
+    "RegeneratedDropoutBackward": Category.LOSSLESS,
+    "PackedReLUBackward": Category.LOSSLESS,
+    "SavedInputGeLUBackward": Category.LOSSLESS,
+    "SavedInputActivationBackward": Category.LOSSLESS,
+    "ReusedPVBackward": Category.LOSSLESS,  # P V from the softmax's own P: V and the mask are shared
+}
+
+ROLE_OPERATORS: dict[str, Operator] = {
+    "layernorm": Operator.LAYERNORM,
+    "dropout": Operator.DROPOUT,
+    "activation": Operator.ACTIVATION,
+    "embedding": Operator.EMBEDDING,
+    "head": Operator.HEAD_LOSS,
+}
+
+MATMUL_NODES = (
+    "MmBackward0",
+    "AddmmBackward0",
+    "BmmBackward0",
+    "BaddbmmBackward0",
+    "MvBackward0",
+    "DotBackward0",
+    "SampledLinearBackward",
+    "SampledMatmulBackward",
+)
+
+
+def register_saver(*node_names: str):
+    """Register ``rule(site) -> (Operator, Category) | None`` for autograd nodes of these names."""
+
+    def decorator(rule: Callable[[SaveSite], Attribution | None]):
+        for name in node_names:
+            SAVER_RULES[name] = rule
+        return rule
+
+    return decorator
+
+
+def node_category(node: str) -> Category:
+    return NODE_CATEGORIES.get(node, Category.UNCOMPRESSED)
+
+
+@register_saver(*MATMUL_NODES)
+def _matmul(site: SaveSite) -> Attribution | None:
+    category = node_category(site.node)
+    if site.role.kind == "linear" and site.role.operator is not None:
+        return site.role.operator, category
+    if site.role.kind == "attention":
+        return (Operator.TENSORMUL_1 if site.call_index % 2 == 0 else Operator.TENSORMUL_2), category
+    if site.role.kind == "head":
+        return Operator.HEAD_LOSS, category
+    return None
+
+
+@register_saver(
+    "ScaledDotProductFlashAttentionForCpuBackward0",
+    "ScaledDotProductFlashAttentionBackward0",
+    "ScaledDotProductEfficientAttentionBackward0",
+    "ScaledDotProductCudnnAttentionBackward0",
+)
+def _fused_attention(site: SaveSite) -> Attribution:
+    # Fused attention keeps Q, K, V, its output and the log-sum-exp, and recomputes P in backward.
+    slot_operators = {
+        "query": Operator.TENSORMUL_1,
+        "key": Operator.TENSORMUL_1,
+        "value": Operator.TENSORMUL_2,
+        "output": Operator.TENSORMUL_2,
+        "out": Operator.TENSORMUL_2,
+        "logsumexp": Operator.SOFTMAX,
+    }
+    return slot_operators.get(site.slot, Operator.OTHER), Category.UNCOMPRESSED
+
+
+@register_saver("SoftmaxBackward0")
+def _softmax(site: SaveSite) -> Attribution:
+    return (Operator.HEAD_LOSS if site.role.kind == "head" else Operator.SOFTMAX), Category.UNCOMPRESSED
+
+
+@register_saver("LogSoftmaxBackward0", "NllLossBackward0", "NllLoss2DBackward0", "BinaryCrossEntropyWithLogitsBackward0")
+def _loss(site: SaveSite) -> Attribution:
+    return Operator.HEAD_LOSS, Category.UNCOMPRESSED
+
+
+@register_saver("ReusedPVBackward")
+def _reused_pv(site: SaveSite) -> Attribution:
+    return Operator.TENSORMUL_2, node_category(site.node)
+
+
+@register_saver("NativeDropoutBackward0", "PackedDropoutBackward", "RegeneratedDropoutBackward")
+def _dropout(site: SaveSite) -> Attribution:
+    return Operator.DROPOUT, node_category(site.node)
+
+
+@register_saver(
+    "ReluBackward0",
+    "ThresholdBackward0",
+    "GeluBackward0",
+    "SiluBackward0",
+    "PackedReLUBackward",
+    "SavedInputGeLUBackward",
+    "SavedInputActivationBackward",
+)
+def _activation(site: SaveSite) -> Attribution:
+    return Operator.ACTIVATION, node_category(site.node)
+
+
+@register_saver("NativeLayerNormBackward0", "NativeGroupNormBackward0", "FusedRmsNormBackward0", "RecomputedNormBackward")
+def _layernorm(site: SaveSite) -> Attribution:
+    return Operator.LAYERNORM, Category.UNCOMPRESSED
+
+
+@register_saver("EmbeddingBackward0", "EmbeddingDenseBackward0")
+def _embedding(site: SaveSite) -> Attribution:
+    return Operator.EMBEDDING, Category.UNCOMPRESSED
+
+
+def attribute(site: SaveSite) -> Attribution:
+    """The operator and category of one saved tensor: random masks are dropout, then the node's
+    rule, then the module's role."""
+    if site.random_mask:
+        return Operator.DROPOUT, node_category(site.node)
+    rule = SAVER_RULES.get(site.node)
+    attribution = rule(site) if rule is not None else None
+    if attribution is not None:
+        return attribution
+    if site.role.kind == "linear" and site.role.operator is not None:
+        return site.role.operator, node_category(site.node)
+    return ROLE_OPERATORS.get(site.role.kind, Operator.OTHER), node_category(site.node)
+
+
+# -- module roles ---------------------------------------------------------------------------------
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "pooler", "cls"})
+_ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
+_NOT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, nn.MultiheadAttention)
+
+
+class ModuleRoles:
+    """Roles of modules by their ``ModuleTracker`` name (root class name, then the qualified name).
+
+    Modules called in forward without being registered (a loss built on the fly) are known by
+    their class name only.
+    """
+
+    def __init__(self, model: nn.Module, family: Family | None) -> None:
+        root = type(model).__name__
+        self._modules = {(f"{root}.{name}" if name else root): m for name, m in model.named_modules(remove_duplicate=False)}
+        self._family = family
+        self._layernorm = re.compile(rf"(^|\.)(?:{family.layernorm})$") if family is not None else None
+        self._cache: dict[str, ModuleRole | None] = {}
+
+    def role_of(self, name: str) -> ModuleRole | None:
+        if name not in self._cache:
+            self._cache[name] = self._resolve(name)
+        return self._cache[name]
+
+    def innermost(self, active: Iterable[str]) -> ModuleRole:
+        """The role of the innermost active module that has one (names nest, so longest first)."""
+        for name in sorted(active, key=len, reverse=True):
+            role = self.role_of(name)
+            if role is not None:
+                return role
+        return NO_ROLE
+
+    def _resolve(self, name: str) -> ModuleRole | None:
+        module = self._modules.get(name)
+        type_name = type(module).__name__ if module is not None else name.rsplit(".", 1)[-1]
+        family = self._family
+        if family is not None:
+            operator = family.linear_operator(name)
+            if operator is not None:
+                return ModuleRole("linear", name, operator)
+            if family.is_attention(name):
+                return ModuleRole("attention", name)
+            if self._layernorm.search(name):
+                return ModuleRole("layernorm", name)
+        if isinstance(module, nn.Dropout):
+            return ModuleRole("dropout", name)
+        if isinstance(module, nn.Embedding):
+            return ModuleRole("embedding", name)
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "LayerNorm" in type_name or "RMSNorm" in type_name:
+            return ModuleRole("layernorm", name)
+        if (
+            module is not None
+            and type(module).__module__ in _ACTIVATION_MODULES
+            and not isinstance(module, _NOT_ACTIVATIONS)
+        ):
+            return ModuleRole("activation", name)
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES or type_name.endswith(("Loss", "Head")):
+            return ModuleRole("head", name)
+        return None
+
+
+# -- the breakdown --------------------------------------------------------------------------------
+class _PackedStorage:
+    __slots__ = ("consumed", "nbytes", "random", "record_key", "ref", "roles")
+
+    def __init__(self, storage: torch.UntypedStorage, random: bool, record_key: int | None) -> None:
+        self.ref = weakref.ref(storage)
+        self.nbytes = storage.nbytes()
+        self.random = random
+        self.record_key = record_key
+        self.roles: list[ModuleRole] = []  # one per pack event, in order
+        self.consumed = 0
+
+
+class SavedActivationBreakdown:
+    """Context manager around a forward pass; ``attribute(outputs)`` then lists what it saved.
+
+    Usage::
+
+        with SavedActivationBreakdown(model, family_of(model), tracker=tracker) as breakdown:
+            loss = model(**batch).loss
+        breakdown.attribute(loss)   # before backward frees the graph
+        breakdown.by_operator()     # [{"operator", "category", "bytes"}, ...]
+
+    Contract:
+    - ``saved`` lists one ``SavedActivation`` per storage saved for backward during the block and
+      reachable from ``outputs``, parameter storages excluded; bytes are whole storages
+      (``untyped_storage().nbytes()``, not rounded).
+    - ``tracker`` (a ``StorageTracker`` active around the forward) tells which storages come from
+      random ops, and ``saved_record_keys()`` names the saved storages in its records. Without one,
+      the breakdown runs its own tracker during the block.
+
+    Leaves no trace: the pack hooks and ``ModuleTracker`` hooks are removed on exit; the pack hook
+    returns a detached alias, so the graph holds no reference cycle through saved outputs.
+
+    Limitations:
+    - Tensors stashed on ``ctx`` attributes instead of ``save_for_backward`` are invisible.
+    - Under non-reentrant activation checkpointing the checkpointed inputs are kept by
+      checkpoint's own hooks and are not listed.
+    - Storages saved by nodes not reachable from ``outputs`` are attributed by module role alone.
+    """
+
+    def __init__(self, model: nn.Module, family: Family | None, *, tracker: StorageTracker | None = None) -> None:
+        self.model = model
+        self.roles = ModuleRoles(model, family)
+        self.saved: list[SavedActivation] = []
+        self._tracker = tracker
+        self._own_tracker: StorageTracker | None = None
+        self._module_tracker: ModuleTracker | None = None
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._packed: dict[int, _PackedStorage] = {}  # id(untyped storage) -> pack events
+        self._parameter_ids: set[int] = set()
+
+    def __enter__(self) -> SavedActivationBreakdown:
+        self._parameter_ids = {id(p.untyped_storage()) for p in self.model.parameters()}
+        self._packed = {}
+        self.saved = []
+        if self._tracker is None:
+            device_types = {p.device.type for p in self.model.parameters()} or {"cpu"}
+            self._own_tracker = StorageTracker(device_types)
+            self._own_tracker.__enter__()
+        self._module_tracker = ModuleTracker().__enter__()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self._module_tracker.__exit__(*exc)
+        if self._own_tracker is not None:
+            self._own_tracker.__exit__(*exc)
+        self._hooks = self._module_tracker = None
+
+    @property
+    def tracker(self) -> StorageTracker:
+        return self._tracker or self._own_tracker
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        sid = id(storage)
+        if sid in self._parameter_ids:
+            return tensor
+        packed = self._packed.get(sid)
+        if packed is None:
+            record = self.tracker.record_of(storage)
+            packed = _PackedStorage(
+                storage, random=record is not None and record.random, record_key=None if record is None else record.key
+            )
+            self._packed[sid] = packed
+        packed.roles.append(self.roles.innermost(self._module_tracker.parents))
+        return tensor.detach()
+
+    # -- attribution ------------------------------------------------------------------------------
+    def attribute(self, outputs: torch.Tensor | Iterable[torch.Tensor]) -> list[SavedActivation]:
+        """Walk the graph behind ``outputs`` and attribute every saved storage (call before backward)."""
+        if isinstance(outputs, torch.Tensor):
+            outputs = [outputs]
+        attention_matmuls: dict[str, int] = {}
+        attributed: set[int] = set()
+        self.saved = []
+        for node in sorted(_graph_nodes(outputs), key=lambda n: n._sequence_nr()):
+            name = node.name()
+            matmul_rank: int | None = None
+            for slot, tensor in _saved_slots(node):
+                sid = id(tensor.untyped_storage())
+                packed = self._packed.get(sid)
+                if packed is None:  # a parameter, or a tensor saved outside the block
+                    continue
+                role = packed.roles[min(packed.consumed, len(packed.roles) - 1)]
+                packed.consumed += 1
+                if name in MATMUL_NODES and role.kind == "attention" and matmul_rank is None:
+                    matmul_rank = attention_matmuls.get(role.path, 0)
+                    attention_matmuls[role.path] = matmul_rank + 1
+                if sid in attributed:
+                    continue
+                attributed.add(sid)
+                site = SaveSite(name, slot, role, packed.random, matmul_rank or 0)
+                operator, category = attribute(site)
+                self.saved.append(SavedActivation(operator, category, packed.nbytes, name, slot, role.path))
+        for sid, packed in self._packed.items():
+            if sid not in attributed and packed.ref() is not None:
+                role = packed.roles[0]
+                operator, category = attribute(SaveSite("", "", role, packed.random))
+                self.saved.append(SavedActivation(operator, category, packed.nbytes, "", "", role.path))
+                attributed.add(sid)
+        return self.saved
+
+    def saved_record_keys(self) -> set[int]:
+        """Keys (in the tracker's records) of every storage packed during the block."""
+        return {p.record_key for p in self._packed.values() if p.record_key is not None}
+
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.saved)
+
+    def by_operator(self) -> list[dict]:
+        """``[{"operator", "category", "bytes"}]`` summed per (operator, category), in taxonomy order."""
+        totals: dict[tuple[Operator, Category], int] = {}
+        for s in self.saved:
+            totals[(s.operator, s.category)] = totals.get((s.operator, s.category), 0) + s.nbytes
+        order = {op: i for i, op in enumerate(Operator)}
+        corder = {c: i for i, c in enumerate(Category)}
+        return [
+            {"operator": op.value, "category": cat.value, "bytes": n}
+            for (op, cat), n in sorted(totals.items(), key=lambda kv: (order[kv[0][0]], corder[kv[0][1]]))
+        ]
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _graph_nodes(outputs: Iterable[torch.Tensor]) -> list:
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    seen: set = set()
+    nodes = []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return nodes
+
+
+_SLOT_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _saved_slots(node) -> Iterator[tuple[str, torch.Tensor]]:
+    """(slot name, tensor) for every tensor the node saved. Unpacks through the hooks."""
+    if isinstance(node, BackwardCFunction):
+        for i, tensor in enumerate(node.saved_tensors):
+            if isinstance(tensor, torch.Tensor):
+                yield f"saved_tensors[{i}]", tensor
+        return
+    names = _SLOT_NAMES.get(type(node))
+    if names is None:
+        names = tuple(a for a in dir(node) if a.startswith("_saved_"))
+        _SLOT_NAMES[type(node)] = names
+    for attr in names:
+        value = getattr(node, attr)
+        if isinstance(value, torch.Tensor):
+            yield attr[len("_saved_") :], value
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, torch.Tensor):
+                    yield f"{attr[len('_saved_'):]}[{i}]", item

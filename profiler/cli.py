@@ -1,0 +1,293 @@
+"""python -m profiler: run suites, render reports, check memory ratios.
+
+Exit codes: 0 success; 1 a cell failed with status "error" (run), a ratio regressed (check),
+or the report could not be rendered; 2 bad input (one line per problem on stderr, nothing
+written); 130 interrupted (finished cells are kept: rerun with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections import deque
+from pathlib import Path
+from typing import NoReturn
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from profiler import records
+from profiler.methods import METHOD_NAMES_HELP
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+STATUS_STYLES = {"ok": "green", "estimated": "cyan", "oom": "yellow", "error": "bold red", "skipped": "dim"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _bad_input(lines: list[str]) -> int:
+    for line in lines:
+        print(line, file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m profiler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="measure every cell of a suite", description=(
+            "Measure every cell of a suite (models x grid x methods) and append one record per cell to "
+            "OUT/results.jsonl, then render the report. Methods: " + METHOD_NAMES_HELP + "."
+        ),
+    )
+    run.add_argument("suite", type=Path, metavar="SUITE.yaml", help="the suite file (see suites/)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda", "meta"),
+                     help="override the suite's device (auto: cuda if present, else CPU where the meta "
+                          "estimate fits the budgets, else the estimate)")
+    run.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: reports/<suite name>/)")
+    run.add_argument("--resume", action="store_true", help="keep finished cells of OUT/results.jsonl, run the rest")
+    run.add_argument("--overwrite", action="store_true", help="discard existing results in OUT")
+    run.add_argument("--only", metavar="FILTER",
+                     help="run the cells whose id contains FILTER (or matches it as a glob, e.g. 't5-base/*/B64-*')")
+    run.add_argument("--quiet", action="store_true", help="one plain line per cell (for CI logs) instead of the live view")
+    run.add_argument("--jobs", type=_non_negative, default=1, metavar="N",
+                     help="estimate on meta in N worker processes (0: one per CPU core; default 1)")
+    run.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+    run.set_defaults(handler=_run)
+
+    report = commands.add_parser("report", help="render the HTML report of a results file",
+                                 description="Render one self-contained HTML page and PNG plots from results.jsonl.")
+    report.add_argument("results", type=Path, metavar="RESULTS.jsonl")
+    report.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: beside RESULTS)")
+    report.set_defaults(handler=_report)
+
+    check = commands.add_parser("check", help="check memory ratios against the suite's bounds or a baseline",
+                                description="Exit 0 if every ratio held, 1 on a regression, 2 on bad input.")
+    check.add_argument("results", type=Path, metavar="RESULTS.jsonl")
+    check.add_argument("--baseline", type=Path, metavar="reports/baselines/NAME.json", help="committed baseline ratios")
+    check.add_argument("--update-baseline", action="store_true", help="write the baseline from these results")
+    check.set_defaults(handler=_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def _format_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+def _activation_bytes(record: records.Record) -> int | None:
+    """Bytes saved for backward (the breakdown's total; the peak's category may be lower)."""
+    items = record.get("activations")
+    return None if items is None else sum(item["bytes"] for item in items)
+
+
+def _tokens_per_s(record: records.Record) -> str:
+    throughput = record.get("throughput") or {}
+    value = throughput.get("tokens_per_s")
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _summary_line(index: int, total: int, record: records.Record) -> str:
+    width = len(str(total))
+    memory = record.get("memory") or {}
+    line = (
+        f"[{index:>{width}}/{total}] {record['cell_id']}  {record['status']}  "
+        f"peak {_format_bytes(memory.get('peak_bytes'))}  saved {_format_bytes(_activation_bytes(record))}  "
+        f"tok/s {_tokens_per_s(record)}"
+    )
+    if record.get("message") and record["status"] not in ("ok",):
+        line += f"  ({record['message'].splitlines()[0]})"
+    return line
+
+
+class _QuietObserver:
+    def __init__(self, console: Console):
+        self.console, self.done, self.total = console, 0, 0
+
+    def started(self, plan) -> None:
+        skipped = len(plan.cells) - len(plan.todo)
+        note = f", {skipped} already finished" if skipped else ""
+        self.total = len(plan.todo)
+        print(f"{plan.suite.name}: {len(plan.todo)} cells on {plan.device}{note} -> {plan.results_path}", flush=True)
+
+    def cell_started(self, cell, index) -> None:
+        pass
+
+    def cell_finished(self, cell, record) -> None:
+        self.done += 1
+        print(_summary_line(self.done, self.total, record), flush=True)
+
+
+class _LiveObserver:
+    """A progress bar over the cells and a table of the latest results (rich.live)."""
+
+    ROWS = 12
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[current]}"), console=console,
+        )
+        self.rows: deque[records.Record] = deque(maxlen=self.ROWS)
+        self.counts: dict[str, int] = {}
+        self.live: Live | None = None
+        self.task = None
+
+    def _table(self) -> Table:
+        table = Table(expand=False, title_justify="left")
+        for column, justify in (("cell", "left"), ("status", "left"), ("device", "left"), ("peak", "right"),
+                                ("saved for backward", "right"), ("tokens/s", "right")):
+            # the cell id is what a reader scans for: fold it rather than cut it
+            table.add_column(column, justify=justify, overflow="fold" if column == "cell" else "ellipsis",
+                             no_wrap=column != "cell")
+        for record in self.rows:
+            style = STATUS_STYLES.get(record["status"], "")
+            table.add_row(
+                Text(record["cell_id"]), Text(record["status"], style=style), Text(str(record.get("device"))),
+                _format_bytes((record.get("memory") or {}).get("peak_bytes")),
+                _format_bytes(_activation_bytes(record)), _tokens_per_s(record),
+            )
+        table.caption = "  ".join(f"{status}: {n}" for status, n in sorted(self.counts.items())) or None
+        return table
+
+    def _render(self) -> Group:
+        return Group(self.progress, self._table())
+
+    def started(self, plan) -> None:
+        skipped = len(plan.cells) - len(plan.todo)
+        note = f" ({skipped} already finished)" if skipped else ""
+        self.console.print(f"[bold]{plan.suite.name}[/]: {len(plan.todo)} cells on {plan.device}{note} -> "
+                           f"{plan.results_path}", highlight=False, markup=True)
+        self.task = self.progress.add_task(plan.suite.name, total=len(plan.todo), current="")
+        self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def cell_started(self, cell, index) -> None:
+        self.progress.update(self.task, current=cell.cell_id)
+
+    def cell_finished(self, cell, record) -> None:
+        self.rows.append(record)
+        self.counts[record["status"]] = self.counts.get(record["status"], 0) + 1
+        self.progress.update(self.task, advance=1, current="")
+        self.live.update(self._render())
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from profiler.runner import RunInputError, plan_run, run_suite
+    from profiler.suite import SuiteError, load_suite
+
+    try:
+        suite = load_suite(args.suite)
+        plan = plan_run(suite, args.out, device=args.device, resume=args.resume, only=args.only,
+                        overwrite=args.overwrite)
+    except (SuiteError, RunInputError) as e:
+        return _bad_input(e.lines)
+    console = Console(highlight=False)
+    observer = _QuietObserver(console) if args.quiet else _LiveObserver(console)
+    try:
+        result = run_suite(plan, observer=observer, jobs=args.jobs or os.cpu_count() or 1)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished cells are in {plan.results_path}; rerun with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RuntimeError as e:  # the runner's own setup (e.g. no measurement backend)
+        print(f"python -m profiler run: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if isinstance(observer, _LiveObserver):
+            observer.stop()
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(result.statuses.items())) or "nothing to run"
+    print(f"{plan.suite.name}: {summary}; results in {result.results_path}")
+    code = EXIT_FAILED if result.statuses.get("error") else EXIT_OK
+    if not args.no_report and importlib.util.find_spec("profiler.report") is not None:
+        try:
+            from profiler.report import render_report
+
+            html = render_report(result.results_path, result.out_dir)
+        except Exception as e:  # noqa: BLE001 -- the measurements are safe; say why the page is not
+            print(f"{result.results_path}: report not rendered: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"report: {html}")
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# report / check
+
+
+def _results_problem(path: Path) -> str | None:
+    if not path.exists():
+        return f"{path}: results file not found"
+    if not path.is_file():
+        return f"{path}: not a results file"
+    try:
+        records.read_records(path)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        return f"{path}: unreadable results: {e}"
+    return None
+
+
+def _report(args: argparse.Namespace) -> int:
+    problem = _results_problem(args.results)
+    if problem:
+        return _bad_input([problem])
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        return _bad_input([f"{args.out}: --out is a file, not a directory"])
+    try:
+        from profiler.report import render_report
+    except ImportError as e:
+        print(f"python -m profiler report: profiler.report is not available: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        html = render_report(args.results, args.out)
+    except (ValueError, KeyError) as e:
+        return _bad_input([f"{args.results}: cannot render: {e}"])
+    print(f"report: {html}")
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    problem = _results_problem(args.results)
+    if problem:
+        return _bad_input([problem])
+    try:
+        from profiler.check import run_check
+    except ImportError as e:
+        print(f"python -m profiler check: profiler.check is not available: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return run_check(args.results, args.baseline, args.update_baseline, Console(highlight=False))

@@ -1,0 +1,147 @@
+"""The fine-tuning methods a suite can name: one table from name pattern to preparation.
+
+=====================  ======================================================================
+``full``               every parameter trained, nothing changed
+``lora``               peft LoRA (r=8, alpha=16) on peft's default target modules of the family
+``checkpointing``      transformers' activation (gradient) checkpointing, non-reentrant
+``wtacrs@R``           ``wtacrs.convert`` at ratio R: every Linear and both attention matmuls
+``wtacrs-linear@R``    ``wtacrs.convert`` at ratio R on the Linears only (attention left to
+                       the model's eager/sdpa implementation)
+``lora+wtacrs@R``      LoRA, then ``wtacrs.convert`` (only ``lora_A`` inputs are sampled)
+=====================  ======================================================================
+
+``0 < R <= 1``. ``prepare(name, model, family, seed)`` applies a method in place (peft wraps the
+model, so use the returned module). A method whose library part is missing raises
+``MethodUnavailable`` and the runner records the cell as skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from profiler.models import ARCHITECTURES
+
+LORA_RANK = 8
+LORA_ALPHA = 16
+
+
+class MethodUnavailable(RuntimeError):
+    """The method needs a part of the library that is not there (yet)."""
+
+
+class MethodError(ValueError):
+    """A method name that no pattern of the table matches, or a bad ratio."""
+
+
+def _full(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+    return model
+
+
+def _lora(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    # target_modules=None: peft's own default table for the model type (t5: q, v; bert: query,
+    # value; gpt2: c_attn; llama: q_proj, v_proj)
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, task_type=ARCHITECTURES[family].peft_task_type)
+    return get_peft_model(model, config)
+
+
+def _checkpointing(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def _wtacrs_config(ratio: float, seed: int | None, **switches: bool):
+    try:
+        import wtacrs
+
+        convert, config_class = wtacrs.convert, wtacrs.WTACRSConfig
+    except (ImportError, AttributeError) as e:
+        raise MethodUnavailable(f"wtacrs.convert is not available ({e})") from None
+    return convert, config_class(ratio=ratio, seed=seed, **switches)
+
+
+def _wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+    convert, config = _wtacrs_config(ratio, seed)
+    return convert(model, config)
+
+
+def _wtacrs_linear(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+    convert, config = _wtacrs_config(ratio, seed, tm1=False, tm2=False)
+    return convert(model, config)
+
+
+def _lora_wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+    convert, config = _wtacrs_config(ratio, seed)  # fail before peft wraps the model
+    return convert(_lora(model, family, None, seed), config)
+
+
+@dataclass(frozen=True)
+class Method:
+    pattern: str  # full match against the method name; group "ratio" if the method takes one
+    prepare: Callable[[nn.Module, str, float | None, int | None], nn.Module]
+    uses_wtacrs: bool
+    summary: str
+
+
+_RATIO = r"@(?P<ratio>[0-9]*\.?[0-9]+(?:[eE]-?[0-9]+)?)"
+
+METHODS: tuple[Method, ...] = (
+    Method("full", _full, False, "full fine-tuning"),
+    Method("lora", _lora, False, f"peft LoRA r={LORA_RANK} on peft's default targets"),
+    Method("checkpointing", _checkpointing, False, "activation checkpointing of every layer"),
+    Method("wtacrs" + _RATIO, _wtacrs, True, "WTA-CRS on Linear-Q/K/V/O/U/D and TensorMul-1/2"),
+    Method("wtacrs-linear" + _RATIO, _wtacrs_linear, True, "WTA-CRS on the Linears only"),
+    Method("lora\\+wtacrs" + _RATIO, _lora_wtacrs, True, "LoRA, then WTA-CRS on lora_A inputs"),
+)
+
+METHOD_NAMES_HELP = "full, lora, checkpointing, wtacrs@R, wtacrs-linear@R, lora+wtacrs@R (0 < R <= 1)"
+
+
+def parse(name: str) -> tuple[Method, float | None]:
+    """The table entry and ratio of a method name; MethodError says what is wrong."""
+    for method in METHODS:
+        match = re.fullmatch(method.pattern, name)
+        if match is None:
+            continue
+        if "ratio" not in method.pattern:
+            return method, None
+        ratio = float(match["ratio"])
+        if not 0 < ratio <= 1:
+            raise MethodError(f"ratio {match['ratio']} is not in (0, 1]")
+        return method, ratio
+    raise MethodError(f"unknown method {name!r}; expected one of {METHOD_NAMES_HELP}")
+
+
+def canonical(name: str) -> str:
+    """One spelling per method: ``wtacrs@.30`` and ``wtacrs@0.3`` are both ``wtacrs@0.3``."""
+    method, ratio = parse(name)
+    if ratio is None:
+        return name
+    return f"{name.split('@')[0]}@{ratio:g}"
+
+
+def prepare(name: str, model: nn.Module, family: str, seed: int | None = 0) -> nn.Module:
+    """Apply method ``name`` to ``model`` (in place where the library allows) and return it."""
+    method, ratio = parse(name)
+    return method.prepare(model, family, ratio, seed)
+
+
+def available(name: str) -> str | None:
+    """None if the method can run in this install, else the reason it cannot."""
+    method, ratio = parse(name)
+    if not method.uses_wtacrs:
+        return None
+    try:
+        _wtacrs_config(ratio, None)
+    except MethodUnavailable as e:
+        return str(e)
+    return None

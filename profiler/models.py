@@ -1,0 +1,309 @@
+"""Model factory: named presets built from ``transformers`` configs with random weights.
+
+Nothing is downloaded. A preset is a family plus the config values of a published checkpoint
+(or a tiny one for tests). A suite may override any config key and sweep the block dimensions
+``d_model``, ``n_head``, ``d_ff`` and ``d_head``; ``resolve_dims`` says how the unswept ones
+follow the preset (``d_head = d_model / n_head``, ``d_ff`` scales with ``d_model``).
+
+``build_model`` builds one model for one cell (on ``meta`` it allocates nothing and takes well
+under a second even for T5-3B); ``make_batch`` builds the synthetic batch of that cell.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+FIRST_TOKEN_ID = 3  # ids below are pad / eos / unk in every family here; synthetic tokens avoid them
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one family's config names the block dimensions, and which head model is trained.
+
+    ``d_head`` is None where the config has no separate head size (it is ``d_model / n_head``).
+    ``d_ff`` None in a config means ``4 * d_model`` (GPT-2's ``n_inner``).
+    """
+
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    encoder_decoder: bool
+    d_model: str
+    n_head: str
+    d_ff: str
+    n_layers: str
+    d_head: str | None = None
+    max_positions: str | None = None
+    peft_task_type: str = "CAUSAL_LM"
+    loss: str = "causal LM"
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "t5": Architecture(
+        T5Config, T5ForConditionalGeneration, encoder_decoder=True,
+        d_model="d_model", n_head="num_heads", d_ff="d_ff", n_layers="num_layers", d_head="d_kv",
+        peft_task_type="SEQ_2_SEQ_LM", loss="seq2seq LM (labels [B, target_len])",
+    ),
+    "bert": Architecture(
+        BertConfig, BertForSequenceClassification, encoder_decoder=False,
+        d_model="hidden_size", n_head="num_attention_heads", d_ff="intermediate_size",
+        n_layers="num_hidden_layers", max_positions="max_position_embeddings",
+        peft_task_type="SEQ_CLS", loss="sequence classification (labels [B])",
+    ),
+    "gpt2": Architecture(
+        GPT2Config, GPT2LMHeadModel, encoder_decoder=False,
+        d_model="n_embd", n_head="n_head", d_ff="n_inner", n_layers="n_layer", max_positions="n_positions",
+    ),
+    "llama": Architecture(
+        LlamaConfig, LlamaForCausalLM, encoder_decoder=False,
+        d_model="hidden_size", n_head="num_attention_heads", d_ff="intermediate_size",
+        n_layers="num_hidden_layers", d_head="head_dim", max_positions="max_position_embeddings",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    family: str
+    config: dict[str, Any]
+    description: str
+
+
+_T5 = {"vocab_size": 32128, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+_T5_TINY = {**_T5, "vocab_size": 512, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4}
+_T5_SIZES = {
+    "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+    "t5-base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
+    "t5-large": dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
+    "t5-3b": dict(d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_heads=32),
+}
+
+
+def _t5_presets() -> dict[str, Preset]:
+    presets = {}
+    for name, size in _T5_SIZES.items():
+        presets[name] = Preset("t5", {**_T5, **size, "feed_forward_proj": "relu"}, f"{name} (relu FFN)")
+        presets[f"{name}-gated"] = Preset(
+            "t5", {**_T5, **size, "feed_forward_proj": "gated-gelu"}, f"{name} dimensions, gated-GeLU FFN (T5 v1.1 style)"
+        )
+    presets["t5-tiny"] = Preset("t5", {**_T5_TINY, "feed_forward_proj": "relu"}, "tiny T5 for tests")
+    presets["t5-tiny-gated"] = Preset("t5", {**_T5_TINY, "feed_forward_proj": "gated-gelu"}, "tiny gated T5 for tests")
+    return presets
+
+
+PRESETS: dict[str, Preset] = {
+    **_t5_presets(),
+    "bert-base": Preset("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     intermediate_size=3072, vocab_size=30522), "bert-base-uncased"),
+    "bert-large": Preset("bert", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                      intermediate_size=4096, vocab_size=30522), "bert-large-uncased"),
+    "bert-tiny": Preset("bert", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=512), "tiny BERT for tests"),
+    "gpt2": Preset("gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257), "gpt2 (124M)"),
+    "gpt2-tiny": Preset("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=512),
+                        "tiny GPT-2 for tests"),
+    "tiny-llama": Preset("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                       num_attention_heads=32, num_key_value_heads=4, head_dim=64,
+                                       vocab_size=32000, max_position_embeddings=2048), "TinyLlama-1.1B"),
+    "llama-tiny": Preset("llama", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       vocab_size=512, max_position_embeddings=512), "tiny LLaMA for tests"),
+}
+
+# A family given without a preset starts from this one.
+DEFAULT_PRESETS = {"t5": "t5-small", "bert": "bert-base", "gpt2": "gpt2", "llama": "tiny-llama"}
+
+
+@dataclass(frozen=True)
+class Dims:
+    d_model: int
+    n_head: int
+    d_ff: int
+    d_head: int
+    n_layers: int
+
+
+class DimsError(ValueError):
+    """A dimension combination the family cannot build; the message names the reason."""
+
+
+def base_config(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The preset's config values with the suite's overrides applied."""
+    return {**PRESETS[preset].config, **overrides}
+
+
+def config_keys(family: str) -> set[str]:
+    """Every key the family's transformers config accepts (for "unknown key" errors)."""
+    return set(ARCHITECTURES[family].config_class().to_dict())
+
+
+def preset_dims(preset: str, overrides: dict[str, Any]) -> Dims:
+    """The block dimensions of a preset (after config overrides), read through its config class."""
+    arch = ARCHITECTURES[PRESETS[preset].family]
+    config = arch.config_class(**base_config(preset, overrides))
+    d_model = getattr(config, arch.d_model)
+    n_head = getattr(config, arch.n_head)
+    d_ff = getattr(config, arch.d_ff) or 4 * d_model
+    d_head = getattr(config, arch.d_head) if arch.d_head else d_model // n_head
+    return Dims(d_model, n_head, d_ff, d_head or d_model // n_head, getattr(config, arch.n_layers))
+
+
+def resolve_dims(
+    preset: str,
+    overrides: dict[str, Any],
+    *,
+    d_model: int | None = None,
+    n_head: int | None = None,
+    d_ff: int | None = None,
+    d_head: int | None = None,
+) -> Dims:
+    """The dimensions of one grid point; None means "follow the preset".
+
+    ``d_head`` follows ``d_model / n_head`` once either is swept (else the preset's, e.g. T5-3B's
+    128); ``d_ff`` scales with ``d_model`` by the preset's ratio. Raises DimsError when n_head does
+    not divide d_model (and no d_head is given), or when the family has no separate head size.
+    """
+    base = preset_dims(preset, overrides)
+    arch = ARCHITECTURES[PRESETS[preset].family]
+    model = d_model or base.d_model
+    heads = n_head or base.n_head
+    if d_head is None:
+        if d_model is None and n_head is None:
+            d_head = base.d_head
+        elif model % heads:
+            raise DimsError(f"n_head {heads} does not divide d_model {model}")
+        else:
+            d_head = model // heads
+    elif arch.d_head is None and d_head * heads != model:
+        raise DimsError(
+            f"d_head {d_head} x n_head {heads} != d_model {model}; {PRESETS[preset].family} has no separate head size"
+        )
+    if d_ff is None:
+        d_ff = base.d_ff if d_model is None else max(1, round(base.d_ff * model / base.d_model))
+    return Dims(model, heads, d_ff, d_head, base.n_layers)
+
+
+class CellLike(Protocol):
+    """What the factory reads from a cell (``profiler.suite.Cell``)."""
+
+    family: str
+    preset: str
+    config: tuple[tuple[str, Any], ...]
+    batch_size: int
+    seq_len: int
+    target_len: int | None
+    d_model: int
+    n_head: int
+    d_ff: int
+    d_head: int
+    dtype: str
+    attn_implementation: str
+    pad_fraction: float
+
+
+def build_config(cell: CellLike) -> PretrainedConfig:
+    """The transformers config of a cell: preset, then overrides, then the grid's dimensions."""
+    arch = ARCHITECTURES[cell.family]
+    values = base_config(cell.preset, dict(cell.config))
+    values[arch.d_model] = cell.d_model
+    values[arch.n_head] = cell.n_head
+    values[arch.d_ff] = cell.d_ff
+    if arch.d_head:
+        values[arch.d_head] = cell.d_head
+    if cell.family == "llama":
+        # keep the preset's grouped-query ratio where it divides the new head count
+        preset = preset_dims(cell.preset, dict(cell.config))
+        kv_ratio = values.get("num_key_value_heads", preset.n_head) / preset.n_head
+        kv = max(1, round(cell.n_head * kv_ratio))
+        values["num_key_value_heads"] = kv if cell.n_head % kv == 0 else cell.n_head
+    if cell.family == "t5":
+        values["use_cache"] = False  # no KV cache in training; it only costs memory
+    return arch.config_class(**values)
+
+
+def max_positions(family: str, preset: str, overrides: dict[str, Any]) -> int | None:
+    """The longest sequence the preset's position embeddings allow (None: no limit, e.g. T5)."""
+    arch = ARCHITECTURES[family]
+    if arch.max_positions is None:
+        return None
+    return getattr(arch.config_class(**base_config(preset, overrides)), arch.max_positions)
+
+
+def build_model(cell: CellLike, device: str | torch.device) -> nn.Module:
+    """A randomly initialised model for ``cell`` on ``device``, in train mode, in the cell's dtype.
+
+    On ``meta`` the model is built under ``torch.device("meta")``: no storage, no init cost.
+    Weights are seeded (``torch.manual_seed(0)``) on real devices so runs are reproducible.
+    """
+    arch = ARCHITECTURES[cell.family]
+    config = build_config(cell)
+    dtype = DTYPES[cell.dtype]
+    device = torch.device(device)
+    if device.type != "meta":
+        torch.manual_seed(0)
+    with device:
+        model = arch.model_class._from_config(config, attn_implementation=cell.attn_implementation, dtype=dtype)
+    return model.train()
+
+
+def tokens_per_step(cell: CellLike) -> int:
+    """Tokens one training step processes: B * (S + T) for encoder-decoder models, else B * S."""
+    return cell.batch_size * (cell.seq_len + (cell.target_len or 0))
+
+
+def _ids_and_mask(cell: CellLike, length: int, vocab: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(FIRST_TOKEN_ID, vocab, (cell.batch_size, length), generator=generator)
+    mask = torch.ones(cell.batch_size, length, dtype=torch.long)
+    # every row keeps at least one real token; padding sits at the end of each row
+    pad = min(length - 1, math.floor(cell.pad_fraction * length + 0.5))
+    if pad:
+        mask[:, length - pad :] = 0
+        ids[:, length - pad :] = 0
+    return ids, mask
+
+
+def make_batch(cell: CellLike, device: str | torch.device, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A synthetic batch for ``cell``, as keyword arguments of the model's forward.
+
+    - t5: ``input_ids``/``attention_mask`` [B, S], ``labels`` [B, T] (-100 at padding)
+    - bert: ``input_ids``/``attention_mask`` [B, S], ``labels`` [B] (class ids)
+    - gpt2/llama: ``input_ids``/``attention_mask`` [B, S], ``labels`` [B, S] (-100 at padding)
+
+    int64 tensors, drawn on the CPU from ``generator`` (seed 0 if None) and moved to ``device``.
+    On ``meta`` the attention mask is left out: transformers' mask helpers call ``.item()``,
+    which meta tensors cannot answer, and the mask does not change any tensor's size.
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    config = build_config(cell)
+    vocab = config.vocab_size
+    input_ids, attention_mask = _ids_and_mask(cell, cell.seq_len, vocab, generator)
+    if cell.family == "t5":
+        labels, label_mask = _ids_and_mask(cell, cell.target_len or cell.seq_len, vocab, generator)
+        labels = labels.masked_fill(label_mask == 0, -100)
+    elif cell.family == "bert":
+        labels = torch.randint(0, config.num_labels, (cell.batch_size,), generator=generator)
+    else:
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if torch.device(device).type == "meta":
+        del batch["attention_mask"]
+    return {name: tensor.to(device) for name, tensor in batch.items()}

@@ -1,0 +1,610 @@
+"""Run a suite: for every cell build the model, apply the method, measure one training step and
+append the record to ``results.jsonl`` (flushed at once), then rewrite ``results.csv``.
+
+Layout of an output directory::
+
+    suite.json      the normalised suite (``Suite.to_json()``), read by report and check
+    results.jsonl   one record per finished cell (``profiler.records``)
+    results.csv     the same, flattened for pandas and spreadsheets
+
+Devices:
+
+- ``cuda`` / ``cpu``: the step runs there (status ``ok``).
+- ``meta``: an estimate of the step modelling ``suite.models_device``'s kernels (``estimated``).
+- ``auto``: cuda when available. Otherwise each cell is first estimated on meta; it then runs on
+  the CPU only if the estimated peak fits ``budgets.memory_fraction`` of the RAM available at
+  start, and the estimated CPU time (step FLOPs / a CPU FLOP rate measured at start, times
+  warm-up + timed steps) fits both ``budgets.cell_seconds`` and what is left of
+  ``budgets.suite_seconds``. Else the estimate is the record, with the reason in ``message``.
+
+A failing cell (exception, OOM) is recorded with its status and message and the suite goes on.
+A method whose library part is missing is recorded as ``skipped``. ``resume=True`` keeps every
+finished record (``records.FINISHED_STATUSES``) and runs only the other cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fnmatch
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from profiler import methods as methods_table
+from profiler import records
+from profiler.models import build_model, make_batch, tokens_per_step
+from profiler.suite import Cell, Suite
+
+RESULTS = "results.jsonl"
+CSV = "results.csv"
+SUITE_JSON = "suite.json"
+# A training step on CPU reaches well under a bare matmul's FLOP rate (softmax, norms, the
+# optimizer, autograd bookkeeping): time estimates assume this fraction of it.
+CPU_STEP_EFFICIENCY = 0.5
+MESSAGE_CHARS = 2000
+
+
+class RunInputError(Exception):
+    """Bad run input found before anything is written; ``lines`` holds one line per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class Observer:
+    """Progress callbacks of ``run_suite`` (the CLI shows them; the default shows nothing)."""
+
+    def started(self, plan: "Plan") -> None: ...
+
+    def cell_started(self, cell: Cell, index: int) -> None: ...
+
+    def cell_finished(self, cell: Cell, record: records.Record) -> None: ...
+
+
+@dataclass
+class Plan:
+    """What a run will do, computed without writing anything."""
+
+    suite: Suite
+    out_dir: Path
+    device: str  # cuda | cpu | meta | auto (auto only when cuda is absent)
+    cells: list[Cell]  # every selected cell, in suite order
+    todo: list[Cell]  # the ones that will run
+    resume: bool
+    kept: list[records.Record] = field(default_factory=list)  # records a resume keeps
+
+    @property
+    def results_path(self) -> Path:
+        return self.out_dir / RESULTS
+
+
+def default_out_dir(suite: Suite) -> Path:
+    return Path("reports") / suite.name
+
+
+def select(cells: list[Cell], only: str | None) -> list[Cell]:
+    """Cells whose id matches ``only``: a glob when it has ``*?[``, else a substring."""
+    if not only:
+        return cells
+    if any(ch in only for ch in "*?["):
+        return [c for c in cells if fnmatch.fnmatchcase(c.cell_id, only)]
+    return [c for c in cells if only in c.cell_id]
+
+
+def plan_run(
+    suite: Suite,
+    out_dir: Path | None = None,
+    *,
+    device: str | None = None,
+    resume: bool = False,
+    only: str | None = None,
+    overwrite: bool = False,
+) -> Plan:
+    """Check the run's inputs and work out the cells to run. Writes nothing; RunInputError."""
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(suite)
+    problems = []
+    device = device or suite.device
+    if device == "cuda" and not torch.cuda.is_available():
+        problems.append(f"{suite.source}: device: cuda requested but torch.cuda.is_available() is False")
+    if device == "auto" and torch.cuda.is_available():
+        device = "cuda"
+    cells = select(suite.cells(), only)
+    if not cells:
+        problems.append(f"--only {only!r}: matches none of the suite's {len(suite.cells())} cell ids")
+    results_path = out_dir / RESULTS
+    if out_dir.exists() and not out_dir.is_dir():
+        problems.append(f"{out_dir}: --out is a file, not a directory")
+    kept: list[records.Record] = []
+    todo = cells
+    if results_path.exists() and not (resume or overwrite):
+        problems.append(f"{results_path}: results exist already; pass --resume to continue them or --overwrite")
+    elif results_path.exists() and resume:
+        try:
+            existing = records.read_records(results_path)
+        except (ValueError, OSError) as e:
+            problems.append(f"{results_path}: cannot resume: {e}")
+            existing = []
+        done = {r["cell_id"] for r in existing if r.get("status") in records.FINISHED_STATUSES}
+        todo = [c for c in cells if c.cell_id not in done]
+        rerun = {c.cell_id for c in todo}
+        # keep every record but the failed/skipped tries of cells that run again, and keep one
+        # record per finished cell
+        seen: dict[str, records.Record] = {}
+        for record in existing:
+            if record["cell_id"] in rerun:
+                continue
+            previous = seen.get(record["cell_id"])
+            if previous is None or record.get("status") in records.FINISHED_STATUSES or (
+                previous.get("status") not in records.FINISHED_STATUSES
+            ):
+                seen[record["cell_id"]] = record
+        kept = list(seen.values())
+        previous_suite = _read_json(out_dir / SUITE_JSON)
+        if previous_suite is not None and previous_suite.get("training") != suite.to_json()["training"]:
+            problems.append(
+                f"{out_dir / SUITE_JSON}: training settings differ from {suite.source}; "
+                "resuming would mix them (use another --out or --overwrite)"
+            )
+    if problems:
+        raise RunInputError(problems)
+    return Plan(suite=suite, out_dir=out_dir, device=device, cells=cells, todo=todo, resume=resume, kept=kept)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a kill never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+
+def environment(device: str, models_device: str | None = None) -> dict[str, Any]:
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    elif device == "meta":
+        name = f"meta (estimate of {models_device} kernels)"
+    else:
+        name = _cpu_name()
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "python": platform.python_version(),
+        "device_name": name,
+        "host": platform.node(),
+    }
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def available_memory_bytes() -> int:
+    """RAM available to a new allocation now (MemAvailable), or total RAM where unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_flop_rate(seconds: float = 0.3) -> float:
+    """FLOP/s of fp32 matmuls on this CPU, measured for about ``seconds``."""
+    a = torch.randn(512, 512)
+    b = torch.randn(512, 512)
+    torch.mm(a, b)
+    repeats, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        torch.mm(a, b)
+        repeats += 1
+    return 2 * 512**3 * repeats / elapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# One cell
+
+
+MeasureFn = Callable[..., Any]
+
+
+def _default_measure() -> MeasureFn:
+    try:
+        from profiler.measure import measure_training_step
+    except ImportError as e:
+        raise RuntimeError(f"profiler.measure is not available: {e}") from None
+    return measure_training_step
+
+
+def build_optimizer(model: torch.nn.Module, name: str) -> torch.optim.Optimizer:
+    """AdamW (lr 1e-4, two fp32-or-param-dtype states per trainable parameter) or plain SGD
+    (lr 1e-3, no state), over the parameters that require grad."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4)
+    return torch.optim.SGD(params, lr=1e-3)
+
+
+def _family_of(model: torch.nn.Module):
+    from wtacrs.taxonomy import UnsupportedModelError, family_of
+
+    try:
+        return family_of(model)
+    except UnsupportedModelError:
+        return None
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    if getattr(torch.cuda, "OutOfMemoryError", None) and isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Deprecation chatter from transformers/peft would break the live display."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+class _ModelCache:
+    """Holds the last prepared meta model. Consecutive cells that differ only in batch size or
+    sequence length reuse it: on meta a model has no values, so the step it runs is the same
+    as on a fresh build (the runner clears gradients and builds a new optimizer per cell)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.model: torch.nn.Module | None = None
+
+    def get(self, cell: Cell) -> torch.nn.Module:
+        key = (cell.model, cell.family, cell.preset, cell.config, cell.method, cell.d_model, cell.n_head,
+               cell.d_ff, cell.d_head, cell.dtype, cell.attn_implementation, cell.seed)
+        if key != self.key:
+            self.clear()
+            self.model = _prepared_model(cell, "meta")
+            self.key = key
+        self.model.zero_grad(set_to_none=True)
+        return self.model
+
+    def clear(self) -> None:
+        # no gc.collect(): a meta model holds no storage, and a full collection costs ~0.3 s
+        self.key, self.model = None, None
+
+
+def _prepared_model(cell: Cell, device: str) -> torch.nn.Module:
+    model = build_model(cell, device)
+    return methods_table.prepare(cell.method, model, cell.family, seed=cell.seed).train()
+
+
+def _measure_on(
+    cell: Cell, device: str, models_device: str, measure: MeasureFn, cache: _ModelCache | None
+) -> Any:
+    model = cache.get(cell) if (device == "meta" and cache is not None) else _prepared_model(cell, device)
+    try:
+        batch = make_batch(cell, device, torch.Generator().manual_seed(cell.seed))
+        optimizer = build_optimizer(model, cell.optimizer)
+        return measure(
+            model, batch, optimizer, device=device, family=_family_of(model),
+            warmup_steps=cell.warmup_steps, timed_steps=cell.timed_steps, models_device=models_device,
+        )
+    finally:
+        del model
+        if device != "meta":  # free the real storage before the next cell allocates
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _memory(measurement: Any) -> dict[str, Any]:
+    return {
+        "peak_bytes": int(measurement.peak_bytes),
+        "reserved_bytes": measurement.reserved_bytes,
+        "nvml_used_bytes": measurement.nvml_used_bytes,
+        "categories": {k: measurement.categories.get(k) for k in records.MEMORY_CATEGORIES},
+    }
+
+
+def _throughput(cell: Cell, measurement: Any) -> dict[str, Any] | None:
+    if not measurement.step_times_s:
+        return None
+    step = statistics.median(measurement.step_times_s)
+    return {
+        "step_time_s": step,
+        "tokens_per_s": tokens_per_step(cell) / step if step > 0 else None,
+        "samples_per_s": cell.batch_size / step if step > 0 else None,
+        "timed_steps": len(measurement.step_times_s),
+    }
+
+
+class CellRunner:
+    """Runs cells one at a time and turns each into a record (never raises but for Ctrl-C)."""
+
+    def __init__(self, suite: Suite, device: str, measure: MeasureFn | None = None):
+        self.suite, self.device = suite, device
+        self.measure = measure or _default_measure()
+        self.cache = _ModelCache()
+        self.memory_budget = int(suite.budgets.memory_fraction * available_memory_bytes())
+        self.flop_rate: float | None = None
+        self.cpu_seconds_used = 0.0
+        # measured / predicted CPU time of the cells run so far: tiny models spend their time in
+        # Python and tracking overhead that FLOPs do not see, so predictions learn from runs
+        self.time_scale = 1.0
+
+    def run(self, cell: Cell) -> records.Record:
+        """Measure ``cell`` (on ``auto``: estimate, then maybe run on the CPU) into a record."""
+        record = self.estimate(cell) if self.device == "auto" else self._run_on(cell, self.device)
+        return self.consider_cpu(record, cell) if self.device == "auto" else record
+
+    def estimate(self, cell: Cell) -> records.Record:
+        """The meta estimate of ``cell`` (what a worker process computes for ``auto``/``meta``)."""
+        return self._run_on(cell, "meta")
+
+    def _run_on(self, cell: Cell, device: str) -> records.Record:
+        record: records.Record = {
+            "cell_id": cell.cell_id,
+            "suite": self.suite.name,
+            "params": cell.params,
+            "device": None,
+            "models_device": None,
+            "status": None,
+            "message": "",
+            "memory": None,
+            "activations": None,
+            "throughput": None,
+            "flops": None,
+            "env": None,
+        }
+        models_device = self.suite.models_device if device == "meta" else device
+        record.update(device=device, models_device=models_device, env=environment(device, models_device))
+        try:
+            unavailable = methods_table.available(cell.method)
+            if unavailable:
+                record.update(status="skipped", message=unavailable)
+                return self._finish(record)
+            with _quiet_libraries():
+                measurement = _measure_on(cell, device, models_device, self.measure, self.cache)
+                self._fill(record, cell, measurement)
+        except KeyboardInterrupt:
+            raise
+        except methods_table.MethodUnavailable as e:
+            record.update(status="skipped", message=str(e))
+        except BaseException as e:  # noqa: BLE001 -- one failing cell must not stop the suite
+            self.cache.clear()
+            record.update(
+                status="oom" if _is_oom(e) else "error",
+                message=_short(e),
+                traceback="".join(traceback.format_exception(e)[-6:]),
+            )
+        return self._finish(record)
+
+    def _fill(self, record: records.Record, cell: Cell, measurement: Any) -> None:
+        record.update(
+            status="estimated" if measurement.estimated else "ok",
+            models_device=measurement.models_device,
+            memory=_memory(measurement),
+            activations=[dict(item) for item in measurement.activations],
+            throughput=_throughput(cell, measurement),
+            flops=measurement.flops,
+        )
+
+    def consider_cpu(self, record: records.Record, cell: Cell) -> records.Record:
+        """After the meta estimate: run on the CPU if the budgets allow, else say why not."""
+        if record["status"] != "estimated":
+            return record
+        budgets = self.suite.budgets
+        peak = int(record["memory"]["peak_bytes"])
+        if peak > self.memory_budget:
+            record["message"] = (
+                f"estimate kept: its peak {peak / 2**30:.2f} GiB exceeds the CPU memory budget "
+                f"{self.memory_budget / 2**30:.2f} GiB ({budgets.memory_fraction:g} of available RAM)"
+            )
+            return record
+        if self.flop_rate is None:
+            self.flop_rate = cpu_flop_rate()
+        flops = record["flops"] if record["flops"] is not None else _rough_step_flops(cell)
+        predicted = flops * (cell.warmup_steps + cell.timed_steps) / (self.flop_rate * CPU_STEP_EFFICIENCY)
+        seconds = predicted * self.time_scale
+        left = budgets.suite_seconds - self.cpu_seconds_used
+        if seconds > budgets.cell_seconds or seconds > left:
+            limit = (
+                f"cell budget {budgets.cell_seconds:g} s" if seconds > budgets.cell_seconds
+                else f"{max(left, 0):.0f} s left of the suite budget {budgets.suite_seconds:g} s"
+            )
+            record["message"] = f"estimate kept: a CPU run needs about {seconds:.0f} s ({limit})"
+            return record
+        self.cache.clear()  # the CPU run needs the memory more than the meta model does
+        start = time.perf_counter()
+        measured = self._run_on(cell, "cpu")
+        elapsed = time.perf_counter() - start
+        self.cpu_seconds_used += elapsed
+        if predicted > 0:
+            self.time_scale = max(self.time_scale, elapsed / predicted)
+        measured["estimate"] = {
+            "peak_bytes": peak,
+            "models_device": record["models_device"],
+            "flops": record["flops"],
+            "cpu_seconds": seconds,
+        }
+        return measured
+
+    def _finish(self, record: records.Record) -> records.Record:
+        record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        return record
+
+    def close(self) -> None:
+        self.cache.clear()
+
+
+def _rough_step_flops(cell: Cell) -> int:
+    """6 x parameters x tokens: the usual forward+backward FLOP count, when none was measured."""
+    params = sum(p.numel() for p in build_model(cell, "meta").parameters())
+    return 6 * params * tokens_per_step(cell)
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    results_path: Path
+    ran: int
+    statuses: dict[str, int]
+
+
+_WORKER: CellRunner | None = None
+
+
+def _start_worker(suite: Suite, measure: MeasureFn | None) -> None:
+    global _WORKER
+    torch.set_num_threads(1)  # meta tensors do no arithmetic; one thread per worker process
+    _WORKER = CellRunner(suite, "meta", measure)
+
+
+def _estimate_in_worker(cells: list[Cell]) -> list[records.Record]:
+    with _quiet_libraries():
+        return [_WORKER.estimate(cell) for cell in cells]
+
+
+def _model_groups(cells: list[Cell]) -> list[list[Cell]]:
+    """Consecutive cells that share a meta model, so each worker reuses it across its group."""
+    groups: list[list[Cell]] = []
+    for cell in cells:
+        key = _group_key(cell)
+        if groups and _group_key(groups[-1][0]) == key:
+            groups[-1].append(cell)
+        else:
+            groups.append([cell])
+    return groups
+
+
+def _group_key(cell: Cell) -> tuple:
+    return (cell.model, cell.method, cell.d_model, cell.n_head, cell.d_ff, cell.d_head)
+
+
+def _records_in_order(plan: Plan, runner: CellRunner, jobs: int, measure: MeasureFn | None):
+    """Yield (cell, record) in suite order. With jobs > 1 the meta estimates come from worker
+    processes (meta estimation is single-threaded Python); CPU runs stay in this process, one at
+    a time. Without workers each cell runs here when its turn comes."""
+    if jobs <= 1 or plan.device not in ("meta", "auto"):
+        for cell in plan.todo:
+            yield cell, runner.run(cell)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(plan.suite, measure)
+    )
+    try:
+        futures = [(group, pool.submit(_estimate_in_worker, group)) for group in _model_groups(plan.todo)]
+        for group, future in futures:
+            for cell, record in zip(group, future.result()):
+                yield cell, runner.consider_cpu(record, cell) if plan.device == "auto" else record
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_suite(
+    plan: Plan, *, observer: Observer | None = None, measure: MeasureFn | None = None, jobs: int = 1
+) -> RunResult:
+    """Run the cells of ``plan`` (see ``plan_run``), appending one record per cell.
+
+    ``jobs`` > 1 estimates on meta in that many worker processes (``meta`` and ``auto`` without
+    cuda); CPU runs of ``auto`` still run one at a time here, but share the CPU with the workers,
+    so their throughput is then pessimistic. Memory figures are the same either way.
+
+    A KeyboardInterrupt stops after the cell in progress is dropped; every finished record is
+    already on disk and ``results.csv`` is rewritten on the way out.
+    """
+    observer = observer or Observer()
+    runner = CellRunner(plan.suite, plan.device, measure)
+    out_dir = plan.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / SUITE_JSON, json.dumps(plan.suite.to_json(), indent=2, sort_keys=True) + "\n")
+    results_path = plan.results_path
+    if plan.resume and results_path.exists():
+        _atomic_write(results_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in plan.kept))
+    else:
+        _atomic_write(results_path, "")
+    statuses: dict[str, int] = {}
+    observer.started(plan)
+    ran = 0
+    try:
+        if plan.todo:
+            observer.cell_started(plan.todo[0], 0)
+        for index, (cell, record) in enumerate(_records_in_order(plan, runner, jobs, measure)):
+            records.append_record(results_path, record)
+            ran += 1
+            statuses[record["status"]] = statuses.get(record["status"], 0) + 1
+            observer.cell_finished(cell, record)
+            _write_csv(results_path, out_dir / CSV)
+            if index + 1 < len(plan.todo):
+                observer.cell_started(plan.todo[index + 1], index + 1)
+    finally:
+        runner.close()
+        _write_csv(results_path, out_dir / CSV)
+    return RunResult(out_dir=out_dir, results_path=results_path, ran=ran, statuses=statuses)
+
+
+def _write_csv(results_path: Path, csv_path: Path) -> None:
+    rows = records.read_records(results_path)
+    if rows:
+        records.write_csv(rows, csv_path)
+

@@ -1,0 +1,618 @@
+"""Suites: a YAML file naming models, a grid, methods, training settings, a device and checks.
+
+``load_suite(path)`` reads the file with ``yaml.safe_load``, validates all of it and returns a
+frozen ``Suite``; on bad input it raises ``SuiteError`` holding every problem, one line each,
+as ``FILE:LINE: KEY: reason``. ``Suite.cells()`` expands the grid into ``Cell``s, each with a
+stable ``cell_id`` and the ``params`` of its record (``profiler.records``).
+
+A suite file::
+
+    name: t5                          # default: the file stem
+    model:                            # one entry or a list
+      - {family: t5, preset: t5-base, config: {dropout_rate: 0.1}}
+    grid:
+      batch_size: [16, 32, 64]
+      seq_len: [128, 256]
+      target_len: [8]                 # encoder-decoder only; default: seq_len
+      d_model: [768]                  # default: the preset's; so are n_head, d_ff, d_head
+      n_head: [12]
+    methods: [full, lora, checkpointing, wtacrs@0.3, wtacrs-linear@0.3, lora+wtacrs@0.3]
+    training: {dtype: float32, optimizer: adamw, warmup_steps: 1, timed_steps: 3,
+               attn_implementation: eager, pad_fraction: 0.0, seed: 0}
+    device: auto                      # auto | cpu | cuda | meta
+    models_device: cuda               # whose kernels meta estimates model: cuda | cpu
+    budgets: {memory_fraction: 0.6, cell_seconds: 60, suite_seconds: 600}
+    checks:
+      - {metric: peak_bytes, numerator: full, denominator: wtacrs@0.3, min: 2.5,
+         where: {batch_size: 64, seq_len: 128}}
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from profiler import methods as methods_table
+from profiler.models import (
+    ARCHITECTURES,
+    ATTN_IMPLEMENTATIONS,
+    DEFAULT_PRESETS,
+    DTYPES,
+    PRESETS,
+    DimsError,
+    config_keys,
+    max_positions,
+    resolve_dims,
+)
+
+DEVICES = ("auto", "cpu", "cuda", "meta")
+MODELS_DEVICES = ("cuda", "cpu")
+OPTIMIZERS = ("adamw", "sgd")
+CHECK_METRICS = ("peak_bytes", "activation_bytes")
+GRID_KEYS = ("batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head")
+# keys a check's ``where`` may select on: the record params that vary across cells
+WHERE_KEYS = ("model", "family", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head")
+
+
+class SuiteError(Exception):
+    """Bad suite input. ``lines`` holds one line per problem: file, key and reason."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = list(lines)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # label used in cell ids and reports (the preset unless given)
+    family: str
+    preset: str
+    config: tuple[tuple[str, Any], ...] = ()  # transformers config overrides, sorted by key
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Swept values; None means "the preset's" (target_len: "seq_len")."""
+
+    batch_size: tuple[int, ...]
+    seq_len: tuple[int, ...]
+    target_len: tuple[int, ...] | None = None
+    d_model: tuple[int, ...] | None = None
+    n_head: tuple[int, ...] | None = None
+    d_ff: tuple[int, ...] | None = None
+    d_head: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Training:
+    dtype: str = "float32"
+    optimizer: str = "adamw"
+    warmup_steps: int = 1
+    timed_steps: int = 3
+    attn_implementation: str = "eager"
+    pad_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Limits for ``device: auto`` on a machine without cuda (CPU runs)."""
+
+    memory_fraction: float = 0.6  # of the RAM available when the run starts
+    cell_seconds: float = 60.0  # estimated CPU time of one cell (warm-up + timed steps)
+    suite_seconds: float = 600.0  # estimated CPU time of all CPU-run cells together
+
+
+@dataclass(frozen=True)
+class Check:
+    """Every grid point matching ``where`` must have min <= metric(numerator)/metric(denominator) <= max."""
+
+    metric: str
+    denominator: str
+    numerator: str = "full"
+    min: float | None = None
+    max: float | None = None
+    where: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measured point: a model, a method and one value of every grid axis."""
+
+    suite: str
+    model: str
+    family: str
+    preset: str
+    config: tuple[tuple[str, Any], ...]
+    method: str
+    batch_size: int
+    seq_len: int
+    target_len: int | None
+    d_model: int
+    n_head: int
+    d_ff: int
+    d_head: int
+    n_layers: int
+    dtype: str
+    optimizer: str
+    attn_implementation: str
+    pad_fraction: float
+    warmup_steps: int
+    timed_steps: int
+    seed: int
+    id_axes: tuple[str, ...] = field(default=(), compare=False)  # optional axes named in the id
+
+    @property
+    def cell_id(self) -> str:
+        """``MODEL/METHOD/B64-S128-T128-D768-H12`` (+ ``-F3072``/``-K64`` when d_ff/d_head are swept)."""
+        point = f"B{self.batch_size}-S{self.seq_len}"
+        if self.target_len is not None:
+            point += f"-T{self.target_len}"
+        point += f"-D{self.d_model}-H{self.n_head}"
+        if "d_ff" in self.id_axes:
+            point += f"-F{self.d_ff}"
+        if "d_head" in self.id_axes:
+            point += f"-K{self.d_head}"
+        return f"{self.model}/{self.method}/{point}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The record's ``params`` (see ``profiler.records``)."""
+        return {
+            "model": self.model,
+            "family": self.family,
+            "method": self.method,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "target_len": self.target_len,
+            "d_model": self.d_model,
+            "n_head": self.n_head,
+            "d_ff": self.d_ff,
+            "d_head": self.d_head,
+            "n_layers": self.n_layers,
+            "dtype": self.dtype,
+            "optimizer": self.optimizer,
+            "attn_implementation": self.attn_implementation,
+        }
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    source: str
+    models: tuple[ModelSpec, ...]
+    grid: Grid
+    methods: tuple[str, ...]
+    training: Training = Training()
+    device: str = "auto"
+    models_device: str = "cuda"
+    budgets: Budgets = Budgets()
+    checks: tuple[Check, ...] = ()
+
+    def cells(self) -> list[Cell]:
+        """Every cell, ordered model > dimensions > method > seq_len > target_len > batch_size,
+        so that consecutive cells share a model (the runner reuses meta models across them)."""
+        return _expand(self)
+
+    def to_json(self) -> dict[str, Any]:
+        """The normalised suite, as written to ``suite.json`` beside ``results.jsonl``."""
+        grid = {k: list(v) for k, v in asdict(self.grid).items() if v is not None}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "model": [
+                {"name": m.name, "family": m.family, "preset": m.preset, "config": dict(m.config)} for m in self.models
+            ],
+            "grid": grid,
+            "methods": list(self.methods),
+            "training": asdict(self.training),
+            "device": self.device,
+            "models_device": self.models_device,
+            "budgets": asdict(self.budgets),
+            "checks": [{**asdict(c), "where": dict(c.where)} for c in self.checks],
+            "cells": [c.cell_id for c in self.cells()],
+        }
+
+
+def _expand(suite: Suite) -> list[Cell]:
+    grid = suite.grid
+    id_axes = tuple(axis for axis in ("d_ff", "d_head") if getattr(grid, axis) is not None)
+    cells = []
+    for spec in suite.models:
+        overrides = dict(spec.config)
+        encoder_decoder = ARCHITECTURES[spec.family].encoder_decoder
+        for d_model, n_head, d_ff, d_head in itertools.product(
+            grid.d_model or (None,), grid.n_head or (None,), grid.d_ff or (None,), grid.d_head or (None,)
+        ):
+            dims = resolve_dims(spec.preset, overrides, d_model=d_model, n_head=n_head, d_ff=d_ff, d_head=d_head)
+            for method, seq_len in itertools.product(suite.methods, grid.seq_len):
+                targets = (grid.target_len or (seq_len,)) if encoder_decoder else (None,)
+                for target_len, batch_size in itertools.product(targets, grid.batch_size):
+                    cells.append(
+                        Cell(
+                            suite=suite.name, model=spec.name, family=spec.family, preset=spec.preset,
+                            config=spec.config, method=method, batch_size=batch_size, seq_len=seq_len,
+                            target_len=target_len, d_model=dims.d_model, n_head=dims.n_head, d_ff=dims.d_ff,
+                            d_head=dims.d_head, n_layers=dims.n_layers, id_axes=id_axes,
+                            **asdict(suite.training),
+                        )
+                    )
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+class _Problems:
+    """Collects error lines; knows the YAML line of every key path it was given."""
+
+    def __init__(self, path: Path, lines: dict[str, int]):
+        self.path, self.lines, self.items = path, lines, []
+
+    def add_key(self, key: str, reason: str) -> None:
+        line = self._line(key)
+        where = f"{self.path}:{line}" if line else f"{self.path}"
+        self.items.append((line or 0, where, f"{key}: {reason}" if key else reason))
+
+    def _line(self, key: str) -> int | None:
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            key = key.rsplit(".", 1)[0] if "." in key else ""
+        return None
+
+    def result(self) -> list[str]:
+        # in file order, as an editor would show them (sorted() is stable within a line)
+        return [f"{where}: {reason}" for _, where, reason in sorted(self.items, key=lambda item: item[0])]
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """YAML line (1-based) of every key path, e.g. ``grid.batch_size`` or ``model[1].preset``."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            key = f"{prefix}[{index}]"
+            lines[key] = item.start_mark.line + 1
+            lines.update(_key_lines(item, key))
+    return lines
+
+
+def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    listed = "expected one of " + ", ".join(choices) if len(choices) <= 8 else ""
+    if close:
+        return f"did you mean {close[0]!r}?" + (f" ({listed})" if listed else "")
+    return listed or "expected one of " + ", ".join(sorted(choices))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+class _Parser:
+    def __init__(self, path: Path, problems: _Problems):
+        self.path, self.p = path, problems
+
+    def mapping(self, key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any] | None:
+        if not isinstance(value, dict):
+            self.p.add_key(key, f"expected a mapping, got {_type_name(value)}")
+            return None
+        for name in value:
+            if name not in allowed:
+                self.p.add_key(f"{key}.{name}" if key else str(name), f"unknown key; {_did_you_mean(name, allowed)}")
+        return value
+
+    def choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str | None:
+        if not isinstance(value, str) or value not in choices:
+            self.p.add_key(key, f"{value!r} is not allowed; {_did_you_mean(value, choices)}")
+            return None
+        return value
+
+    def number(self, key: str, value: Any, *, integer: bool, low: float, low_open: bool = False,
+               high: float | None = None) -> Any:
+        if not (_is_int(value) if integer else _is_number(value)):
+            self.p.add_key(key, f"expected {'an integer' if integer else 'a number'}, got {_type_name(value)} {value!r}")
+            return None
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            self.p.add_key(key, f"{value!r} must be {bound}")
+            return None
+        return value
+
+    def int_list(self, key: str, value: Any) -> tuple[int, ...] | None:
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not value:
+            self.p.add_key(key, "empty list; give at least one value")
+            return None
+        parsed = [self.number(f"{key}[{i}]", v, integer=True, low=1) for i, v in enumerate(items)]
+        if any(v is None for v in parsed):
+            return None
+        if len(set(parsed)) != len(parsed):
+            self.p.add_key(key, f"repeated values in {parsed}")
+            return None
+        return tuple(parsed)
+
+
+def _parse_models(parser: _Parser, value: Any) -> tuple[ModelSpec, ...] | None:
+    p = parser.p
+    entries = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        p.add_key("model", "empty list; give at least one model")
+        return None
+    specs = []
+    for index, entry in enumerate(entries):
+        key = f"model[{index}]" if isinstance(value, list) else "model"
+        if isinstance(entry, str):  # `model: t5-base` is shorthand for {preset: t5-base}
+            entry = {"preset": entry}
+        entry = parser.mapping(key, entry, ("family", "preset", "config", "name"))
+        if entry is None:
+            continue
+        family, preset = entry.get("family"), entry.get("preset")
+        if family is not None and family not in ARCHITECTURES:
+            p.add_key(f"{key}.family", f"unknown family {family!r}; {_did_you_mean(family, tuple(ARCHITECTURES))}")
+            continue
+        if preset is None:
+            if family is None:
+                p.add_key(key, "give a preset (e.g. t5-base) or a family")
+                continue
+            preset = DEFAULT_PRESETS[family]
+        if preset not in PRESETS:
+            p.add_key(f"{key}.preset", f"unknown preset {preset!r}; {_did_you_mean(preset, tuple(PRESETS))}")
+            continue
+        if family is not None and PRESETS[preset].family != family:
+            p.add_key(f"{key}.family", f"preset {preset!r} is a {PRESETS[preset].family} model, not {family}")
+            continue
+        family = PRESETS[preset].family
+        config = entry.get("config") or {}
+        if not isinstance(config, dict):
+            p.add_key(f"{key}.config", f"expected a mapping of {family} config keys, got {_type_name(config)}")
+            continue
+        known = config_keys(family)
+        bad = [k for k in config if k not in known]
+        for k in bad:
+            p.add_key(f"{key}.config.{k}", f"not a {family} config key; {_did_you_mean(k, tuple(sorted(known)))}")
+        if bad:
+            continue
+        try:
+            ARCHITECTURES[family].config_class(**{**PRESETS[preset].config, **config})
+        except Exception as e:  # transformers validates values in the config constructor
+            p.add_key(f"{key}.config", f"{family} config rejected it: {e}")
+            continue
+        name = entry.get("name", preset)
+        if not isinstance(name, str) or not name or "/" in name:
+            p.add_key(f"{key}.name", f"expected a non-empty name without '/', got {name!r}")
+            continue
+        specs.append(ModelSpec(name, family, preset, tuple(sorted(config.items()))))
+    names = [s.name for s in specs]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        p.add_key("model", f"model name {name!r} appears twice; give each entry its own `name`")
+    return tuple(specs) if len(specs) == len(entries) else None
+
+
+def _parse_grid(parser: _Parser, value: Any) -> Grid | None:
+    grid = parser.mapping("grid", value, GRID_KEYS)
+    if grid is None:
+        return None
+    ok = True
+    values: dict[str, tuple[int, ...] | None] = {}
+    for axis in GRID_KEYS:
+        if axis not in grid:
+            if axis in ("batch_size", "seq_len"):
+                parser.p.add_key(f"grid.{axis}", "missing; give a list of positive integers")
+                ok = False
+            values[axis] = None
+            continue
+        values[axis] = parser.int_list(f"grid.{axis}", grid[axis])
+        ok &= values[axis] is not None
+    return Grid(**values) if ok and set(grid) <= set(GRID_KEYS) else None
+
+
+def _parse_methods(parser: _Parser, value: Any) -> tuple[str, ...] | None:
+    if not isinstance(value, list) or not value:
+        parser.p.add_key("methods", f"expected a non-empty list of methods ({methods_table.METHOD_NAMES_HELP})")
+        return None
+    names = []
+    for index, name in enumerate(value):
+        key = f"methods[{index}]"
+        if not isinstance(name, str):
+            parser.p.add_key(key, f"expected a method name, got {_type_name(name)} {name!r}")
+            continue
+        try:
+            names.append(methods_table.canonical(name))
+        except methods_table.MethodError as e:
+            parser.p.add_key(key, str(e))
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        parser.p.add_key("methods", f"method {name!r} appears twice")
+    return tuple(names) if len(names) == len(value) else None
+
+
+def _parse_section(parser: _Parser, key: str, value: Any, cls: type, rules: dict[str, Callable[[str, Any], Any]]):
+    section = parser.mapping(key, value, tuple(rules))
+    if section is None:
+        return None
+    parsed = {name: rule(f"{key}.{name}", section[name]) for name, rule in rules.items() if name in section}
+    if None in parsed.values() or not set(section) <= set(rules):
+        return None
+    return cls(**parsed)
+
+
+def _parse_checks(parser: _Parser, value: Any, methods: tuple[str, ...] | None) -> tuple[Check, ...] | None:
+    p = parser.p
+    if not isinstance(value, list):
+        p.add_key("checks", f"expected a list of ratio bounds, got {_type_name(value)}")
+        return None
+    checks = []
+    for index, entry in enumerate(value):
+        key = f"checks[{index}]"
+        entry = parser.mapping(key, entry, ("metric", "numerator", "denominator", "min", "max", "where"))
+        if entry is None:
+            continue
+        ok = True
+        metric = parser.choice(f"{key}.metric", entry.get("metric"), CHECK_METRICS)
+        ok &= metric is not None
+        roles = {}
+        for role, default in (("numerator", "full"), ("denominator", None)):
+            name = entry.get(role, default)
+            if name is None:
+                p.add_key(f"{key}.{role}", "missing; name a method of the suite")
+                ok = False
+                continue
+            try:
+                name = methods_table.canonical(str(name))
+            except methods_table.MethodError as e:
+                p.add_key(f"{key}.{role}", str(e))
+                ok = False
+                continue
+            if methods is not None and name not in methods:
+                p.add_key(f"{key}.{role}", f"method {name!r} is not in `methods`; {_did_you_mean(name, methods)}")
+                ok = False
+            roles[role] = name
+        bounds = {}
+        for bound in ("min", "max"):
+            if bound in entry:
+                bounds[bound] = parser.number(f"{key}.{bound}", entry[bound], integer=False, low=0, low_open=True)
+                ok &= bounds[bound] is not None
+        if not bounds:
+            p.add_key(key, "give a ratio bound: min, max or both")
+            ok = False
+        elif bounds.get("min") is not None and bounds.get("max") is not None and bounds["min"] > bounds["max"]:
+            p.add_key(key, f"bad ratio bounds: min {bounds['min']:g} > max {bounds['max']:g}")
+            ok = False
+        where = entry.get("where") or {}
+        if parser.mapping(f"{key}.where", where, WHERE_KEYS) is None or not set(where) <= set(WHERE_KEYS):
+            ok = False
+        if ok:
+            checks.append(Check(metric=metric, where=tuple(sorted(where.items())), **roles, **bounds))
+    return tuple(checks) if len(checks) == len(value) else None
+
+
+def _cross_check(p: _Problems, suite: Suite) -> None:
+    """Checks that need every section: dimensions per model, sequence limits, checks' cells."""
+    grid = suite.grid
+    encoder_decoder = any(ARCHITECTURES[m.family].encoder_decoder for m in suite.models)
+    if grid.target_len is not None and not encoder_decoder:
+        p.add_key("grid.target_len", "applies to encoder-decoder models (t5) only; none is in `model`")
+    for spec in suite.models:
+        overrides = dict(spec.config)
+        for d_model, n_head, d_ff, d_head in itertools.product(
+            grid.d_model or (None,), grid.n_head or (None,), grid.d_ff or (None,), grid.d_head or (None,)
+        ):
+            try:
+                resolve_dims(spec.preset, overrides, d_model=d_model, n_head=n_head, d_ff=d_ff, d_head=d_head)
+            except DimsError as e:
+                axis = "grid.n_head" if grid.n_head else "grid.d_model" if grid.d_model else "grid.d_head"
+                p.add_key(axis, f"{spec.name}: {e}")
+        limit = max_positions(spec.family, spec.preset, overrides)
+        if limit is not None and max(grid.seq_len) > limit:
+            p.add_key(
+                "grid.seq_len",
+                f"{max(grid.seq_len)} exceeds {spec.name}'s {limit} positions "
+                f"(raise {ARCHITECTURES[spec.family].max_positions} under model.config)",
+            )
+    if p.items:
+        return
+    cells = suite.cells()
+    for index, check in enumerate(suite.checks):
+        where = dict(check.where)
+        matched = [c for c in cells if all(c.params.get(k) == v for k, v in where.items())]
+        methods_seen = {c.method for c in matched}
+        if not {check.numerator, check.denominator} <= methods_seen:
+            shown = ", ".join(f"{k}={v!r}" for k, v in where.items())
+            p.add_key(f"checks[{index}].where", f"no grid point matches {{{shown}}}")
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file; raise SuiteError with every problem found."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError([f"{path}: suite file not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SuiteError([f"{path}: cannot read suite file: {getattr(e, 'strerror', None) or e}"]) from None
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SuiteError([f"{where}: YAML syntax error: {problem}"]) from None
+    return parse_suite(data, path, lines)
+
+
+def parse_suite(data: Any, path: str | Path = "<suite>", lines: dict[str, int] | None = None) -> Suite:
+    """Validate an already-loaded suite mapping (``load_suite`` without the file)."""
+    path = Path(path)
+    p = _Problems(path, lines or {})
+    parser = _Parser(path, p)
+    top = ("name", "description", "model", "grid", "methods", "training", "device", "models_device", "budgets", "checks")
+    data = parser.mapping("", data, top) if data is not None else None
+    if data is None:
+        if not p.items:
+            p.add_key("", "empty suite file; it needs at least model, grid and methods")
+        raise SuiteError(p.result())
+    for required in ("model", "grid", "methods"):
+        if required not in data:
+            p.add_key(required, "missing (required)")
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name.strip() or "/" in name or name in (".", ".."):
+        p.add_key("name", f"expected a non-empty name without '/', got {name!r}")
+        name = None
+    models = _parse_models(parser, data["model"]) if "model" in data else None
+    grid = _parse_grid(parser, data["grid"]) if "grid" in data else None
+    methods = _parse_methods(parser, data["methods"]) if "methods" in data else None
+
+    def integer(low: int) -> Callable[[str, Any], Any]:
+        return lambda key, v: parser.number(key, v, integer=True, low=low)
+
+    training = _parse_section(parser, "training", data.get("training", {}), Training, {
+        "dtype": lambda key, v: parser.choice(key, v, tuple(DTYPES)),
+        "optimizer": lambda key, v: parser.choice(key, v, OPTIMIZERS),
+        "warmup_steps": integer(1),  # peak is taken after warm-up, once optimizer state exists
+        "timed_steps": integer(1),
+        "attn_implementation": lambda key, v: parser.choice(key, v, ATTN_IMPLEMENTATIONS),
+        "pad_fraction": lambda key, v: parser.number(key, v, integer=False, low=0, high=0.99),
+        "seed": integer(0),
+    })
+    budgets = _parse_section(parser, "budgets", data.get("budgets", {}), Budgets, {
+        "memory_fraction": lambda key, v: parser.number(key, v, integer=False, low=0, low_open=True, high=1),
+        "cell_seconds": lambda key, v: parser.number(key, v, integer=False, low=0),
+        "suite_seconds": lambda key, v: parser.number(key, v, integer=False, low=0),
+    })
+    device = parser.choice("device", data.get("device", "auto"), DEVICES)
+    models_device = parser.choice("models_device", data.get("models_device", "cuda"), MODELS_DEVICES)
+    description = data.get("description")
+    if description is not None and not isinstance(description, str):
+        p.add_key("description", f"expected text, got {_type_name(description)}")
+    checks = _parse_checks(parser, data.get("checks") or [], methods)
+    if p.items or None in (name, models, grid, methods, training, budgets, device, models_device, checks):
+        raise SuiteError(p.result() or [f"{path}: invalid suite"])
+    suite = Suite(
+        name=name, source=str(path), models=models, grid=grid, methods=methods, training=training,
+        device=device, models_device=models_device, budgets=budgets, checks=checks,
+    )
+    _cross_check(p, suite)
+    if p.items:
+        raise SuiteError(p.result())
+    return suite

@@ -1,0 +1,102 @@
+"""Shared fixtures of the profiler tests: tiny suite files and a stand-in measurement backend.
+
+``fake_measure`` has the signature and result type of ``profiler.measure.measure_training_step``
+and runs the real training step, so runner tests exercise model building, methods, batches and
+optimizers without depending on the tracker; its figures (parameter bytes + bytes saved for
+backward, deduplicated by storage) are simple enough to check by hand.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from profiler.records import MEMORY_CATEGORIES
+
+TINY_SUITE = """\
+name: tiny
+model:
+  - {family: t5, preset: t5-tiny}
+  - {family: bert, preset: bert-tiny}
+grid:
+  batch_size: [2, 3]
+  seq_len: [8]
+methods: [full, lora]
+training: {warmup_steps: 1, timed_steps: 1}
+device: meta
+checks:
+  - {metric: peak_bytes, denominator: lora, min: 1.0, where: {batch_size: 3}}
+"""
+
+
+@dataclass
+class FakeMeasurement:
+    peak_bytes: int
+    categories: dict
+    activations: list
+    reserved_bytes: int | None = None
+    nvml_used_bytes: int | None = None
+    step_times_s: list = field(default_factory=list)
+    flops: int | None = None
+    estimated: bool = False
+    models_device: str = "cpu"
+
+
+def fake_measure_training_step(model, batch, optimizer, *, device, family, warmup_steps=1, timed_steps=3,
+                               models_device="cuda"):
+    saved: dict[int, int] = {}
+    params = {id(p.untyped_storage()) for p in model.parameters()}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if id(storage) not in params:
+            saved[id(storage)] = storage.nbytes()
+        return tensor
+
+    times = []
+    for step in range(warmup_steps + timed_steps):
+        saved.clear()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        if step >= warmup_steps and device != "meta":
+            times.append(time.perf_counter() - start)
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    activations = sum(saved.values())
+    categories = dict.fromkeys(MEMORY_CATEGORIES, 0)
+    categories.update(parameters=parameters, activations=activations)
+    return FakeMeasurement(
+        peak_bytes=parameters + activations,
+        categories=categories,
+        activations=[{"operator": "Other", "category": "uncompressed", "bytes": activations}],
+        step_times_s=times,
+        flops=6 * parameters // 4 * batch["input_ids"].numel(),
+        estimated=device == "meta",
+        models_device=models_device if device == "meta" else device,
+    )
+
+
+@pytest.fixture
+def fake_measure():
+    return fake_measure_training_step
+
+
+@pytest.fixture
+def write_suite(tmp_path: Path):
+    """Write a suite file (dedented YAML text) and return its path."""
+
+    def write(text: str = TINY_SUITE, name: str = "suite.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    write.path = tmp_path / "suite.yaml"
+    return write

@@ -1,0 +1,160 @@
+"""The CI gate: ratio bounds and baselines hold (0), regress (1), or the input is bad (2)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from profiler.check import baseline_from_results, read_baseline, run_check, write_baseline
+from profiler.records import read_records
+from profiler.report import load_results
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch) -> Path:
+    """A copy of the fixture in an empty working directory (so no committed baseline is found)."""
+    for name in ("results.jsonl", "suite.json"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "results.jsonl"
+
+
+def check(results: Path, **kwargs) -> tuple[int, str]:
+    buffer = io.StringIO()
+    code = run_check(results, console=Console(file=buffer, width=240, color_system=None), **kwargs)
+    return code, buffer.getvalue()
+
+
+def set_checks(results: Path, checks: list | None) -> None:
+    path = results.parent / "suite.json"
+    suite = json.loads(path.read_text())
+    if checks is None:
+        suite.pop("checks")
+    else:
+        suite["checks"] = checks
+    path.write_text(json.dumps(suite))
+
+
+def test_fixture_bounds_hold(results):
+    code, out = check(results)
+    assert code == 0, out
+    assert "2 held, 0 regressed" in out
+    assert "2.343–2.631× (8 points)" in out  # full/wtacrs@0.3 saved activations over the grid
+
+
+def test_bound_violated_at_one_point_regresses(results):
+    # full/wtacrs@0.3 peak ranges 1.50x (t5-base B=16 S=128) .. 2.20x over the grid
+    peaks = {(r["params"]["method"]): r["memory"]["peak_bytes"] for r in read_records(results)
+             if (r["params"]["model"], r["params"]["batch_size"], r["params"]["seq_len"]) == ("t5-base", 16, 128)}
+    worst = peaks["full"] / peaks["wtacrs@0.3"]
+    set_checks(results, [{"metric": "peak_bytes", "denominator": "wtacrs@0.3", "min": 1.6}])
+    code, out = check(results)
+    assert code == 1
+    assert "0 held, 1 regressed" in out and f"1 point(s) outside, e.g. t5-base B=16 S=128: {worst:.3f}×" in out
+
+
+def test_check_matching_no_cell_is_a_no_data_regression(results):
+    set_checks(results, [{"metric": "peak_bytes", "denominator": "wtacrs@0.3", "min": 1.0,
+                          "where": {"model": "t5-xxl"}}])
+    code, out = check(results)
+    assert code == 1 and "no data" in out
+
+
+def test_error_cell_in_a_check_regresses_with_its_message(results):
+    set_checks(results, [{"metric": "peak_bytes", "denominator": "checkpointing", "min": 1.0,
+                          "where": {"model": "t5-small", "seq_len": [256]}}])
+    code, out = check(results)
+    assert code == 1
+    assert "t5-small B=64 S=256: checkpointing error: RuntimeError: checkpoint recomputation saw <2>" in out
+
+
+def one_error_line(out: str) -> bool:
+    lines = [line for line in out.splitlines() if line.strip()]
+    return len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing results", "garbage results", "no checks and no baseline", "unknown metric", "missing baseline",
+     "baseline not json", "baseline without ratios", "baseline of another suite", "min above max"],
+)
+def test_bad_input_exits_2_with_one_line(results, case):
+    kwargs = {}
+    if case == "missing results":
+        results = results.parent / "absent.jsonl"
+    elif case == "garbage results":
+        results.write_text("not json\n{}\n")
+    elif case == "no checks and no baseline":
+        set_checks(results, None)
+    elif case == "unknown metric":
+        set_checks(results, [{"metric": "peak_gb", "denominator": "lora", "min": 1}])
+    elif case == "min above max":
+        set_checks(results, [{"metric": "peak_bytes", "denominator": "lora", "min": 3, "max": 2}])
+    elif case == "missing baseline":
+        kwargs["baseline"] = results.parent / "absent.json"
+    else:
+        path = results.parent / "baseline.json"
+        doc = baseline_from_results(load_results(results))
+        if case == "baseline not json":
+            path.write_text("{")
+        elif case == "baseline without ratios":
+            doc.pop("ratios")
+            path.write_text(json.dumps(doc))
+        else:
+            doc["suite"] = "another suite"
+            path.write_text(json.dumps(doc))
+        kwargs["baseline"] = path
+    code, out = check(results, **kwargs)
+    assert code == 2
+    assert one_error_line(out), out
+
+
+def test_baseline_round_trips(results, tmp_path):
+    doc = baseline_from_results(load_results(results))
+    assert {"suite", "metric", "tolerance", "ratios"} <= set(doc)
+    assert len(doc["ratios"]) == 47 - 8  # 5 methods x 8 grid points, less the failed cell
+    path = tmp_path / "b.json"
+    write_baseline(path, doc)
+    assert read_baseline(path) == doc
+    write_baseline(path, read_baseline(path))
+    assert read_baseline(path) == doc
+
+
+def test_update_baseline_writes_what_then_holds(results):
+    code, out = check(results, update_baseline=True)
+    assert code == 0, out
+    path = Path("reports/baselines/t5-fixture.json")
+    assert read_baseline(path) == baseline_from_results(load_results(results))
+    set_checks(results, [])
+    code, out = check(results)  # found by its default path
+    assert code == 0, out
+    assert "39 held, 0 regressed" in out and "reports/baselines/t5-fixture.json" in out
+
+
+def test_baseline_worse_regresses_and_better_is_improved(results, tmp_path):
+    doc = baseline_from_results(load_results(results))
+    set_checks(results, [])
+    path = tmp_path / "b.json"
+    entry = next(e for e in doc["ratios"] if e["method"] == "wtacrs@0.3")
+    measured = entry["ratio"]
+
+    entry["ratio"] = round(measured * 1.2, 4)  # the results now save 1/1.2 of the baseline: -16.7%
+    write_baseline(path, doc)
+    code, out = check(results, baseline=path)
+    assert code == 1 and "-16.7% against baseline" in out and "1 regressed" in out
+
+    entry["ratio"] = round(measured * 1.04, 4)  # within the 5% tolerance
+    write_baseline(path, doc)
+    assert check(results, baseline=path)[0] == 0
+
+    entry["ratio"] = round(measured * 0.8, 4)  # better than the baseline: held, and said so
+    write_baseline(path, doc)
+    code, out = check(results, baseline=path)
+    assert code == 0 and "improved" in out and "(1 improved)" in out

@@ -1,0 +1,190 @@
+"""Memory backends: the tracked peak against the CPU allocator's own record, categories and FLOPs
+against hand counts, meta against cpu, and no trace left behind."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+
+from profiler.measure import Measurement, measure_training_step, training_step
+from profiler.records import MEMORY_CATEGORIES
+from wtacrs.taxonomy import FAMILIES
+
+T5 = FAMILIES["t5"]
+N, IN, HIDDEN, OUT = 32, 16, 64, 8  # MLP: tokens, widths
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(IN, HIDDEN)
+        self.act = nn.ReLU()
+        self.down = nn.Linear(HIDDEN, OUT)
+
+    def forward(self, x, y):
+        out = self.down(self.act(self.up(x)))
+        return SimpleNamespace(loss=((out - y) ** 2).mean())
+
+
+def mlp_cell(device: str = "cpu"):
+    torch.manual_seed(0)
+    model = MLP().to(device)
+    batch = {"x": torch.randn(N, IN).to(device), "y": torch.randn(N, OUT).to(device)}
+    return model, batch, torch.optim.AdamW(model.parameters(), lr=1e-3), None
+
+
+def t5_cell(device: str = "cpu", d_model: int = 32, layers: int = 2, batch_size: int = 2, seq_len: int = 6):
+    torch.manual_seed(0)
+    config = T5Config(
+        d_model=d_model, d_ff=2 * d_model, num_layers=layers, num_decoder_layers=layers, num_heads=4,
+        d_kv=d_model // 4, vocab_size=50, decoder_start_token_id=0, pad_token_id=0,
+    )
+    with torch.device(device):
+        model = T5ForConditionalGeneration._from_config(config, attn_implementation="eager")
+    model.train()
+    ids = torch.randint(1, 50, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids.to(device), "labels": ids.clone().to(device)}
+    return model, batch, torch.optim.AdamW(model.parameters(), lr=1e-3), T5
+
+
+def live_state_bytes(model, batch, optimizer) -> int:
+    """Bytes of every distinct storage the step starts with (no gradients)."""
+    tensors = [*model.parameters(), *model.buffers(), *batch.values()]
+    tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def allocator_peak_delta(step) -> int:
+    """Peak of the CPU allocator above its level at the start, from torch.profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+# The allocator also sees what kernels allocate for themselves and never return as a tensor. In the
+# T5 step the peak falls inside AdamW's ``exp_avg_sq.sqrt() / bias_correction2_sqrt``, whose kernel
+# wraps and converts the Python float: 16 bytes measured; 64 leaves room for one more scalar pair.
+@pytest.mark.parametrize("make_cell, kernel_scalar_bytes", [(mlp_cell, 0), (t5_cell, 64)], ids=["mlp", "t5"])
+def test_cpu_peak_equals_allocator_peak_from_profiler(make_cell, kernel_scalar_bytes):
+    model, batch, optimizer, family = make_cell()
+    training_step(model, batch, optimizer)  # optimizer state exists
+    # Start both steps without gradients: the profiler does not report frees of blocks it did not
+    # see allocated, so no block older than the profiled step may be freed inside it.
+    optimizer.zero_grad(set_to_none=True)
+    start = live_state_bytes(model, batch, optimizer)
+    m = measure_training_step(
+        model, batch, optimizer, device="cpu", family=family, warmup_steps=0, timed_steps=0, models_device="cpu"
+    )
+    optimizer.zero_grad(set_to_none=True)
+    allocator = allocator_peak_delta(lambda: training_step(model, batch, optimizer))
+    assert 0 <= allocator - (m.peak_bytes - start) <= kernel_scalar_bytes
+
+
+def test_mlp_categories_activations_and_flops_match_hand_count():
+    model, batch, optimizer, _ = mlp_cell()
+    m = measure_training_step(model, batch, optimizer, device="cpu", family=None, timed_steps=2, models_device="cpu")
+    params = (IN * HIDDEN + HIDDEN + HIDDEN * OUT + OUT) * 4
+    assert m.categories["parameters"] == params
+    # AdamW: exp_avg and exp_avg_sq per parameter, plus a fp32 step counter per tensor (on cpu).
+    assert m.categories["optimizer_state"] == 2 * params + 4 * 4
+    assert set(m.categories) == set(MEMORY_CATEGORIES)
+    assert sum(m.categories.values()) == m.peak_bytes
+    # Saved: x by up's addmm, ReLU's output (also down's input), (out - y) by pow.
+    assert m.activations == [
+        {"operator": "Activation", "category": "uncompressed", "bytes": N * HIDDEN * 4},
+        {"operator": "Other", "category": "uncompressed", "bytes": N * IN * 4 + N * OUT * 4},
+    ]
+    # Forward 2nk per layer; backward 2nk for each weight gradient and for down's input gradient
+    # (x needs no gradient).
+    assert m.flops == 2 * N * IN * HIDDEN * 2 + 2 * N * HIDDEN * OUT * 3
+    assert len(m.step_times_s) == 2 and all(t > 0 for t in m.step_times_s)
+    assert not m.estimated and m.models_device == "cpu"
+
+
+def test_meta_estimate_equals_cpu_measurement():
+    cpu = measure_training_step(*t5_cell("cpu")[:3], device="cpu", family=T5, timed_steps=0, models_device="cpu")
+    meta = measure_training_step(*t5_cell("meta")[:3], device="meta", family=T5, models_device="cpu")
+    assert meta.estimated and meta.step_times_s == []
+    assert (meta.peak_bytes, meta.categories, meta.activations, meta.flops) == (
+        cpu.peak_bytes,
+        cpu.categories,
+        cpu.activations,
+        cpu.flops,
+    )
+    assert cpu.categories["activations"] > 0 and cpu.categories["optimizer_state"] > 0
+
+
+def test_cuda_modelling_saves_bool_dropout_masks_and_rounds_blocks():
+    as_cpu = measure_training_step(*t5_cell("meta")[:3], device="meta", family=T5, models_device="cpu")
+    as_cuda = measure_training_step(*t5_cell("meta")[:3], device="meta", family=T5, models_device="cuda")
+
+    def dropout_bytes(m: Measurement) -> int:
+        return sum(a["bytes"] for a in m.activations if a["operator"] == "Dropout")
+
+    assert dropout_bytes(as_cpu) == 4 * dropout_bytes(as_cuda) > 0
+    def others(m: Measurement) -> list[dict]:
+        return [a for a in m.activations if a["operator"] != "Dropout"]
+
+    assert others(as_cpu) == others(as_cuda)
+    assert all(v % 512 == 0 for v in as_cuda.categories.values())
+    assert as_cuda.models_device == "cuda"
+
+
+def test_backends_leave_no_trace_even_when_the_step_fails():
+    dropout = F.dropout
+    hooks = (dict(torch.nn.modules.module._global_forward_pre_hooks), dict(torch.nn.modules.module._global_forward_hooks))
+    model, batch, optimizer, _ = t5_cell("meta")
+    measure_training_step(model, batch, optimizer, device="meta", family=T5, models_device="cuda")
+
+    calls = {"n": 0}
+    forward = model.forward
+
+    def failing_forward(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the tracked step, after one warm-up
+            raise RuntimeError("out of memory (simulated)")
+        return forward(**kwargs)
+
+    model.forward = failing_forward
+    with pytest.raises(RuntimeError, match="simulated"):
+        measure_training_step(model, batch, optimizer, device="meta", family=T5, models_device="cuda")
+
+    assert F.dropout is dropout
+    assert all(group["foreach"] is None for group in optimizer.param_groups)
+    assert torch._C._len_torch_dispatch_stack() == 0
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert (dict(torch.nn.modules.module._global_forward_pre_hooks), dict(torch.nn.modules.module._global_forward_hooks)) == hooks
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"device": "tpu"}, "device must be one of"), ({"device": "cpu", "models_device": "xla"}, "models_device")],
+)
+def test_bad_device_is_one_clear_error(kwargs, message):
+    model, batch, optimizer, _ = mlp_cell()
+    with pytest.raises(ValueError, match=message):
+        measure_training_step(model, batch, optimizer, family=None, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_is_the_allocator_peak_and_meta_estimate_is_within_5_percent():
+    cell = {"d_model": 256, "layers": 4, "batch_size": 16, "seq_len": 128}
+    model, batch, optimizer, family = t5_cell("cuda", **cell)
+    measured = measure_training_step(model, batch, optimizer, device="cuda", family=family, timed_steps=2)
+    assert measured.reserved_bytes >= measured.peak_bytes > 0
+    assert len(measured.step_times_s) == 2
+    estimate = measure_training_step(*t5_cell("meta", **cell)[:3], device="meta", family=T5, models_device="cuda")
+    assert abs(estimate.peak_bytes - measured.peak_bytes) <= 0.05 * measured.peak_bytes
+    assert estimate.activations == measured.activations

@@ -1,0 +1,168 @@
+"""The HTML report: plots render headless, the page is self-contained, user strings are escaped,
+estimates and failures are labelled, and the numbers in it are the records' numbers."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+from profiler.records import read_records  # noqa: E402
+from profiler.report import (  # noqa: E402
+    GiB,
+    MiB,
+    ResultsError,
+    cells_frame,
+    load_results,
+    max_batch_size,
+    memory_budgets,
+    render_report,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PLOTS = ("peak_memory", "activation_breakdown", "memory_ratio", "max_batch", "throughput")
+FAILED_MESSAGE = "RuntimeError: checkpoint recomputation saw <2> tensors & expected 3"
+
+
+def copy_fixture(tmp_path: Path) -> Path:
+    for name in ("results.jsonl", "suite.json"):
+        shutil.copy(FIXTURES / name, tmp_path / name)
+    return tmp_path / "results.jsonl"
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[Path, str]:
+    """The fixture report, rendered once for the module (plots take a few seconds)."""
+    out = tmp_path_factory.mktemp("report")
+    page = render_report(FIXTURES / "results.jsonl", out)
+    return page, page.read_text(encoding="utf-8")
+
+
+def test_report_writes_every_plot_as_png_and_embeds_the_same_bytes(rendered):
+    page, text = rendered
+    embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)]
+    assert len(embedded) == len(PLOTS)
+    for name in PLOTS:
+        png = (page.parent / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(png) > 20_000, name  # a faceted plot, not an empty canvas
+        assert png in embedded, name
+
+
+def test_report_loads_nothing_from_outside(rendered):
+    _, text = rendered
+    assert "http://" not in text and "https://" not in text
+    targets = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]*)""", text, flags=re.I)
+    assert targets, "the page has images and in-page links"
+    assert all(t.startswith("data:image/png;base64,") or t.startswith("#") for t in targets), targets
+    assert "<script" not in text.lower() and "<link" not in text.lower() and "@import" not in text
+    assert "default-src 'none'" in text  # the CSP forbids any fetch
+
+
+def test_memory_is_in_powers_of_two(rendered):
+    _, text = rendered
+    visible = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text)
+    assert "GiB" in visible
+    assert re.search(r"\bGB\b", visible) is None
+
+
+def test_hostile_strings_are_escaped(tmp_path):
+    results = copy_fixture(tmp_path)
+    suite = json.loads((tmp_path / "suite.json").read_text())
+    suite["name"] = "<script>alert(1)</script>"
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    records = read_records(results)
+    for record in records:
+        if record["params"]["method"] == "lora":
+            record["params"]["method"] = '<img src=x onerror=alert(2)> $\\alpha$'
+            record["cell_id"] = record["cell_id"].replace("lora|", "hostile|")
+    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+    text = render_report(results, tmp_path / "out").read_text(encoding="utf-8")
+
+    assert "<script>" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "&lt;img src=x onerror=alert(2)&gt;" in text
+    assert html.escape(FAILED_MESSAGE) in text
+
+
+def test_estimated_and_failed_cells_are_labelled(rendered):
+    _, text = rendered
+    cells = cells_frame(load_results(FIXTURES / "results.jsonl"))
+    estimated = cells[cells["model"] == "t5-base"]
+    assert estimated["estimated"].all() and (estimated["figures"] == "estimated (meta → cuda)").all()
+    assert estimated["panel"].str.endswith("[estimated]").all()
+    assert not cells.loc[cells["model"] == "t5-small", "panel"].str.contains("estimated").any()
+    # one figures cell per estimated record in the cell tables, plus the summary rows
+    assert text.count("<td>estimated (meta → cuda)</td>") == len(estimated) + estimated["method"].nunique()
+    failed = cells[cells["status"] == "error"]
+    assert len(failed) == 1 and failed["peak_bytes"].isna().all()
+    assert text.count(html.escape(FAILED_MESSAGE)) >= 2  # its row in the cell table and the failed list
+
+
+def test_ratio_against_full_pairs_the_same_grid_point():
+    records = read_records(FIXTURES / "results.jsonl")
+
+    def peak(model, method, b, s):
+        (r,) = [r for r in records if (r["params"]["model"], r["params"]["method"], r["params"]["batch_size"],
+                                       r["params"]["seq_len"]) == (model, method, b, s)]
+        return r["memory"]["peak_bytes"]
+
+    cells = cells_frame(load_results(FIXTURES / "results.jsonl"))
+    row = cells[(cells["model"] == "t5-base") & (cells["method"] == "wtacrs@0.3") & (cells["batch_size"] == 64)
+                & (cells["seq_len"] == 128)].iloc[0]
+    assert row["peak_ratio"] == pytest.approx(peak("t5-base", "full", 64, 128) / peak("t5-base", "wtacrs@0.3", 64, 128),
+                                              rel=1e-12)
+    full = cells[cells["method"] == "full"]
+    assert (full["peak_ratio"] == 1.0).all()
+
+
+def test_max_batch_size_is_linear_in_batch_size():
+    static, per_sample = 2 * GiB, GiB // 4  # peak = 2 GiB + B/4 GiB
+    sizes = [16, 64]
+    peaks = [static + b * per_sample for b in sizes]
+    assert max_batch_size(sizes, peaks, 10 * GiB) == (32, False)  # between grid points
+    assert max_batch_size(sizes, peaks, 24 * GiB) == (88, True)  # beyond: extrapolated
+    assert max_batch_size(sizes, peaks, 24 * GiB - 1) == (87, True)
+    assert max_batch_size(sizes, peaks, GiB) == (0, True)  # not even B=1 fits
+    assert max_batch_size([16], [peaks[0]], 10 * GiB) == (None, False)  # a line needs two points
+    # piecewise: the segment that brackets the budget is used
+    assert max_batch_size([1, 2, 4], [10 * MiB, 20 * MiB, 60 * MiB], 40 * MiB) == (3, False)
+
+
+def test_budgets_come_from_the_suite_in_binary_units():
+    default = [80 * GiB, 40 * GiB, 24 * GiB]
+    assert memory_budgets(None) == default
+    # the runner's budgets are time and a RAM fraction, not memory sizes
+    assert memory_budgets({"budgets": {"memory_fraction": 0.6, "cell_seconds": 60, "suite_seconds": 600}}) == default
+    assert memory_budgets({"budgets": [24, "512 MiB", "1.5GiB"]}) == [24 * GiB, int(1.5 * GiB), 512 * MiB]
+    assert memory_budgets({"budget": 16}) == [16 * GiB]
+    assert memory_budgets({"budgets": {"memory": ["8 GiB"], "cell_seconds": 60}}) == [8 * GiB]
+    with pytest.raises(ResultsError, match="80GB"):
+        memory_budgets({"memory_budgets": ["80GB"]})
+
+
+def test_missing_results_file_is_bad_input_and_writes_nothing(tmp_path):
+    with pytest.raises(ResultsError, match="no such results file"):
+        render_report(tmp_path / "absent.jsonl", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_last_line_is_ignored_and_retries_replace_earlier_records(tmp_path):
+    results = copy_fixture(tmp_path)
+    lines = results.read_text().splitlines()
+    retry = json.loads(lines[0])
+    retry["memory"]["peak_bytes"] += 1
+    results.write_text("\n".join([*lines, json.dumps(retry), '{"cell_id": "cut']))
+    loaded = load_results(results)
+    assert len(loaded.records) == len(lines)
+    (first,) = [r for r in loaded.records if r["cell_id"] == retry["cell_id"]]
+    assert first["memory"]["peak_bytes"] == retry["memory"]["peak_bytes"]

@@ -1,0 +1,333 @@
+"""Suite schema, validation and cell expansion; the model factory and the methods table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import wtacrs
+from profiler import methods as methods_table
+from profiler.models import PRESETS, DimsError, build_model, make_batch, preset_dims, resolve_dims
+from profiler.suite import SuiteError, load_suite
+
+RECORD_PARAMS = {"model", "family", "method", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff",
+                 "d_head", "n_layers", "dtype", "optimizer", "attn_implementation"}
+HAS_CONVERT = hasattr(wtacrs, "convert") and hasattr(wtacrs, "WTACRSConfig")
+
+
+def errors_of(write_suite, text: str) -> list[str]:
+    path = write_suite(text)
+    with pytest.raises(SuiteError) as info:
+        load_suite(path)
+    return info.value.lines
+
+
+# --- expansion --------------------------------------------------------------------------------
+
+
+def test_tiny_suite_expands_to_models_x_methods_x_grid(write_suite):
+    suite = load_suite(write_suite())
+    cells = suite.cells()
+    assert len(cells) == 2 * 2 * 2 * 1
+    assert cells[0].cell_id == "t5-tiny/full/B2-S8-T8-D64-H4"
+    assert cells[-1].cell_id == "bert-tiny/lora/B3-S8-D64-H4"
+    assert len({c.cell_id for c in cells}) == len(cells)
+    for cell in cells:
+        assert set(cell.params) == RECORD_PARAMS
+        assert cell.params["target_len"] == (8 if cell.family == "t5" else None)
+    assert cells[0].params["n_layers"] == 2 and cells[0].params["d_head"] == 16
+
+
+def test_paper_t5_suite_has_84_cells_with_unique_ids():
+    suite = load_suite("suites/t5.yaml")
+    cells = suite.cells()
+    assert len(cells) == 84
+    assert len({c.cell_id for c in cells}) == 84
+    assert "t5-base/wtacrs@0.3/B64-S128-T128-D768-H12" in {c.cell_id for c in cells}
+    assert {(c.d_model, c.n_head, c.d_ff, c.d_head) for c in cells} == {(768, 12, 3072, 64), (1024, 16, 4096, 64)}
+
+
+@pytest.mark.parametrize("name", ["smoke", "bert"])
+def test_shipped_suites_validate(name):
+    suite = load_suite(f"suites/{name}.yaml")
+    assert suite.cells()
+
+
+def test_cells_of_one_model_and_method_are_consecutive(write_suite):
+    # the runner reuses a meta model across consecutive cells; the order must group them
+    cells = load_suite(write_suite()).cells()
+    keys = [(c.model, c.method) for c in cells]
+    assert all(keys.count(k) == 2 and keys.index(k) + 1 == len(keys) - keys[::-1].index(k) - 1 for k in set(keys))
+
+
+def test_swept_dimensions_follow_the_preset_ratios(write_suite):
+    suite = load_suite(write_suite("""
+        model: t5-base
+        grid: {batch_size: [1], seq_len: [16], target_len: [4], d_model: [512, 1024], n_head: [8]}
+        methods: [full]
+    """))
+    dims = {(c.d_model, c.n_head, c.d_ff, c.d_head, c.target_len) for c in suite.cells()}
+    assert dims == {(512, 8, 2048, 64, 4), (1024, 8, 4096, 128, 4)}
+
+
+def test_sweeping_d_ff_and_d_head_puts_them_in_the_id(write_suite):
+    suite = load_suite(write_suite("""
+        model: {preset: t5-tiny}
+        grid: {batch_size: [1], seq_len: [4], d_ff: [96], d_head: [8]}
+        methods: [full]
+    """))
+    (cell,) = suite.cells()
+    assert cell.cell_id == "t5-tiny/full/B1-S4-T4-D64-H4-F96-K8"
+    assert build_model(cell, "meta").encoder.block[0].layer[0].SelfAttention.q.weight.shape == (4 * 8, 64)
+
+
+def test_method_names_are_canonical_and_checks_use_them(write_suite):
+    suite = load_suite(write_suite("""
+        model: t5-tiny
+        grid: {batch_size: [1], seq_len: [4]}
+        methods: [full, wtacrs@.30, lora+wtacrs@0.10]
+        checks: [{metric: peak_bytes, denominator: wtacrs@0.3, min: 1}]
+    """))
+    assert suite.methods == ("full", "wtacrs@0.3", "lora+wtacrs@0.1")
+    assert suite.checks[0].numerator == "full"
+
+
+def test_suite_json_holds_what_report_and_check_read():
+    data = load_suite("suites/t5.yaml").to_json()
+    assert {"name", "model", "grid", "methods", "training", "device", "budgets", "checks"} <= set(data)
+    assert data["checks"][0] == {"metric": "peak_bytes", "numerator": "full", "denominator": "wtacrs@0.3",
+                                 "min": 2.1, "max": None, "where": {"model": "t5-base", "batch_size": 64,
+                                                                    "seq_len": 128}}
+    assert len(data["cells"]) == 84
+
+
+# --- validation: one line per problem, naming file, line, key and reason ----------------------
+
+BASE = "model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n"
+
+BAD_SUITES = {
+    "unknown top key": (BASE + "devise: cpu\n", ["suite.yaml:4: devise: unknown key; did you mean 'device'?"]),
+    "unknown grid key": ("model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8], batchsize: [4]}\nmethods: [full]\n",
+                         ["suite.yaml:2: grid.batchsize: unknown key; did you mean 'batch_size'?"]),
+    "wrong type": ("model: t5-tiny\ngrid: {batch_size: [two], seq_len: [8]}\nmethods: [full]\n",
+                   ["suite.yaml:2: grid.batch_size[0]: expected an integer, got str 'two'"]),
+    "bool is not an int": (BASE + "training: {timed_steps: true}\n",
+                           ["suite.yaml:4: training.timed_steps: expected an integer, got bool True"]),
+    "n_head does not divide d_model": (
+        "model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8], n_head: [5]}\nmethods: [full]\n",
+        ["suite.yaml:2: grid.n_head: t5-tiny: n_head 5 does not divide d_model 64"]),
+    "empty grid list": ("model: t5-tiny\ngrid: {batch_size: [], seq_len: [8]}\nmethods: [full]\n",
+                        ["suite.yaml:2: grid.batch_size: empty list; give at least one value"]),
+    "missing grid axis": ("model: t5-tiny\ngrid: {batch_size: [2]}\nmethods: [full]\n",
+                          ["suite.yaml:2: grid.seq_len: missing; give a list of positive integers"]),
+    "unknown method": ("model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8]}\nmethods: [full, wtacr@0.3]\n",
+                       ["suite.yaml:3: methods[1]: unknown method 'wtacr@0.3'"]),
+    "ratio out of range": ("model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8]}\nmethods: [wtacrs@0]\n",
+                           ["suite.yaml:3: methods[0]: ratio 0 is not in (0, 1]"]),
+    "unknown preset": ("model: {family: t5, preset: t5-bas}\ngrid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                       ["suite.yaml:1: model.preset: unknown preset 't5-bas'; did you mean 't5-base'?"]),
+    "unknown family": ("model: {family: t6}\ngrid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                       ["suite.yaml:1: model.family: unknown family 't6'; expected one of t5, bert, gpt2, llama"]),
+    "family/preset mismatch": ("model: {family: bert, preset: t5-tiny}\ngrid: {batch_size: [2], seq_len: [8]}\n"
+                               "methods: [full]\n",
+                               ["suite.yaml:1: model.family: preset 't5-tiny' is a t5 model, not bert"]),
+    "unknown config key": ("model: {preset: t5-tiny, config: {dropout: 0.0}}\ngrid: {batch_size: [2], seq_len: [8]}\n"
+                           "methods: [full]\n", ["suite.yaml:1: model.config.dropout: not a t5 config key"]),
+    "bad dtype": (BASE + "training: {dtype: float64}\n", ["suite.yaml:4: training.dtype: 'float64' is not allowed"]),
+    "bad device": (BASE + "device: gpu\n", ["suite.yaml:4: device: 'gpu' is not allowed"]),
+    "check names a method not run": (BASE + "checks: [{metric: peak_bytes, denominator: lora, min: 1}]\n",
+                                     ["suite.yaml:4: checks[0].denominator: method 'lora' is not in `methods`"]),
+    "bad ratio bounds": ("model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8]}\nmethods: [full, lora]\n"
+                         "checks: [{metric: peak_bytes, denominator: lora, min: 3, max: 2}]\n",
+                         ["suite.yaml:4: checks[0]: bad ratio bounds: min 3 > max 2"]),
+    "check without bound": ("model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8]}\nmethods: [full, lora]\n"
+                            "checks: [{metric: peak_bytes, denominator: lora}]\n",
+                            ["suite.yaml:4: checks[0]: give a ratio bound: min, max or both"]),
+    "check matching no cell": ("model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8]}\nmethods: [full, lora]\n"
+                               "checks: [{metric: peak_bytes, denominator: lora, min: 1, where: {batch_size: 64}}]\n",
+                               ["suite.yaml:4: checks[0].where: no grid point matches {batch_size=64}"]),
+    "seq_len beyond positions": ("model: bert-tiny\ngrid: {batch_size: [2], seq_len: [1024]}\nmethods: [full]\n",
+                                 ["suite.yaml:2: grid.seq_len: 1024 exceeds bert-tiny's 512 positions"]),
+    "target_len without encoder-decoder": (
+        "model: bert-tiny\ngrid: {batch_size: [2], seq_len: [8], target_len: [4]}\nmethods: [full]\n",
+        ["suite.yaml:2: grid.target_len: applies to encoder-decoder models (t5) only"]),
+    "missing required": ("model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8]}\n",
+                         ["suite.yaml: methods: missing (required)"]),
+    "bad YAML": ("model: t5-tiny\ngrid: {batch_size: [2, seq_len: [8]}\nmethods: [full\n",
+                 ["suite.yaml:2: YAML syntax error: expected ',' or ']', but got '}'"]),
+    "not a mapping": ("- just\n- a list\n", ["suite.yaml: expected a mapping, got list"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SUITES))
+def test_each_bad_input_gives_one_line_naming_file_key_and_reason(write_suite, case):
+    text, expected = BAD_SUITES[case]
+    lines = errors_of(write_suite, text)
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected):
+        assert line.startswith(str(write_suite.path)), line  # the file comes first
+        assert start in line, (case, line)
+
+
+def test_every_problem_of_a_file_is_reported(write_suite):
+    lines = errors_of(write_suite, """\
+        name: many
+        modle: x
+        model: {preset: t5-tiny}
+        grid: {batch_size: [], seq_len: [8], n_head: [3]}
+        methods: [full, wtacrs@2]
+        training: {dtype: float64, warmup_steps: 0}
+    """)
+    # n_head 3 not dividing 64 is checked once the grid parses, so the empty list hides it
+    assert [line.split(": ")[1] for line in lines] == [
+        "modle", "grid.batch_size", "methods[1]", "training.dtype", "training.warmup_steps"]
+
+
+def test_missing_file_is_one_line(tmp_path):
+    with pytest.raises(SuiteError) as info:
+        load_suite(tmp_path / "absent.yaml")
+    assert info.value.lines == [f"{tmp_path / 'absent.yaml'}: suite file not found"]
+
+
+# --- model factory -----------------------------------------------------------------------------
+
+
+def t5_parameter_count(d_model, d_kv, n_heads, d_ff, layers, vocab, buckets=32):
+    """T5ForConditionalGeneration with tied embeddings, relu FFN, counted by hand."""
+    inner = d_kv * n_heads
+    attention = 4 * d_model * inner
+    ffn = 2 * d_model * d_ff
+    encoder = layers * (attention + ffn + 2 * d_model) + buckets * n_heads + d_model
+    decoder = layers * (2 * attention + ffn + 3 * d_model) + buckets * n_heads + d_model
+    return vocab * d_model + encoder + decoder
+
+
+@pytest.mark.parametrize("preset", ["t5-small", "t5-base", "t5-large", "t5-3b"])
+def test_t5_presets_build_on_meta_with_the_published_sizes(preset):
+    dims = preset_dims(preset, {})
+    model = build_model(_cell_for(preset), "meta")
+    count = sum(p.numel() for p in model.parameters())
+    assert count == t5_parameter_count(dims.d_model, dims.d_head, dims.n_head, dims.d_ff, dims.n_layers, 32128)
+    assert next(model.parameters()).device.type == "meta"
+
+
+def test_t5_3b_preset_matches_the_spec():
+    assert preset_dims("t5-3b", {}) == preset_dims("t5-3b-gated", {})
+    dims = preset_dims("t5-3b", {})
+    assert (dims.d_model, dims.d_ff, dims.n_layers, dims.n_head, dims.d_head) == (1024, 16384, 24, 32, 128)
+    assert PRESETS["t5-base-gated"].config["feed_forward_proj"] == "gated-gelu"
+
+
+def test_resolve_dims_rejects_heads_that_do_not_divide():
+    with pytest.raises(DimsError, match="n_head 5 does not divide d_model 768"):
+        resolve_dims("t5-base", {}, n_head=5)
+    assert resolve_dims("t5-base", {}, n_head=16).d_head == 48
+
+
+def _cell_for(preset, method="full", dtype="float32", attn="eager", batch=2, seq=8, pad=0.0):
+    from profiler.suite import parse_suite
+
+    family = PRESETS[preset].family
+    grid = {"batch_size": [batch], "seq_len": [seq]}
+    if family == "t5":
+        grid["target_len"] = [seq // 2]
+    suite = parse_suite({"model": preset, "grid": grid, "methods": [method],
+                         "training": {"dtype": dtype, "attn_implementation": attn, "pad_fraction": pad}})
+    return suite.cells()[0]
+
+
+@pytest.mark.parametrize("preset", ["t5-tiny", "t5-tiny-gated", "bert-tiny", "gpt2-tiny", "llama-tiny"])
+def test_tiny_presets_train_on_cpu_with_their_synthetic_batch(preset):
+    cell = _cell_for(preset, pad=0.25)
+    model = build_model(cell, "cpu")
+    batch = make_batch(cell, "cpu", torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape == (2, 8)
+    assert int((batch["attention_mask"] == 0).sum()) == 2 * 2  # round(0.25 * 8) pad tokens per row
+    if cell.family == "t5":
+        assert batch["labels"].shape == (2, 4) and int((batch["labels"] == -100).sum()) == 2 * 1
+    elif cell.family == "bert":
+        assert batch["labels"].shape == (2,)
+    else:
+        assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
+
+
+def test_meta_batch_has_no_mask_and_dtype_and_attention_apply():
+    cell = _cell_for("bert-tiny", dtype="bfloat16", attn="sdpa")
+    model = build_model(cell, "meta")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.config._attn_implementation == "sdpa"
+    batch = make_batch(cell, "meta")
+    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].device.type == "meta"
+    model(**batch).loss.backward()  # a full step runs on meta
+
+
+def test_build_is_seeded():
+    a = build_model(_cell_for("t5-tiny"), "cpu")
+    b = build_model(_cell_for("t5-tiny"), "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+# --- methods table -----------------------------------------------------------------------------
+
+
+def test_lora_trains_only_adapters_on_peft_default_targets():
+    cell = _cell_for("t5-tiny", "lora")
+    model = methods_table.prepare("lora", build_model(cell, "meta"), "t5")
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in trainable)
+    # q and v of 6 attention modules (2 encoder self, 2 decoder self, 2 cross), r=8, 64 -> 64
+    assert sum(trainable.values()) == 6 * 2 * methods_table.LORA_RANK * (64 + 64)
+
+
+def test_checkpointing_saves_fewer_bytes_for_backward():
+    cell = _cell_for("bert-tiny", batch=4, seq=32)
+    saved = {}
+    for method in ("full", "checkpointing"):
+        torch.manual_seed(0)
+        model = methods_table.prepare(method, build_model(cell, "cpu"), "bert")
+        batch = make_batch(cell, "cpu")
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**batch).loss
+        loss.backward()
+        saved[method] = sum(storages.values())
+    assert saved["checkpointing"] < 0.5 * saved["full"], saved
+
+
+@pytest.mark.parametrize("name", ["wtacrs@0.3", "wtacrs-linear@0.3", "lora+wtacrs@0.1"])
+def test_method_parsing(name):
+    method, ratio = methods_table.parse(name)
+    assert method.uses_wtacrs and math.isclose(ratio, float(name.split("@")[1]))
+
+
+@pytest.mark.skipif(not HAS_CONVERT, reason="wtacrs.convert is not written yet (lead's converter)")
+@pytest.mark.parametrize("name", ["wtacrs@0.3", "wtacrs-linear@0.3", "lora+wtacrs@0.3"])
+def test_wtacrs_methods_train_and_keep_the_forward_exact(name):
+    cell = _cell_for("t5-tiny", name)
+    reference = build_model(cell, "cpu").eval()
+    model = methods_table.prepare(name, build_model(cell, "cpu"), "t5").eval()
+    batch = make_batch(cell, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits)
+    model.train()
+    model(**batch).loss.backward()
+    assert any(p.grad is not None for p in model.parameters())
+
+
+def test_wtacrs_methods_say_why_they_are_unavailable(monkeypatch):
+    monkeypatch.delattr(wtacrs, "convert", raising=False)
+    assert "wtacrs.convert is not available" in methods_table.available("wtacrs@0.3")
+    assert methods_table.available("lora") is None

@@ -1,0 +1,531 @@
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import wtacrs
+from wtacrs import lossless
+from wtacrs.attention import (
+    AttentionSettings,
+    disable,
+    enable,
+    saved_bytes_per_call,
+    wtacrs_attention_forward,
+)
+
+transformers = pytest.importorskip("transformers")
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+FAMILIES = ["t5", "t5-gated-gelu", "bert", "gpt2", "llama"]
+
+
+def make_model(family, impl="eager", **overrides):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if family.startswith("t5"):
+            extra = {"feed_forward_proj": "gated-gelu"} if family == "t5-gated-gelu" else {}
+            cfg = T5Config(
+                vocab_size=50, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
+                dropout_rate=0.1, attn_implementation=impl, **extra, **overrides,
+            )
+            return T5ForConditionalGeneration(cfg)
+        if family == "bert":
+            cfg = BertConfig(
+                vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1, max_position_embeddings=64,
+                attn_implementation=impl, **overrides,
+            )
+            return BertForMaskedLM(cfg)
+        if family == "gpt2":
+            cfg = GPT2Config(
+                vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.1, resid_pdrop=0.1,
+                embd_pdrop=0.1, bos_token_id=0, eos_token_id=0, attn_implementation=impl, **overrides,
+            )
+            return GPT2LMHeadModel(cfg)
+        cfg = LlamaConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, attention_dropout=0.1, max_position_embeddings=64, attn_implementation=impl,
+            **overrides,
+        )
+        return LlamaForCausalLM(cfg)
+
+
+def make_batch(family, pad=True, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (3, 10), generator=g)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    if pad:
+        mask[1, 7:] = 0
+        mask[2, 4:] = 0
+    kw = {"input_ids": ids}
+    if pad:
+        kw["attention_mask"] = mask
+    if family.startswith("t5"):
+        kw["decoder_input_ids"] = ids[:, :6].contiguous()
+        kw["labels"] = ids[:, 1:7].contiguous()
+    else:
+        kw["labels"] = ids
+    return {k: v.to(device) for k, v in kw.items()}
+
+
+def convert(model, **settings):
+    converted = copy.deepcopy(model)
+    enable(converted, lambda name, module: AttentionSettings(**settings))
+    return converted
+
+
+def step(model, batch, seed=5):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(**batch)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def graph_node_names(tensor):
+    names, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registered_in_transformers():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS["wtacrs"] is wtacrs_attention_forward
+    assert "wtacrs" in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+
+
+def test_set_attn_implementation_reaches_t5_stacks():
+    model = make_model("t5")
+    model.set_attn_implementation("wtacrs")
+    assert model.encoder.config._attn_implementation == "wtacrs"
+    assert model.decoder.config._attn_implementation == "wtacrs"
+    # assigning the top config alone does not reach the stacks' copies
+    other = make_model("t5")
+    other.config._attn_implementation = "wtacrs"
+    assert other.decoder.config._attn_implementation == "eager"
+
+
+def test_enable_disable_roundtrip():
+    model = make_model("bert", impl="sdpa")
+    changed = enable(model, lambda name, module: AttentionSettings(ratio=0.5))
+    assert len(changed) == 2 and all(m.wtacrs_attention.fallback == "sdpa" for m in changed)
+    assert model.config._attn_implementation == "wtacrs"
+    disable(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "wtacrs_attention") for m in model.modules())
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError):
+        AttentionSettings(ratio=0)
+    with pytest.raises(ValueError):
+        AttentionSettings(fallback="flash_attention_2")
+    with pytest.raises(ValueError):
+        AttentionSettings(tm2_v="maybe")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model families
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_and_no_grad_are_bitwise_the_unconverted_model(family, impl):
+    model = make_model(family, impl)
+    converted = convert(model, ratio=0.3)
+    for pad in (True, False):
+        batch = make_batch(family, pad)
+        model.eval(), converted.eval()
+        with torch.no_grad():
+            assert torch.equal(converted(**batch).logits, model(**batch).logits)
+        model.train(), converted.train()
+        with torch.no_grad():  # train mode, no grad: the fallback too (same dropout draws)
+            torch.manual_seed(3)
+            ref = model(**batch).logits
+            torch.manual_seed(3)
+            assert torch.equal(converted(**batch).logits, ref)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_forward_equals_eager_and_full_ratio_gradients_match(family, impl):
+    eager = make_model(family, "eager")
+    converted = convert(make_model(family, impl), ratio=1.0)
+    for pad in (True, False):
+        batch = make_batch(family, pad)
+        eager.train(), converted.train()
+        ref_logits, ref_grads = step(eager, batch)
+        logits, grads = step(converted, batch)
+        assert torch.equal(logits, ref_logits)
+        assert grads.keys() == ref_grads.keys()
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampled_training_step(family):
+    eager = make_model(family)
+    converted = convert(eager, ratio=0.3)
+    batch = make_batch(family)
+    eager.train(), converted.train()
+    torch.manual_seed(5)
+    ref = eager(**batch)
+    torch.manual_seed(5)
+    out = converted(**batch)
+    assert torch.equal(out.logits, ref.logits)  # the forward stays exact
+    names = graph_node_names(out.loss)
+    n_attention = {"t5": 6, "t5-gated-gelu": 6}.get(family, 2)  # T5: encoder, decoder and cross-attention
+    assert names.count("SampledMatmulBackward") == n_attention
+    assert names.count("ReusedPVBackward") == n_attention
+    assert names.count("PackedDropoutBackward") >= n_attention
+    out.loss.backward()
+    for name, p in converted.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tm1_and_tm2_off_is_the_fallback_in_training(family):
+    eager = make_model(family)
+    converted = convert(eager, tm1=False, tm2=False)
+    batch = make_batch(family)
+    eager.train(), converted.train()
+    ref_logits, ref_grads = step(eager, batch)
+    logits, grads = step(converted, batch)
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+
+
+def test_gpt2_reorder_and_upcast_fallback():
+    model = make_model("gpt2", reorder_and_upcast_attn=True)
+    converted = convert(model)
+    batch = make_batch("gpt2")
+    model.eval(), converted.eval()
+    with torch.no_grad():
+        assert torch.equal(converted(**batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("family", ["t5", "bert", "gpt2", "llama"])
+def test_models_run_on_meta(family):
+    with torch.device("meta"):
+        model = make_model(family)
+    converted = convert(model, ratio=0.3)
+    converted.train()
+    batch = make_batch(family, pad=False, device="meta")
+    out = converted(**batch)
+    assert out.logits.device.type == "meta"
+    out.loss.backward()
+    grads = [p.grad for p in converted.parameters() if p.grad is not None]
+    assert grads and all(g.device.type == "meta" for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# one attention call
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """A stand-in attention module (plain softmax, like T5 / BERT)."""
+
+    def __init__(self, settings=None, is_causal=False, num_key_value_groups=1):
+        super().__init__()
+        self.is_causal = is_causal
+        self.num_key_value_groups = num_key_value_groups
+        if settings is not None:
+            self.wtacrs_attention = settings
+
+
+def qkv(batch=2, heads=4, q_len=16, kv_len=16, head_dim=8, kv_heads=None, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    kv_heads = heads if kv_heads is None else kv_heads
+
+    def t(h, s):
+        scale = torch.exp(0.5 * torch.randn(batch, h, s, 1, generator=g))
+        return (torch.randn(batch, h, s, head_dim, generator=g) * scale).to(device=device, dtype=dtype)
+
+    return t(heads, q_len), t(kv_heads, kv_len), t(kv_heads, kv_len)
+
+
+def eager_attention(q, k, v, mask=None, scaling=1.0, dropout=0.0, position_bias=None, n_rep=1):
+    from wtacrs.attention import repeat_kv
+
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if position_bias is not None:
+        scores = scores + position_bias
+    if mask is not None:
+        scores = scores + mask
+    p = torch.softmax(scores, dim=-1)
+    p = torch.nn.functional.dropout(p, p=dropout, training=True)
+    return torch.matmul(p, v).transpose(1, 2).contiguous(), p
+
+
+def saved(fn):
+    storages, calls = {}, []
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        storages.setdefault(key, (tuple(t.shape), t.dtype, t.untyped_storage().nbytes()))
+        calls.append(key)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, storages, calls
+
+
+@pytest.mark.parametrize("tm2_v", ["store", "sample"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_saved_bytes_match_hand_count(tm2_v, dropout):
+    settings = AttentionSettings(ratio=0.3, tm2_v=tm2_v, generator=torch.Generator().manual_seed(0))
+    module = Attention(settings).train()
+    q, k, v = (t.requires_grad_() for t in qkv(batch=2, heads=4, q_len=16, kv_len=24, head_dim=8))
+    (out, _), storages, calls = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=0.5, dropout=dropout))
+    expected = saved_bytes_per_call(2, 4, 16, 24, 8, settings=settings, dropout=dropout)
+    assert sum(s[2] for s in storages.values()) == sum(expected.values())
+    # P is saved twice (softmax and TensorMul-2) into one storage; so is the packed mask
+    p_keys = [key for key, s in storages.items() if s[0] == (2, 4, 16, 24)]
+    assert len(p_keys) == 1 and calls.count(p_keys[0]) == 2
+    if dropout:
+        packed = [key for key, s in storages.items() if s[1] == torch.uint8]
+        assert len(packed) == 1 and calls.count(packed[0]) == 2
+        assert storages[packed[0]][2] == math.ceil(2 * 4 * 16 * 24 / 8)
+    out.sum().backward()
+
+
+def test_gqa_stores_value_before_repeat_kv():
+    settings = AttentionSettings(ratio=0.5, generator=torch.Generator().manual_seed(0))
+    module = Attention(settings, is_causal=True, num_key_value_groups=2).train()
+    q, k, v = (t.requires_grad_() for t in qkv(batch=2, heads=4, kv_heads=2, q_len=12, kv_len=12, head_dim=8))
+    (out, _), storages, _ = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=0.3, dropout=0.1))
+    expected = saved_bytes_per_call(2, 4, 12, 12, 8, settings=settings, dropout=0.1, kv_heads=2)
+    assert sum(s[2] for s in storages.values()) == sum(expected.values())
+    assert v.untyped_storage()._cdata in storages
+    out.sum().backward()
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_ratio_one_matches_eager_with_masks_bias_and_gqa():
+    mask_bool = torch.ones(2, 1, 10, 10, dtype=torch.bool).tril()
+    mask_bool[1, ..., 6:] = False
+    mask_float = torch.where(mask_bool, 0.0, torch.finfo(torch.float32).min)
+    bias = torch.randn(1, 4, 10, 10, generator=torch.Generator().manual_seed(3))
+    for mask in (mask_bool, mask_float):
+        module = Attention(AttentionSettings(ratio=1.0), num_key_value_groups=2).train()
+        inputs = qkv(batch=2, heads=4, kv_heads=2, q_len=10, kv_len=10, head_dim=8)
+        grads = []
+        for fn in ("eager", "wtacrs"):
+            q, k, v = (t.clone().requires_grad_() for t in inputs)
+            pb = bias.clone().requires_grad_()
+            torch.manual_seed(0)
+            if fn == "eager":
+                out, p = eager_attention(q, k, v, mask_float, 0.3, 0.2, pb, n_rep=2)
+            else:
+                out, p = wtacrs_attention_forward(module, q, k, v, mask, scaling=0.3, dropout=0.2, position_bias=pb)
+            dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+            out.backward(dout)
+            grads.append((out.detach(), p.detach(), q.grad, k.grad, v.grad, pb.grad))
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+        for a, b in zip(grads[0][2:], grads[1][2:]):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_position_bias_gradient_is_exact_with_sampled_tm1():
+    """dP and the softmax backward are exact when V is stored, so T5's relative bias is too."""
+    module = Attention(AttentionSettings(ratio=0.25, generator=torch.Generator().manual_seed(1))).train()
+    inputs = qkv(batch=2, heads=4, q_len=12, kv_len=12)
+    bias = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(3))
+    results = []
+    for fn in ("eager", "wtacrs"):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        pb = bias.clone().requires_grad_()
+        torch.manual_seed(0)
+        if fn == "eager":
+            out, _ = eager_attention(q, k, v, None, 1.0, 0.1, pb)
+        else:
+            out, _ = wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.1, position_bias=pb)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)))
+        results.append((pb.grad, v.grad, q.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)  # bias: exact
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)  # dV: exact
+    assert not torch.allclose(results[1][2], results[0][2])  # dQ: sampled
+
+
+@pytest.mark.parametrize("tm2_v", ["store", "sample"])
+def test_sampled_gradients_are_unbiased(tm2_v):
+    """The mean of many sampled gradients converges to eager's gradient.
+
+    Sampling is independent per (batch, head), so one call on R copies of a 2-sequence batch
+    gives R independent estimates (each copy also draws its own dropout mask, the same one as
+    the eager reference under the same seed). For the errors ``e_r = g_r - exact_r`` the
+    statistic ``sum mean(e)^2 / sum (var(e) / R)`` is about 1 for an unbiased estimator and grows
+    like ``R`` for a biased one; the bound leaves room for its spread.
+    """
+    copies = 1500
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[1, ..., 7:] = False  # padded keys
+    mask = mask.repeat(copies, 1, 1, 1)
+    mask_float = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    inputs = [t.repeat(copies, 1, 1, 1) for t in qkv(batch=2, heads=2, q_len=10, kv_len=10, head_dim=8, seed=4)]
+    dout = torch.randn(2, 10, 2, 8, generator=torch.Generator().manual_seed(9)).repeat(copies, 1, 1, 1)
+
+    def grads(fn):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        torch.manual_seed(0)
+        out, _ = fn(q, k, v)
+        out.backward(dout)
+        return torch.cat([g.reshape(copies, -1) for g in (q.grad, k.grad, v.grad)], dim=1)
+
+    exact = grads(lambda q, k, v: eager_attention(q, k, v, mask_float, 0.4, 0.1))
+    module = Attention(AttentionSettings(ratio=0.3, tm2_v=tm2_v, generator=torch.Generator().manual_seed(0))).train()
+    sampled = grads(lambda q, k, v: wtacrs_attention_forward(module, q, k, v, mask, scaling=0.4, dropout=0.1))
+    err = sampled - exact
+    noise = err.var(0).sum() / copies
+    assert noise > 0  # it is sampled
+    stat = err.mean(0).pow(2).sum() / noise
+    assert stat < 2.0, float(stat)
+    # the same test catches a 10% bias
+    biased = 0.9 * sampled - exact
+    assert biased.mean(0).pow(2).sum() / (biased.var(0).sum() / copies) > 2.0
+
+
+def test_padded_keys_are_never_sampled():
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    mask[0, ..., 5:] = False
+    module = Attention(AttentionSettings(ratio=0.25, generator=torch.Generator().manual_seed(0))).train()
+    q, k, v = (t.requires_grad_() for t in qkv(batch=2, heads=4, q_len=16, kv_len=16))
+    out, _ = wtacrs_attention_forward(module, q, k, v, mask, scaling=1.0, dropout=0.0)
+    node = out.grad_fn
+    while node.name() != "SampledMatmulBackward":
+        node = node.next_functions[0][0]
+    _, _, key_rows, key_idx = node.saved_tensors
+    picked = torch.gather(mask[:, 0, 0].expand(2, 16)[:, None, :].expand(2, 4, 16), -1, key_idx.long())
+    weights = key_rows.abs().sum(-1)
+    assert bool(((weights == 0) | picked).all())
+
+
+def test_query_token_mask_is_used():
+    module = Attention(AttentionSettings(ratio=0.25, query_stream="default", generator=torch.Generator().manual_seed(0))).train()
+    q, k, v = (t.requires_grad_() for t in qkv(batch=2, heads=2, q_len=16, kv_len=16))
+    tokens = torch.ones(2, 16, dtype=torch.bool)
+    tokens[1, 4:] = False
+    with wtacrs.token_mask(tokens):
+        out, _ = wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.0)
+    node = out.grad_fn
+    while node.name() != "SampledMatmulBackward":
+        node = node.next_functions[0][0]
+    q_rows, q_idx, _, _ = node.saved_tensors
+    real = (q_rows[1].abs().sum(-1) > 0)
+    assert bool((q_idx[1][real] < 4).all())
+
+
+def test_sampling_does_not_touch_the_global_rng():
+    module = Attention(AttentionSettings(ratio=0.3)).train()
+    q, k, v = (t.requires_grad_() for t in qkv())
+    torch.manual_seed(0)
+    wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.0)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after)
+
+
+def test_single_call_on_meta_and_fake_saves_the_same_shapes():
+    settings = AttentionSettings(ratio=0.3, generator=torch.Generator().manual_seed(0))
+
+    def run(device):
+        module = Attention(settings if device == "cpu" else AttentionSettings(ratio=0.3)).train()
+        q, k, v = (t.requires_grad_() for t in qkv(device=device))
+        (out, _), storages, _ = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.1))
+        out.sum().backward()
+        return sorted((s[0], str(s[1])) for s in storages.values())
+
+    cpu = run("cpu")
+    assert run("meta") == cpu
+    with FakeTensorMode():
+        module = Attention(AttentionSettings(ratio=0.3)).train()
+        q, k, v = (torch.empty(2, 4, 16, 8, requires_grad=True) for _ in range(3))
+        (out, _), storages, _ = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.1))
+        out.sum().backward()
+    assert sorted((s[0], str(s[1])) for s in storages.values()) == cpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward_is_exact(dtype):
+    module = Attention(AttentionSettings(ratio=0.5, generator=torch.Generator().manual_seed(0))).train()
+    inputs = qkv(dtype=dtype)
+    q, k, v = (t.clone().requires_grad_() for t in inputs)
+    torch.manual_seed(0)
+    ref, _ = eager_attention(q, k, v, None, 0.35, 0.1)
+    torch.manual_seed(0)
+    out, _ = wtacrs_attention_forward(module, q, k, v, None, scaling=0.35, dropout=0.1)
+    assert torch.equal(out, ref)
+    out.float().sum().backward()
+    assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
+
+
+def test_lossless_dropout_off_stores_dropped_probabilities():
+    settings = AttentionSettings(ratio=0.5, lossless_dropout=False, generator=torch.Generator().manual_seed(0))
+    module = Attention(settings).train()
+    q, k, v = (t.requires_grad_() for t in qkv())
+    torch.manual_seed(0)
+    (out, p), storages, _ = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.1))
+    torch.manual_seed(0)
+    ref, _ = eager_attention(*(t.detach() for t in (q, k, v)), None, 1.0, 0.1)
+    assert torch.equal(out, ref)
+    assert p.untyped_storage()._cdata in storages  # dropout(P) itself, as eager
+    assert lossless.DEFAULT_DROPOUT_MODE == "packed"
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("family", ["t5", "bert", "gpt2", "llama"])
+def test_autocast_bf16_matches_eager(family):
+    eager = make_model(family)
+    converted = convert(eager, ratio=1.0)
+    batch = make_batch(family)
+    eager.train(), converted.train()
+    results = []
+    for model in (eager, converted):
+        model.zero_grad()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**batch)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # sampled: runs, and the forward is still exact
+    sampled = convert(eager, ratio=0.3)
+    sampled.train()
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sampled(**batch)
+    assert torch.equal(out.logits, results[0][0])
+    out.loss.backward()

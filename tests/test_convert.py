@@ -1,0 +1,264 @@
+"""wtacrs.convert on every family of the table, with tiny random models on CPU."""
+
+import math
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+import wtacrs
+from wtacrs.modules import LeanNorm, LosslessActivation, LosslessDropout, WTACRSConv1D, WTACRSLinear
+
+
+def _t5(ff="relu", **kw):
+    cfg = tf.T5Config(
+        vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2,
+        feed_forward_proj=ff, decoder_start_token_id=0, pad_token_id=0, relative_attention_num_buckets=8, **kw,
+    )
+    return tf.T5ForConditionalGeneration, cfg
+
+
+def _bert(**kw):
+    cfg = tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=32, num_labels=3, **kw)
+    return tf.BertForSequenceClassification, cfg
+
+
+def _gpt2(**kw):
+    cfg = tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0, **kw)
+    return tf.GPT2LMHeadModel, cfg
+
+
+def _llama(**kw):
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
+    return tf.LlamaForCausalLM, cfg
+
+
+FAMILIES = {"t5": lambda **kw: _t5("relu", **kw), "t5-gated": lambda **kw: _t5("gated-gelu", **kw), "bert": _bert, "gpt2": _gpt2, "llama": _llama}
+DROPOUT_OFF = {
+    "t5": dict(dropout_rate=0.0), "t5-gated": dict(dropout_rate=0.0),
+    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "llama": dict(attention_dropout=0.0),
+}
+DROPOUT_ON = {
+    "t5": dict(dropout_rate=0.1), "t5-gated": dict(dropout_rate=0.1),
+    "bert": dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+    "gpt2": dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1), "llama": dict(attention_dropout=0.1),
+}
+
+
+def build(family, dropout=True, attn="eager", device=None, seed=0):
+    cls, cfg = FAMILIES[family](**(DROPOUT_ON if dropout else DROPOUT_OFF)[family])
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = cls._from_config(cfg, attn_implementation=attn)
+    return model
+
+
+def batch(family, B=2, S=6, seed=1, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if pad:
+        mask[1, S - 2 :] = 0
+    if family.startswith("t5"):
+        labels = torch.randint(1, 64, (B, 4), generator=g)
+        if pad:
+            labels[1, 3:] = -100
+        return dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if family == "bert":
+        return dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]))
+    labels = ids.masked_fill(mask == 0, -100)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def out_tensor(out):
+    return out.logits
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_eval_outputs_are_bitwise_the_originals(family):
+    model = build(family).eval()
+    b = batch(family)
+    with torch.no_grad():
+        ref = out_tensor(model(**b))
+    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3))
+    with torch.no_grad():
+        assert torch.equal(out_tensor(model(**b)), ref)
+    assert torch.equal(out_tensor(model(**b)), ref)  # eval with grad enabled too
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_train_forward_with_same_dropout_seed_is_bitwise_the_originals(family):
+    model = build(family).train()
+    b = batch(family)
+    torch.manual_seed(123)
+    ref = model(**b)
+    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3, seed=0))
+    torch.manual_seed(123)
+    got = model(**b)
+    assert torch.equal(out_tensor(got), out_tensor(ref))
+    assert torch.equal(got.loss, ref.loss)
+    got.loss.backward()  # and it trains
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_state_dict_keys_and_parameters_are_unchanged(family):
+    model = build(family)
+    keys = list(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
+    wtacrs.convert(model, wtacrs.WTACRSConfig())
+    assert list(model.state_dict()) == keys
+    assert all(params[n] is p for n, p in model.named_parameters())
+    kinds = {type(m) for m in model.modules()}
+    assert (WTACRSConv1D if family == "gpt2" else WTACRSLinear) in kinds
+    assert LeanNorm in kinds and LosslessActivation in kinds
+    if family != "llama":
+        assert LosslessDropout in kinds
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_revert_restores_exact_behaviour(family):
+    model = build(family).train()
+    b = batch(family)
+    torch.manual_seed(5)
+    ref = model(**b)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3))
+    wtacrs.revert(model)
+    assert not any(isinstance(m, (WTACRSLinear, WTACRSConv1D, LeanNorm, LosslessActivation, LosslessDropout)) for m in model.modules())
+    assert not wtacrs.is_converted(model)
+    torch.manual_seed(5)
+    got = model(**b)
+    got.loss.backward()
+    assert torch.equal(out_tensor(got), out_tensor(ref))
+    for n, p in model.named_parameters():
+        if n in ref_grads:
+            assert torch.equal(p.grad, ref_grads[n]), n
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradients_average_to_the_exact_gradient(family):
+    """Every parameter's gradient, averaged over many sampled backward passes, is the exact one."""
+    model = build(family, dropout=False).train()
+    b = batch(family)
+    model(**b).loss.backward()
+    exact = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.4, seed=0))
+    trials = 300
+    total = {n: torch.zeros_like(g) for n, g in exact.items()}
+    total_sq = {n: torch.zeros_like(g) for n, g in exact.items()}
+    for _ in range(trials):
+        model.zero_grad()
+        model(**b).loss.backward()
+        for n, p in model.named_parameters():
+            if n in exact:
+                total[n] += p.grad
+                total_sq[n] += p.grad**2
+    sampled = 0
+    for n, g in exact.items():
+        mean = total[n] / trials
+        sd = (total_sq[n] / trials - mean**2).clamp_min(0).sqrt()
+        sampled += int((sd > 0).any())
+        # 6 standard errors per entry, plus float noise of the exact product
+        bound = 6 * sd / math.sqrt(trials) + 1e-5 + 1e-4 * g.abs().max()
+        assert ((mean - g).abs() <= bound).all(), (n, ((mean - g).abs() - bound).max())
+    assert sampled >= 6  # the test did exercise sampled gradients
+
+
+def test_token_masks_reach_the_layers_when_the_model_is_called_as_usual():
+    """The batch's pad tokens reach every sampled layer's probabilities (grad_norm = 0 there)."""
+    from wtacrs.gradnorm import resolve_grad_norm
+
+    model = build("t5", dropout=False).train()
+    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3, seed=0))
+    b = batch("t5")
+    seen = {}
+
+    def spy(name):
+        def hook(module, args):
+            x = args[0]
+            seen[name] = resolve_grad_norm(module.key, module.stream, x.numel() // x.shape[-1], x.device)[0]
+        return hook
+
+    enc_wi = model.encoder.block[0].layer[1].DenseReluDense.wi
+    dec_wi = model.decoder.block[1].layer[2].DenseReluDense.wi
+    cross_k = model.decoder.block[0].layer[1].EncDecAttention.k
+    for name, module in [("enc", enc_wi), ("dec", dec_wi), ("cross_k", cross_k)]:
+        module.register_forward_pre_hook(spy(name))
+    model(**b).loss.backward()
+    assert torch.equal(seen["enc"], b["attention_mask"].reshape(-1).float())
+    assert torch.equal(seen["cross_k"], b["attention_mask"].reshape(-1).float())
+    # decoder position t has a zero gradient once every label from t on is -100
+    assert torch.equal(seen["dec"], torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 0]))
+    # outside a training forward no mask is active
+    assert resolve_grad_norm("x", "encoder", 12, torch.device("cpu"))[0] is None
+
+
+def test_lora_samples_only_lora_A_and_trains_only_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = build("t5", dropout=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q", "v"], lora_dropout=0.0))
+    wtacrs.convert(peft_model, wtacrs.WTACRSConfig(ratio=0.3, seed=0))
+    sampled = [n for n, m in peft_model.named_modules() if isinstance(m, WTACRSLinear)]
+    assert sampled and all(".lora_A." in n for n in sampled)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+    peft_model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        peft_model(**batch("t5")).loss.backward()
+        opt.step()
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_frozen_base_layers_store_no_input():
+    from peft import LoraConfig, get_peft_model
+
+    model = build("t5", dropout=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q", "v"], lora_dropout=0.0))
+    wtacrs.convert(peft_model, wtacrs.WTACRSConfig(ratio=0.5, seed=0, lean_norm=False))
+    peft_model.train()
+    q = peft_model.base_model.model.encoder.block[0].layer[0].SelfAttention.q
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        q(x)
+    params = {id(p.untyped_storage()) for p in peft_model.parameters()}
+    act = [t for t in saved if id(t.untyped_storage()) not in params]
+    # lora_A's k = 6 sampled rows of 16 features + 6 int32 indices; lora_B's input (r = 4 wide) exact
+    nbytes = sorted(t.untyped_storage().nbytes() for t in {id(t.untyped_storage()): t for t in act}.values())
+    assert nbytes == sorted([6 * 16 * 4, 6 * 4, 12 * 4 * 4])
+
+
+def test_unsupported_model_names_the_supported_families():
+    class Tiny(nn.Module):
+        config = type("C", (), {"model_type": "mamba"})()
+
+    with pytest.raises(wtacrs.UnsupportedModelError, match="t5.*bert.*gpt2.*llama"):
+        wtacrs.convert(Tiny())
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="ratio"):
+        wtacrs.WTACRSConfig(ratio=0)
+    with pytest.raises(ValueError, match="probability"):
+        wtacrs.WTACRSConfig(probability="magic")
+    assert "ratio" in wtacrs.WTACRSConfig.help()
+
+
+@pytest.mark.parametrize("family", ["t5", "bert", "gpt2", "llama"])
+def test_conversion_and_a_training_step_run_on_meta(family):
+    model = build(family, device="meta").train()
+    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3))
+    b = {k: v.to("meta") for k, v in batch(family).items() if k != "attention_mask"}
+    loss = model(**b).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad and p.grad is not None)

@@ -1,0 +1,466 @@
+"""Lossless activation ops: bit-packed dropout and ReLU masks, GeLU that stores its input once.
+
+Every op here is plain torch (no C++ extension), runs on CPU, CUDA, the meta device and under
+``FakeTensorMode`` (all shapes are static), and stores what its backward needs with
+``ctx.save_for_backward`` only, so ``torch.autograd.graph.saved_tensors_hooks`` (and the
+profiler) sees every byte.
+
+Dropout
+-------
+:func:`dropout` gives, under the same RNG state, a forward output **bitwise identical** to
+``torch.nn.functional.dropout``: it runs exactly the kernels torch runs on that device,
+
+* CUDA (and the other devices of torch's fused kernel, for ``0 < p < 1``): ``torch.native_dropout``,
+  whose bool mask is packed;
+* CPU and meta: torch's composite path ``noise = empty_like(x).bernoulli_(1 - p).div_(1 - p)``,
+  ``x * noise``; ``noise != 0`` is packed,
+
+and its gradient is the one torch computes (``native_dropout_backward`` / ``grad * noise``).
+
+Two ways of keeping the mask are implemented (``mode=``):
+
+* ``"packed"`` (:class:`PackedDropout`, the default): a 1-bit mask, ``ceil(numel / 8)`` uint8.
+* ``"regenerate"`` (:class:`RegeneratedDropout`): only the generator state taken before the mask
+  was drawn (5056 bytes for CPU's Mersenne Twister, 16 for a CUDA Philox generator); backward
+  replays the draw. On CPU and meta this replays torch's composite path, so the forward is still
+  bitwise ``F.dropout``. On CUDA torch's ``native_dropout`` draws from the global generator in a
+  layout-dependent way that cannot be replayed safely, so there the mask comes from
+  ``bernoulli_`` on a private generator stream: exact and consistent between forward and backward,
+  but a different mask than ``F.dropout`` draws.
+
+``python benchmarks/lossless.py`` measures both against ``F.dropout`` (fp32, CPU, one thread,
+median of interleaved forward+backward steps, p = 0.1):
+
+=========================  ==================  ===========  ================
+method                     saved bytes/elem    attn. P      FFN activations
+=========================  ==================  ===========  ================
+F.dropout (CPU fp32 mask)  4                   1.00         1.00
+packed mask                1/8                 1.27         1.39
+regenerated mask           ~0 (5056 B/call)    1.95         1.91
+=========================  ==================  ===========  ================
+
+(times relative to ``F.dropout``; attention P is 16x12x128x128, FFN 4096x3072.)
+
+**Default: packed.** Regenerating saves at most another 1/32 of the fp32 mask (1/8 of CUDA's
+bool mask) -- for T5-Base at B=64, S=128 that is 0.17 GiB of 18 GiB -- but it costs a second
+Bernoulli draw per backward (the slowest part of CPU dropout: 1.9x against 1.3-1.4x), it cannot
+reproduce CUDA's ``native_dropout`` mask (so it would break the bitwise-equal forward there),
+and replaying a generator state is fragile under re-entrant backward, CUDA graphs and
+``torch.compile``. The packed mask is the same bits on every device; packing is a few passes
+over 8-byte words and unpacking one gather from a 256-entry table.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DropoutMode = Literal["packed", "regenerate"]
+DEFAULT_DROPOUT_MODE: DropoutMode = "packed"
+
+# --------------------------------------------------------------------------------------------
+# bit packing
+# --------------------------------------------------------------------------------------------
+
+
+def packed_numel(numel: int) -> int:
+    """Bytes of a packed mask of ``numel`` bits: ``ceil(numel / 8)``."""
+    return (numel + 7) // 8
+
+
+def pack_bits(mask: Tensor, *, invert: bool = False) -> Tensor:
+    """Pack a bool tensor into ``ceil(numel / 8)`` uint8 bytes (flattened in row-major order).
+
+    Bit ``j`` of byte ``i`` is element ``8 i + j``; the padding bits of the last byte are 0.
+    ``invert=True`` packs ``~mask`` without materialising it. Plain torch ops on 8-byte words
+    (three shift-or steps), so it runs on any device, on meta and under ``FakeTensorMode``.
+    """
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_bits needs a bool tensor, got {mask.dtype}")
+    flat = mask.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8, device=mask.device)
+    pad = (-n) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_full((pad,), invert)])
+    # each 8-byte word holds 8 bools at bits 0, 8, ..., 56 (little endian); gather them into bits 0..7
+    w = flat.contiguous().view(torch.int64)
+    if invert:
+        w = w ^ 0x0101010101010101
+    y = w >> 7
+    y |= w
+    z = y >> 14
+    y |= z
+    torch.bitwise_right_shift(y, 28, out=z)
+    y |= z
+    return y.to(torch.uint8)  # keeps the low byte
+
+
+def _bits_table(device: torch.device) -> Tensor:
+    """bool ``[256, 8]``: row ``b`` holds the 8 bits of byte ``b``, least significant first."""
+    byte = torch.arange(256, dtype=torch.int32, device=device)
+    shift = torch.arange(8, dtype=torch.int32, device=device)
+    return byte.unsqueeze(-1).bitwise_right_shift(shift).bitwise_and_(1).bool()
+
+
+def _unpack_rows(packed: Tensor, table: Tensor, shape: torch.Size) -> Tensor:
+    """``table[packed]`` (``table`` ``[256, 8]``, any dtype) cut to ``shape``: one gather pass."""
+    out = table.index_select(0, packed.int()).reshape(-1)
+    n = shape.numel()
+    if out.numel() != n:
+        out = out[:n]
+    return out.view(shape)
+
+
+def unpack_bits(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The bool tensor of ``shape`` that :func:`pack_bits` packed into ``packed``."""
+    shape = torch.Size(shape)
+    _check_packed(packed, shape)
+    return _unpack_rows(packed, _bits_table(packed.device), shape)
+
+
+def _check_packed(packed: Tensor, shape: torch.Size) -> None:
+    n = shape.numel()
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_numel(n):
+        raise ValueError(
+            f"unpack_bits: expected {packed_numel(n)} uint8 bytes for shape {tuple(shape)}, "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+# --------------------------------------------------------------------------------------------
+# dropout
+# --------------------------------------------------------------------------------------------
+
+
+def _fused_device(x: Tensor, p: float) -> bool:
+    """Whether torch's ``F.dropout`` takes the fused ``native_dropout`` kernel for ``x`` (ATen's
+    ``is_fused_kernel_acceptable``)."""
+    return x.device.type in ("cuda", "xpu", "lazy", "privateuseone") and 0.0 < p < 1.0 and x.numel() > 0
+
+
+def _scale(p: float) -> float:
+    return 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+
+
+def _composite_noise(mask: Tensor, dtype: torch.dtype, p: float) -> Tensor:
+    """CPU dropout's ``noise`` (``bernoulli_(1 - p).div_(1 - p)``) rebuilt bit for bit from the mask."""
+    noise = mask.to(dtype)
+    noise.div_(1.0 - p)
+    return noise
+
+
+def _composite_apply(x: Tensor, noise: Tensor) -> Tensor:
+    return x * noise
+
+
+def _fused_apply(x: Tensor, mask: Tensor, p: float) -> Tensor:
+    """``native_dropout_backward(x, mask, scale)``: ``x * mask * scale`` as the CUDA kernels compute it."""
+    if torch.is_grad_enabled() and x.requires_grad:  # create_graph: torch's differentiable formula
+        return x * (mask.type_as(x) * _scale(p))
+    return torch.ops.aten.native_dropout_backward(x, mask, _scale(p))
+
+
+class DropoutMask:
+    """How to rebuild a dropout's keep-mask from the tensor its node saved (no tensor inside).
+
+    Returned by :func:`dropout_with_mask` together with that saved tensor (packed bits, or a
+    generator state). An op that needs the same mask -- TensorMul-2 recomputing ``dropout(P)`` --
+    saves that very tensor with ``save_for_backward``, so its storage is counted once, and calls
+    :meth:`apply` in backward.
+    """
+
+    __slots__ = ("_out", "device", "dtype", "fused", "mode", "p", "shape", "stride")
+
+    def __init__(self, p: float, mode: str, x: Tensor):
+        self.p, self.mode, self.fused = p, mode, False
+        self.shape, self.stride, self.device, self.dtype = x.shape, x.stride(), x.device, x.dtype
+        self._out: Tensor | None = None  # hand-over slot for the saved tensor, emptied after apply()
+
+    def keep(self, saved: Tensor) -> Tensor:
+        """The bool keep-mask (``True`` = kept) of shape :attr:`shape`."""
+        if self.mode == "packed":
+            return unpack_bits(saved, self.shape)
+        return _replay_mask(saved, self)
+
+    def apply(self, x: Tensor, saved: Tensor) -> Tensor:
+        """``dropout(x)`` with this mask, computed as torch's kernel on this device computes it.
+
+        For the tensor the dropout read this is bitwise its output; for a gradient it is torch's
+        dropout backward (``native_dropout_backward`` / ``grad * noise``).
+        """
+        if self.mode == "packed" and not self.fused:
+            # CPU noise straight from the bytes: a [256, 8] table of {0, 1 / (1 - p)} in x's dtype,
+            # divided exactly as torch divides its noise
+            _check_packed(saved, self.shape)
+            table = _bits_table(saved.device).to(x.dtype).div_(1.0 - self.p)
+            return _composite_apply(x, _unpack_rows(saved, table, self.shape))
+        return dropout_rows(x, self.keep(saved), self.p, fused=self.fused)
+
+
+def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator | None:
+    if generator is not None:
+        return generator
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[idx]
+    return None
+
+
+def _get_state(device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """A copy of the state of the generator about to draw the mask (a CPU uint8 tensor)."""
+    gen = _generator_for(device, generator)
+    if gen is None or device.type == "meta":  # meta / fake: a placeholder, a Philox state's size
+        return torch.zeros(16, dtype=torch.uint8, device=device)
+    return gen.get_state()
+
+
+def _replay_mask(state: Tensor, info: DropoutMask) -> Tensor:
+    if info.device.type == "meta" or _is_fake(state):
+        return torch.empty_strided(info.shape, info.stride, dtype=torch.bool, device=info.device)
+    gen = torch.Generator(device=info.device)
+    gen.set_state(state)
+    if info.fused:
+        return torch.empty(info.shape, dtype=torch.bool, device=info.device).bernoulli_(1.0 - info.p, generator=gen)
+    # the forward's empty_like(x): same dtype and layout, so bernoulli_ fills it the same way
+    noise = torch.empty_strided(info.shape, info.stride, dtype=info.dtype, device=info.device)
+    return noise.bernoulli_(1.0 - info.p, generator=gen).ne(0)
+
+
+def _draw(x: Tensor, p: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor, bool]:
+    """``(out, keep, fused)``: exactly what ``F.dropout(x, p, True)`` computes on this device."""
+    if _fused_device(x, p):
+        if generator is None:
+            out, keep = torch.native_dropout(x, p, True)
+        else:  # native_dropout takes no generator: the same maths, the mask from bernoulli_
+            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
+            out = torch.ops.aten.native_dropout_backward(x, keep, _scale(p))
+        return out, keep, True
+    noise = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+    noise.div_(1.0 - p)
+    return x * noise, noise.ne(0), False
+
+
+class PackedDropout(torch.autograd.Function):
+    """Dropout that saves its keep-mask as ``ceil(numel / 8)`` packed bytes, and nothing else."""
+
+    @staticmethod
+    def forward(ctx, x, p, generator, info):
+        out, keep, fused = _draw(x, p, generator)
+        packed = pack_bits(keep)
+        info.fused, info._out = fused, packed
+        ctx.info = info
+        ctx.save_for_backward(packed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return ctx.info.apply(grad, packed), None, None, None
+
+
+class RegeneratedDropout(torch.autograd.Function):
+    """Dropout that saves only the generator state and redraws the mask in backward."""
+
+    @staticmethod
+    def forward(ctx, x, p, generator, info):
+        fused = _fused_device(x, p)
+        if fused:
+            gen = generator
+            if gen is None and x.device.type == "cuda":
+                gen = _private_cuda_generator(x.device)
+            state = _get_state(x.device, gen)
+            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=gen)
+            out = torch.ops.aten.native_dropout_backward(x, keep, _scale(p))
+        else:
+            state = _get_state(x.device, generator)
+            noise = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+            info.stride = noise.stride()
+            noise.div_(1.0 - p)
+            out = x * noise
+        info.fused, info._out = fused, state
+        ctx.info = info
+        ctx.save_for_backward(state)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (state,) = ctx.saved_tensors
+        return ctx.info.apply(grad, state), None, None, None
+
+
+_PRIVATE_CUDA_GENERATORS: dict[int, torch.Generator] = {}
+
+
+def _private_cuda_generator(device: torch.device) -> torch.Generator:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    gen = _PRIVATE_CUDA_GENERATORS.get(idx)
+    if gen is None:
+        gen = torch.Generator(device=f"cuda:{idx}")
+        gen.manual_seed(torch.initial_seed())
+        _PRIVATE_CUDA_GENERATORS[idx] = gen
+    return gen
+
+
+def dropout_with_mask(
+    x: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+    *,
+    mode: DropoutMode | None = None,
+) -> tuple[Tensor, DropoutMask | None, Tensor | None]:
+    """:func:`dropout`, also returning ``(mask, saved)``: a :class:`DropoutMask` and the tensor
+    the dropout node saved (``(None, None)`` when nothing is dropped or no graph is recorded).
+
+    ``mask.apply(y, saved)`` rebuilds ``dropout(y)`` with the same mask for another tensor ``y``
+    (bitwise ``out`` for ``y = x``).
+    """
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    mode = DEFAULT_DROPOUT_MODE if mode is None else mode
+    if mode not in ("packed", "regenerate"):
+        raise ValueError(f"unknown dropout mode {mode!r}; expected 'packed' or 'regenerate'")
+    if not training or p == 0.0 or x.numel() == 0:
+        return x, None, None
+    if p == 1.0:  # torch: input * zeros({}) (NaN stays NaN); its gradient needs nothing saved
+        return x * torch.zeros((), dtype=x.dtype, device=x.device), None, None
+    if not (torch.is_grad_enabled() and x.requires_grad):  # nothing will be saved
+        return (F.dropout(x, p, True) if generator is None else _draw(x, p, generator)[0]), None, None
+    info = DropoutMask(p, mode, x)
+    fn = PackedDropout if mode == "packed" else RegeneratedDropout
+    out = fn.apply(x, p, generator, info)
+    saved, info._out = info._out, None
+    return out, info, saved
+
+
+def dropout(
+    x: Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+    *,
+    mode: DropoutMode | None = None,
+) -> Tensor:
+    """``F.dropout(x, p, training)`` (bitwise, the same RNG draw) that saves a 1-bit mask.
+
+    ``p == 0``, ``training=False`` or an empty ``x`` return ``x`` itself and save nothing, like
+    torch. ``generator`` draws the mask instead of the device's default generator (then the mask
+    is not the one ``F.dropout`` would draw). ``mode`` is ``"packed"`` (default,
+    :data:`DEFAULT_DROPOUT_MODE`) or ``"regenerate"``; see the module docstring.
+    """
+    return dropout_with_mask(x, p, training, generator, mode=mode)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# ReLU and GeLU
+# --------------------------------------------------------------------------------------------
+
+
+class PackedReLU(torch.autograd.Function):
+    """``torch.relu`` that saves ``ceil(numel / 8)`` bytes: the bits of ``not (relu(x) <= 0)``.
+
+    That is exactly what torch's ``threshold_backward(grad, result, 0)`` reads, so the gradient
+    is torch's bit for bit (NaN passes the gradient through, an infinite gradient at a dead
+    unit becomes 0, as in torch).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.relu(x)
+        packed = pack_bits(out.le(0), invert=True)
+        ctx.shape = out.shape
+        ctx.save_for_backward(packed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        keep = _unpack_rows(packed, _bits_table(packed.device).to(grad.dtype), ctx.shape)
+        return torch.ops.aten.threshold_backward(grad, keep, 0)
+
+
+def relu(x: Tensor) -> Tensor:
+    """``torch.relu(x)`` with a 1-bit saved mask and torch's exact gradient."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.relu(x)
+    return PackedReLU.apply(x)
+
+
+class SavedInputGeLU(torch.autograd.Function):
+    """``F.gelu`` that saves its input (once) and nothing else; gradient is ``aten.gelu_backward``.
+
+    Saving the input, not the output, lets Linear-D (which reads ``gelu(x)``) recompute its
+    sampled rows from the same storage: :func:`gelu_forward_rows`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, approximate):
+        ctx.approximate = approximate
+        ctx.save_for_backward(x)
+        return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # aten.gelu_backward is itself differentiable, so create_graph works too
+        return torch.ops.aten.gelu_backward(grad, x, approximate=ctx.approximate), None
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """``F.gelu(x, approximate=...)`` storing its input once, with torch's exact gradient."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.gelu(x, approximate=approximate)
+    return SavedInputGeLU.apply(x, approximate)
+
+
+def gelu_forward_rows(saved_input_rows: Tensor, approximate: str = "none") -> Tensor:
+    """Recompute ``gelu`` on rows gathered from the input a :class:`SavedInputGeLU` saved.
+
+    ``F.gelu`` is elementwise, so the result is bitwise the rows of the forward output.
+    """
+    return F.gelu(saved_input_rows, approximate=approximate)
+
+
+def dropout_rows(x_rows: Tensor, keep_rows: Tensor, p: float, *, fused: bool) -> Tensor:
+    """``dropout`` applied to rows gathered from a dropout's input, with the gathered keep-mask.
+
+    ``fused`` is :attr:`DropoutMask.fused` (the CUDA kernel's maths, else CPU's ``x * noise``).
+    Elementwise, so the result is bitwise the gathered rows of the dropout's output.
+    """
+    if fused:
+        return _fused_apply(x_rows, keep_rows, p)
+    return _composite_apply(x_rows, _composite_noise(keep_rows, x_rows.dtype, p))
+
+
+__all__ = [
+    "DEFAULT_DROPOUT_MODE",
+    "DropoutMask",
+    "PackedDropout",
+    "PackedReLU",
+    "RegeneratedDropout",
+    "SavedInputGeLU",
+    "dropout",
+    "dropout_rows",
+    "dropout_with_mask",
+    "gelu",
+    "gelu_forward_rows",
+    "pack_bits",
+    "packed_numel",
+    "relu",
+    "unpack_bits",
+]

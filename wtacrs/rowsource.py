@@ -1,0 +1,78 @@
+"""Row sources: how to recompute rows of an activation from tensors that are saved anyway.
+
+A sampled linear needs, in backward, ``k`` rows of its input. When that input is a row-wise
+function of tensors other ops already keep for their own backward -- a LayerNorm/RMSNorm output
+(the norm keeps its input), a linear's output computed from such rows, an activation or a
+dropout of those -- the linear stores only the ``k`` indices and weights and recomputes the rows.
+This is how Linear-Q/K/V/U read the norm's saved input and Linear-D reads GeLU/ReLU's input and
+the dropout mask instead of storing rows of their own (SPEC section 3).
+
+Producers (the lean norm, sampled linears, lossless activations and dropouts) call
+:func:`register` on their output during a training forward; consumers call :func:`lookup` on
+their input. Entries die with the output tensor, so nothing outlives the forward pass except
+what autograd saved.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+RowFn = Callable[[tuple[Tensor, ...], Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """``fn(tensors, indices)`` -> the rows ``[k, d]`` at flat token ``indices`` ``[k]``.
+
+    ``tensors`` are the saved activations ``fn`` reads; a consumer saves them with
+    ``save_for_backward`` (their storages are already saved by the producers, so they cost no
+    extra bytes). ``fn`` captures only parameters and plain values, never activations.
+    """
+
+    tensors: tuple[Tensor, ...]
+    fn: RowFn
+    width: int
+
+    def rows(self, tensors: tuple[Tensor, ...], indices: Tensor) -> Tensor:
+        return self.fn(tensors, indices.long())
+
+    def then(self, fn: Callable[[Tensor], Tensor], width: int | None = None, extra: tuple[Tensor, ...] = ()) -> RowSource:
+        """The source of ``fn(rows)``; ``fn`` may read ``extra`` tensors (passed after the rows)."""
+        inner, n_inner = self.fn, len(self.tensors)
+
+        def composed(tensors, indices):
+            rows = inner(tensors[:n_inner], indices)
+            return fn(rows, *tensors[n_inner:], indices=indices) if extra else fn(rows)
+
+        return RowSource(self.tensors + tuple(extra), composed, self.width if width is None else width)
+
+
+_sources: dict[int, tuple[weakref.ref, int, RowSource]] = {}
+
+
+def register(output: Tensor, source: RowSource) -> None:
+    """Declare that the rows of ``output`` (``[..., d]``, tokens flattened) come from ``source``."""
+    key = id(output)
+
+    def forget(_ref, key=key):
+        entry = _sources.get(key)
+        if entry is not None and entry[0]() is None:
+            del _sources[key]
+
+    _sources[key] = (weakref.ref(output, forget), output._version, source)
+
+
+def lookup(input: Tensor) -> RowSource | None:
+    """The row source registered for ``input`` (same tensor object, not modified since)."""
+    entry = _sources.get(id(input))
+    if entry is None or entry[0]() is not input or entry[1] != input._version:
+        return None
+    return entry[2]
+
+
+def clear() -> None:
+    _sources.clear()
