@@ -3,7 +3,7 @@
 Every tensor an autograd node saves (``save_for_backward`` in custom Functions, the generated
 formulas of built-in ops) is attributed to an operator of the WTA-CRS figure
 (``wtacrs.taxonomy.Operator``) and a category (``Category``), deduplicated by storage, with
-parameter storages excluded. Two facts decide the attribution:
+parameter and buffer storages excluded. Two facts decide the attribution:
 
 - *which module saved it*: a ``saved_tensors_hooks`` pack hook notes the innermost module with a
   role (a Linear of the family table, an attention module, a LayerNorm, a Dropout, an activation,
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.autograd.function import BackwardCFunction
 from torch.utils.module_tracker import ModuleTracker
 
 from wtacrs.taxonomy import Category, Family, Operator
@@ -307,7 +306,7 @@ class SavedActivationBreakdown:
 
     Contract:
     - ``saved`` lists one ``SavedActivation`` per storage saved for backward during the block and
-      reachable from ``outputs``, parameter storages excluded; bytes are whole storages
+      reachable from ``outputs``, parameter and buffer storages excluded; bytes are whole storages
       (``untyped_storage().nbytes()``, not rounded).
     - ``tracker`` (a ``StorageTracker`` active around the forward) tells which storages come from
       random ops, and ``saved_record_keys()`` names the saved storages in its records. Without one,
@@ -318,8 +317,11 @@ class SavedActivationBreakdown:
 
     Limitations:
     - Tensors stashed on ``ctx`` attributes instead of ``save_for_backward`` are invisible.
-    - Under non-reentrant activation checkpointing the checkpointed inputs are kept by
-      checkpoint's own hooks and are not listed.
+    - Activation checkpointing: what a checkpointed region saves is packed by checkpoint's own
+      hooks, recomputed in backward, and not listed (it is never read here: unpacking it would
+      recompute the region). What checkpoint keeps -- each region's inputs, saved by a node that
+      is not reachable from ``outputs`` (non-reentrant) or by ``CheckpointFunctionBackward``
+      (reentrant) -- is listed, as ``Other`` unless the region's caller has a role.
     - Storages saved by nodes not reachable from ``outputs`` are attributed by module role alone.
     """
 
@@ -335,7 +337,9 @@ class SavedActivationBreakdown:
         self._parameter_ids: set[int] = set()
 
     def __enter__(self) -> SavedActivationBreakdown:
-        self._parameter_ids = {id(p.untyped_storage()) for p in self.model.parameters()}
+        # model state is not an activation: parameters and buffers (a buffer such as BERT's
+        # position_ids is saved as embedding indices, but it existed before the step)
+        self._parameter_ids = {id(t.untyped_storage()) for t in (*self.model.parameters(), *self.model.buffers())}
         self._packed = {}
         self.saved = []
         if self._tracker is None:
@@ -447,24 +451,48 @@ def _graph_nodes(outputs: Iterable[torch.Tensor]) -> list:
 
 
 _SLOT_NAMES: dict[type, tuple[str, ...]] = {}
+# torch >= 2.5 exposes the packed object of a saved tensor (``SavedTensor.data``) and its unpack
+# hook without running the hook; older builds can only unpack.
+_PEEKABLE = hasattr(torch._C._autograd.SavedTensor, "data") and hasattr(torch._C._autograd.SavedTensor, "unpack_hook")
 
 
 def _saved_slots(node) -> Iterator[tuple[str, torch.Tensor]]:
-    """(slot name, tensor) for every tensor the node saved. Unpacks through the hooks."""
-    if isinstance(node, BackwardCFunction):
-        for i, tensor in enumerate(node.saved_tensors):
-            if isinstance(tensor, torch.Tensor):
-                yield f"saved_tensors[{i}]", tensor
-        return
+    """(slot name, tensor) for every tensor the node saved through this module's pack hook.
+
+    Never runs another pack/unpack pair's unpack hook: non-reentrant activation checkpointing
+    packs the tensors of its region into holders whose unpack *recomputes the whole region*
+    (outside backward with a fresh graph id each time, keeping every recomputation alive as long
+    as the graph). Those slots were not packed by the breakdown's hook, so they are skipped
+    unread; the tensors checkpoint keeps (its inputs) are packed by the breakdown's hook outside
+    the region and are listed from ``_packed``.
+    """
     names = _SLOT_NAMES.get(type(node))
     if names is None:
-        names = tuple(a for a in dir(node) if a.startswith("_saved_"))
+        names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
         _SLOT_NAMES[type(node)] = names
     for attr in names:
+        slot = attr[len("_raw_saved_") :]
         value = getattr(node, attr)
-        if isinstance(value, torch.Tensor):
-            yield attr[len("_saved_") :], value
-        elif isinstance(value, (list, tuple)):
+        if isinstance(value, (list, tuple)):
             for i, item in enumerate(value):
-                if isinstance(item, torch.Tensor):
-                    yield f"{attr[len('_saved_'):]}[{i}]", item
+                tensor = _peek(node, slot, item, i)
+                if tensor is not None:
+                    yield f"{slot}[{i}]", tensor
+        else:
+            tensor = _peek(node, slot, value, None)
+            if tensor is not None:
+                yield slot, tensor
+
+
+def _peek(node, slot: str, saved, index: int | None) -> torch.Tensor | None:
+    """The tensor our pack hook stored in ``saved`` (a ``SavedTensor``), or None for any other."""
+    if _PEEKABLE:
+        if saved is None or saved.unpack_hook is not _unpack:
+            return None
+        data = saved.data
+        return data if isinstance(data, torch.Tensor) else None
+    # old torch: unpacking is the only way in (a checkpointed region will be recomputed)
+    value = node.saved_tensors if slot == "saved_tensors" else getattr(node, f"_saved_{slot}")
+    if index is not None:
+        value = value[index]
+    return value if isinstance(value, torch.Tensor) else None

@@ -2,7 +2,9 @@
 
 Two kinds of checks, both on memory ratios ``numerator / denominator`` (``full`` over a method by
 default, so higher means the method saves more) computed per grid point: two cells are paired when
-all their parameters but ``method`` are equal.
+all their parameters but ``method`` are equal, and compared through figures of one kind
+(``report.comparable``: both measured on one device, or both estimates of one device); a pair
+whose figures differ in kind is left out and counted.
 
 - **Bounds**, from the ``checks`` list of the ``suite.json`` beside the results::
 
@@ -46,11 +48,11 @@ from profiler.report import (
     SHORT_NAMES,
     Results,
     ResultsError,
+    comparable,
     grid_key,
     grid_point,
     load_results,
     method_of,
-    metric_value,
 )
 
 BASELINE_FORMAT = 1
@@ -206,8 +208,13 @@ def pair_cells(results: Results, metric: str, numerator: str, denominator: str,
         if num.get("status") not in FIGURE_STATUSES or den.get("status") not in FIGURE_STATUSES:
             pairing.left_out.append((point, f"{num.get('status')}/{den.get('status')}"))
             continue
-        top, bottom = metric_value(num, metric), metric_value(den, metric)
-        if top is None or not bottom:
+        pair = comparable(num, den, metric)
+        if isinstance(pair, str):
+            # different kinds (measured vs estimated) are left out; a missing figure is a failure
+            (pairing.left_out if pair.startswith("figures of") else pairing.failures).append((point, pair))
+            continue
+        top, bottom, _ = pair
+        if not bottom:
             pairing.failures.append((point, f"no {metric} figure"))
             continue
         pairing.ratios.append((point, top / bottom))

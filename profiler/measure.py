@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from wtacrs.taxonomy import Family
 
 from .breakdown import SavedActivationBreakdown
 from .records import MEMORY_CATEGORIES
-from .tracker import CUDA_BLOCK_BYTES, StorageTracker
+from .tracker import CUDA_BLOCK_BYTES, PREEXISTING, StorageTracker
 
 DEVICE_TYPES = ("cuda", "cpu", "meta")
 
@@ -66,6 +67,27 @@ def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+# Per meta model: the parameters a real warm-up step gave a gradient (ids; the model keeps them alive).
+_REACHED_PARAMETERS: weakref.WeakKeyDictionary[nn.Module, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def shapes_only_warmup(model: nn.Module, optimizer: torch.optim.Optimizer, reached: frozenset[int]) -> None:
+    """Leave a meta model and optimizer as warm-up steps would, without running them.
+
+    On meta a step computes shapes and nothing else, so all a warm-up leaves behind is a gradient
+    (``empty_like``) for each parameter the backward reached -- ``reached``, recorded from the
+    model's first real warm-up (which parameters the loss reaches does not depend on B or S) --
+    and the optimizer state its step creates. This saves a forward and a backward per estimate
+    after the first one of a model (the runner reuses meta models across batch sizes and
+    sequence lengths); the cpu-vs-meta tests hold the figures to a real warm-up's.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for parameter in model.parameters():
+        if id(parameter) in reached and parameter.requires_grad:
+            parameter.grad = torch.empty_like(parameter)
+    optimizer.step()
 
 
 # -- backends -------------------------------------------------------------------------------------
@@ -202,8 +224,14 @@ def measure_training_step(
     with ExitStack() as stack:
         if models_device == "cuda" and device_type != "cuda":
             stack.enter_context(CudaKernelBehaviour(optimizer))
-        for _ in range(warmup_steps):
-            training_step(model, batch, optimizer)
+        reached = _REACHED_PARAMETERS.get(model) if device_type == "meta" else None
+        if reached is not None and warmup_steps > 0:
+            shapes_only_warmup(model, optimizer, reached)
+        else:
+            for _ in range(warmup_steps):
+                training_step(model, batch, optimizer)
+            if device_type == "meta" and warmup_steps > 0:
+                _REACHED_PARAMETERS[model] = frozenset(id(p) for p in model.parameters() if p.grad is not None)
 
         tracked_types = {device_type} if models_device != "cpu" else {device_type, "cpu"}
         tracker = StorageTracker(tracked_types, round_to=CUDA_BLOCK_BYTES if models_device == "cuda" else 1)
@@ -226,8 +254,11 @@ def measure_training_step(
         labels.update(_labels(tracker, {"gradients": [p.grad for p in model.parameters() if p.grad is not None]}))
         labels.update(_labels(tracker, {"optimizer_state": list(_optimizer_tensors(optimizer))}))
         # Priority when a storage has two roles: parameters > gradients > optimizer state > activations.
+        # A storage older than the step (a buffer such as BERT's position_ids, saved as embedding
+        # indices) is model state, not an activation of this step.
         for key in saved_keys:
-            labels.setdefault(key, "activations")
+            if tracker.records[key].born != PREEXISTING:
+                labels.setdefault(key, "activations")
         labels.update(parameter_keys)
         categories = tracker.peak_categories(labels, MEMORY_CATEGORIES)
 

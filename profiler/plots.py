@@ -134,6 +134,8 @@ def memory_ratio(cells: pd.DataFrame) -> Figure | None:
     data = cells[(cells["method"] != BASELINE_METHOD)].dropna(subset=["peak_ratio"])
     if data.empty:
         return None
+    if "ratio_estimated" in data.columns:  # a ratio of estimates is drawn as one, measured cell or not
+        data = data.assign(estimated=data["ratio_estimated"].astype(bool))
     grid = _line_facets(data, "peak_ratio", "peak: full ÷ method (×)", _present(cells["method"]))
     for ax in grid.axes.flat:
         ax.axhline(1.0, color="0.35", linewidth=1, linestyle=":")

@@ -25,7 +25,8 @@ A record is a plain dict so it survives any JSON tool. Its keys:
 ``finished_at``     ISO-8601 UTC time the cell ended
 
 Optional keys: ``estimate`` (``device: auto`` cells measured on the CPU after a meta estimate:
-``{"peak_bytes", "models_device", "flops", "cpu_seconds"}``), ``traceback`` (the last frames of a
+``{"peak_bytes", "activation_bytes", "models_device", "flops", "cpu_seconds"}``; reports compare
+it with other estimates, never with measured figures), ``traceback`` (the last frames of a
 cell with status ``error``/``oom``). For ``estimated`` cells of ``device: auto``, ``message``
 says why no CPU run was made. ``results.jsonl`` holds one record per cell (``--resume``
 rewrites it without the failed tries it reruns).

@@ -108,15 +108,20 @@ def load_results(results_path: str | Path) -> Results:
 def metric_value(record: Record, metric: str) -> int | None:
     """``peak_bytes`` or ``activation_bytes`` (saved for backward) of a record; None if unknown.
 
-    Activations come from ``memory.categories.activations``, or else the sum of the breakdown.
+    Activations are every byte saved for backward in the forward pass: the sum of the breakdown
+    (``activations``). ``memory.categories.activations`` is only the part still alive at the peak
+    instant -- a few KiB when the peak falls in the optimizer step, after backward freed the
+    rest -- and is used only for a record without a breakdown.
     """
     memory = record.get("memory") or {}
     if metric == "peak_bytes":
         value = memory.get("peak_bytes")
     elif metric == "activation_bytes":
-        value = (memory.get("categories") or {}).get("activations")
-        if value is None and record.get("activations"):
-            value = sum(item["bytes"] for item in record["activations"])
+        items = record.get("activations")
+        if isinstance(items, list) and items:
+            value = sum(item["bytes"] for item in items)
+        else:
+            value = (memory.get("categories") or {}).get("activations")
     else:
         raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -125,10 +130,10 @@ def metric_value(record: Record, metric: str) -> int | None:
 def grid_point(record: Record) -> dict[str, Any]:
     """The cell without its method: every parameter but ``method``.
 
-    Two records are compared (ratio against ``full``) when their grid points are equal. The device
-    is not part of it: with ``device: auto`` the runner measures the cells that fit on the CPU and
-    estimates the others, so full fine-tuning and a method can come from different backends; the
-    tables' ``figures`` column says which.
+    Two records are compared (ratio against ``full``) when their grid points are equal, and then
+    only through figures of the same kind (``comparable``): with ``device: auto`` the runner
+    measures the cells that fit on the CPU and estimates the others, and a CPU measurement over a
+    cuda estimate is no ratio of methods.
     """
     return {k: v for k, v in record["params"].items() if k != "method"}
 
@@ -170,14 +175,53 @@ def figures_label(record: Record) -> str:
     return "—"
 
 
+def record_figures(record: Record, metric: str) -> list[tuple[str, float]]:
+    """The record's figures of ``metric`` by kind (``figures_label``), its own first.
+
+    A cell of ``device: auto`` measured on the CPU also carries the meta estimate made before the
+    run (``estimate``): its figures are a second kind, ``estimated (meta → cuda)``.
+    """
+    out = []
+    if record.get("status") in FIGURE_STATUSES:
+        value = metric_value(record, metric)
+        if value is not None:
+            out.append((figures_label(record), value))
+    estimate = record.get("estimate")
+    if record.get("status") == "ok" and isinstance(estimate, dict):
+        key = "peak_bytes" if metric == "peak_bytes" else "activation_bytes"
+        value = estimate.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((f"estimated (meta → {estimate.get('models_device') or '?'})", value))
+    return out
+
+
+def comparable(numerator: Record, denominator: Record, metric: str) -> tuple[float, float, str] | str:
+    """``(numerator's figure, denominator's figure, their kind)`` for a ratio, or why there is none.
+
+    A ratio compares figures of one kind: both measured on the same device, or both estimates
+    modelling the same device. The records' own figures come first; when they differ in kind
+    (full estimated, the method measured), the estimates both carry are used.
+    """
+    top = record_figures(numerator, metric)
+    bottom = dict(record_figures(denominator, metric))
+    for kind, value in top:
+        if kind in bottom:
+            return value, bottom[kind], kind
+    if not top or not bottom:
+        return f"no {metric} figure"
+    return f"figures of different kinds: {top[0][0]} vs {next(iter(bottom))}"
+
+
 def cells_frame(results: Results) -> pd.DataFrame:
     """One row per cell: the grid parameters, status, figures in bytes and ratios vs ``full``.
 
     Columns: every ``params`` key, ``device``, ``models_device``, ``status``, ``message``,
     ``estimated`` (bool), ``figures`` (label), ``peak_bytes``, ``activation_bytes``,
     ``tokens_per_s``, ``samples_per_s``, ``step_time_s``, ``peak_ratio`` and ``activation_ratio``
-    (full's figure over this cell's, at the same grid point), ``panel`` (the facet label: model
-    and every varying grid parameter but batch size and method), ``cell_id``, ``key``.
+    (full's figure over this cell's, at the same grid point, from figures of the same kind; see
+    ``comparable``), ``ratio_figures`` (that kind), ``ratio_estimated`` (bool), ``panel`` (the
+    facet label: model and every varying grid parameter but batch size and method), ``cell_id``,
+    ``key``.
     """
     rows = []
     for record in results.records:
@@ -200,15 +244,26 @@ def cells_frame(results: Results) -> pd.DataFrame:
             key=grid_key(grid_point(record)),
         )
         rows.append(row)
+    full = {}
+    for record in results.records:
+        if method_of(record) == BASELINE_METHOD:
+            full.setdefault(grid_key(grid_point(record)), record)
+    for row, record in zip(rows, results.records):
+        baseline = full.get(row["key"])
+        row["ratio_figures"] = None
+        for metric, column in (("peak_bytes", "peak_ratio"), ("activation_bytes", "activation_ratio")):
+            pair = comparable(baseline, record, metric) if baseline is not None else None
+            if isinstance(pair, tuple) and pair[1] > 0:
+                row[column] = pair[0] / pair[1]
+                row["ratio_figures"] = row["ratio_figures"] or pair[2]
+            else:
+                row[column] = None
+        row["ratio_estimated"] = str(row["ratio_figures"]).startswith("estimated")
     frame = pd.DataFrame(rows)
     order = method_order(results)
     frame["method"] = pd.Categorical(frame["method"].astype(str), categories=order, ordered=True)
-    for metric, column in (("peak_bytes", "peak_ratio"), ("activation_bytes", "activation_ratio")):
-        full = frame[frame["method"] == BASELINE_METHOD].set_index("key")[metric]
-        full = full[~full.index.duplicated()]
-        numerator = frame["key"].map(full).astype(float)
-        denominator = frame[metric].astype(float)
-        frame[column] = (numerator / denominator).where(denominator > 0)
+    for column in ("peak_ratio", "activation_ratio"):
+        frame[column] = frame[column].astype(float)
     frame["panel"] = _panel_labels(frame)
     # models in the order the suite ran them, the rest of the grid ascending
     models = list(dict.fromkeys(frame["model"].astype(str)))
@@ -295,10 +350,10 @@ _UNIT_BYTES = {"TiB": 2**40, "GiB": GiB, "MiB": MiB, None: GiB}
 def memory_budgets(suite: dict[str, Any] | None) -> list[int]:
     """Memory budgets in bytes, largest first, for the "largest batch size" plot.
 
-    Read from the suite's ``memory_budgets`` or ``budget``, or from ``budgets`` when that is a
-    list or number, or ``budgets.memory`` (the runner's own ``budgets`` mapping holds time and RAM
-    fractions, which are not memory sizes). A number is GiB; a string is ``"<number> TiB|GiB|MiB"``;
-    ``GB`` is refused as ambiguous. Without any of these: 80, 40 and 24 GiB.
+    Read from the suite's ``budgets.memory_gib`` (what ``profiler.suite`` validates and writes to
+    suite.json: a list of GiB), else ``memory_budgets``, ``budget``, ``budgets`` as a list or
+    number, or ``budgets.memory``. A number is GiB; a string is ``"<number> TiB|GiB|MiB"``; ``GB``
+    is refused as ambiguous. Without any of these: 80, 40 and 24 GiB.
     """
     suite = suite or {}
     raw: Any = suite.get("memory_budgets", suite.get("budget"))
@@ -306,7 +361,7 @@ def memory_budgets(suite: dict[str, Any] | None) -> list[int]:
     if raw is None and isinstance(budgets_key, (list, int, float, str)) and not isinstance(budgets_key, bool):
         raw = budgets_key
     if raw is None and isinstance(budgets_key, dict):
-        raw = budgets_key.get("memory")
+        raw = budgets_key.get("memory_gib", budgets_key.get("memory"))
     if raw is None:
         return [int(b * GiB) for b in DEFAULT_BUDGETS_GIB]
     items = raw if isinstance(raw, list) else [raw]
@@ -442,8 +497,15 @@ def cell_table(cells: pd.DataFrame) -> pd.DataFrame:
     table["figures"] = cells["figures"]
     table[f"peak ({unit_name})"] = cells["peak_bytes"].map(lambda v: _number(v, unit))
     table[f"activations ({act_name})"] = cells["activation_bytes"].map(lambda v: _number(v, act_unit))
-    table["peak: full ÷ method"] = cells["peak_ratio"].map(lambda v: "—" if pd.isna(v) else f"{v:.2f}×")
-    table["activations: full ÷ method"] = cells["activation_ratio"].map(lambda v: "—" if pd.isna(v) else f"{v:.2f}×")
+    # a measured cell whose ratio had to come from the estimates (full was not measured) says so
+    from_estimates = cells["ratio_estimated"] & ~cells["estimated"]
+
+    def ratio(values: pd.Series) -> list[str]:
+        return ["—" if pd.isna(v) else f"{v:.2f}×" + (" (estimates)" if est else "")
+                for v, est in zip(values, from_estimates)]
+
+    table["peak: full ÷ method"] = ratio(cells["peak_ratio"])
+    table["activations: full ÷ method"] = ratio(cells["activation_ratio"])
     table["tokens/s"] = cells["tokens_per_s"].map(lambda v: "—" if pd.isna(v) else f"{v:,.0f}")
     table["message"] = cells["message"]
     return table

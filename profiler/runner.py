@@ -25,6 +25,7 @@ finished record (``records.FINISHED_STATUSES``) and runs only the other cells.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fnmatch
 import gc
@@ -46,7 +47,7 @@ import torch
 from profiler import methods as methods_table
 from profiler import records
 from profiler.models import build_model, make_batch, tokens_per_step
-from profiler.suite import Cell, Suite
+from profiler.suite import Cell, Suite, Training
 
 RESULTS = "results.jsonl"
 CSV = "results.csv"
@@ -154,7 +155,9 @@ def plan_run(
                 seen[record["cell_id"]] = record
         kept = list(seen.values())
         previous_suite = _read_json(out_dir / SUITE_JSON)
-        if previous_suite is not None and previous_suite.get("training") != suite.to_json()["training"]:
+        # settings missing from an older suite.json had their defaults then
+        previous_training = {**dataclasses.asdict(Training()), **((previous_suite or {}).get("training") or {})}
+        if previous_suite is not None and previous_training != suite.to_json()["training"]:
             problems.append(
                 f"{out_dir / SUITE_JSON}: training settings differ from {suite.source}; "
                 "resuming would mix them (use another --out or --overwrite)"
@@ -225,6 +228,25 @@ def available_memory_bytes() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """``torch.set_num_threads(threads)`` inside the block; None leaves torch's setting alone.
+
+    Tiny models spend a step in many small kernels: on a busy machine, every intra-op parallel
+    region of a multi-threaded run waits for a thread another process holds (measured here, a
+    t5-tiny step: 1.3 s with 2 threads, 0.02 s with 1).
+    """
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cpu_flop_rate(seconds: float = 0.3) -> float:
@@ -394,6 +416,10 @@ class CellRunner:
         return self._run_on(cell, "meta")
 
     def _run_on(self, cell: Cell, device: str) -> records.Record:
+        with cpu_threads(cell.threads if device == "cpu" else None):  # the env names the thread count
+            return self._record_on(cell, device)
+
+    def _record_on(self, cell: Cell, device: str) -> records.Record:
         record: records.Record = {
             "cell_id": cell.cell_id,
             "suite": self.suite.name,
@@ -454,7 +480,8 @@ class CellRunner:
             )
             return record
         if self.flop_rate is None:
-            self.flop_rate = cpu_flop_rate()
+            with cpu_threads(cell.threads):
+                self.flop_rate = cpu_flop_rate()
         flops = record["flops"] if record["flops"] is not None else _rough_step_flops(cell)
         predicted = flops * (cell.warmup_steps + cell.timed_steps) / (self.flop_rate * CPU_STEP_EFFICIENCY)
         seconds = predicted * self.time_scale
@@ -475,6 +502,7 @@ class CellRunner:
             self.time_scale = max(self.time_scale, elapsed / predicted)
         measured["estimate"] = {
             "peak_bytes": peak,
+            "activation_bytes": sum(item["bytes"] for item in record["activations"] or []),
             "models_device": record["models_device"],
             "flops": record["flops"],
             "cpu_seconds": seconds,

@@ -18,10 +18,12 @@ A suite file::
       n_head: [12]
     methods: [full, lora, checkpointing, wtacrs@0.3, wtacrs-linear@0.3, lora+wtacrs@0.3]
     training: {dtype: float32, optimizer: adamw, warmup_steps: 1, timed_steps: 3,
-               attn_implementation: eager, pad_fraction: 0.0, seed: 0}
+               attn_implementation: eager, pad_fraction: 0.0, seed: 0,
+               threads: 1}                # cpu threads of cpu runs (default: torch's)
     device: auto                      # auto | cpu | cuda | meta
     models_device: cuda               # whose kernels meta estimates model: cuda | cpu
-    budgets: {memory_fraction: 0.6, cell_seconds: 60, suite_seconds: 600}
+    budgets: {memory_fraction: 0.6, cell_seconds: 60, suite_seconds: 600,
+              memory_gib: [80, 40, 24]}    # report: largest batch size within these sizes
     checks:
       - {metric: peak_bytes, numerator: full, denominator: wtacrs@0.3, min: 2.5,
          where: {batch_size: 64, seq_len: 128}}
@@ -98,15 +100,18 @@ class Training:
     attn_implementation: str = "eager"
     pad_fraction: float = 0.0
     seed: int = 0
+    threads: int | None = None  # torch.set_num_threads for runs on the cpu; None: torch's default
 
 
 @dataclass(frozen=True)
 class Budgets:
-    """Limits for ``device: auto`` on a machine without cuda (CPU runs)."""
+    """Limits for ``device: auto`` on a machine without cuda (CPU runs), and the report's memory sizes."""
 
     memory_fraction: float = 0.6  # of the RAM available when the run starts
     cell_seconds: float = 60.0  # estimated CPU time of one cell (warm-up + timed steps)
     suite_seconds: float = 600.0  # estimated CPU time of all CPU-run cells together
+    # accelerator memory sizes (GiB) of the report's "largest batch size within a budget" plot
+    memory_gib: tuple[float, ...] = (80.0, 40.0, 24.0)
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,7 @@ class Cell:
     warmup_steps: int
     timed_steps: int
     seed: int
+    threads: int | None = None  # cpu threads (``Training.threads``); not part of the cell's identity
     id_axes: tuple[str, ...] = field(default=(), compare=False)  # optional axes named in the id
 
     @property
@@ -338,6 +344,21 @@ class _Parser:
             self.p.add_key(key, f"{value!r} must be {bound}")
             return None
         return value
+
+    def positive_list(self, key: str, value: Any) -> tuple[float, ...] | None:
+        """A number or a non-empty list of distinct positive numbers, largest first."""
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            self.p.add_key(key, "empty list; give at least one value")
+            return None
+        parsed = [self.number(f"{key}[{i}]" if isinstance(value, list) else key, v, integer=False, low=0,
+                              low_open=True) for i, v in enumerate(items)]
+        if any(v is None for v in parsed):
+            return None
+        if len(set(parsed)) != len(parsed):
+            self.p.add_key(key, f"repeated values in {parsed}")
+            return None
+        return tuple(sorted((float(v) for v in parsed), reverse=True))
 
     def int_list(self, key: str, value: Any) -> tuple[int, ...] | None:
         items = value if isinstance(value, list) else [value]
@@ -594,11 +615,13 @@ def parse_suite(data: Any, path: str | Path = "<suite>", lines: dict[str, int] |
         "attn_implementation": lambda key, v: parser.choice(key, v, ATTN_IMPLEMENTATIONS),
         "pad_fraction": lambda key, v: parser.number(key, v, integer=False, low=0, high=0.99),
         "seed": integer(0),
+        "threads": integer(1),
     })
     budgets = _parse_section(parser, "budgets", data.get("budgets", {}), Budgets, {
         "memory_fraction": lambda key, v: parser.number(key, v, integer=False, low=0, low_open=True, high=1),
         "cell_seconds": lambda key, v: parser.number(key, v, integer=False, low=0),
         "suite_seconds": lambda key, v: parser.number(key, v, integer=False, low=0),
+        "memory_gib": parser.positive_list,
     })
     device = parser.choice("device", data.get("device", "auto"), DEVICES)
     models_device = parser.choice("models_device", data.get("models_device", "cuda"), MODELS_DEVICES)

@@ -78,6 +78,8 @@ class StorageTracker(TorchDispatchMode):
       followed.
     - A view or in-place result on a storage created before tracking and never registered is
       ignored (it was not allocated by the tracked work).
+    - Tensors built below dispatch are not seen, except ``torch.get_rng_state()``'s (activation
+      checkpointing keeps one per region), which the tracker registers while active.
     - Python numbers wrapped into 0-dim cpu tensors (``x * 2.0``; autograd may keep one until
       backward) are made below dispatch and not counted: a few bytes each on cpu, nothing on cuda,
       where they stay on the host.
@@ -163,8 +165,24 @@ class StorageTracker(TorchDispatchMode):
         return totals
 
     # -- the dispatch hook --------------------------------------------------------------------
+    def __enter__(self):
+        # ``torch.get_rng_state()`` builds its ByteTensor below dispatch. Activation checkpointing
+        # keeps one per checkpointed region from forward to backward (5 KiB each on cpu), so the
+        # tracker registers what it returns while active.
+        original = self._original_get_rng_state = torch.get_rng_state
+
+        def get_rng_state() -> torch.Tensor:
+            state = original()
+            if not self._closed:
+                self._see_fresh(state)
+            return state
+
+        torch.get_rng_state = get_rng_state
+        return super().__enter__()
+
     def __exit__(self, *exc):
         self._closed = True
+        torch.get_rng_state = self._original_get_rng_state
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -201,3 +219,9 @@ class StorageTracker(TorchDispatchMode):
             return
         self.clock += 1
         self._register(storage, self.clock)
+
+    def _see_fresh(self, tensor: torch.Tensor) -> None:
+        """Register a tensor made outside dispatch during the tracked work."""
+        if tensor.device.type in self.device_types and id(tensor.untyped_storage()) not in self._live:
+            self.clock += 1
+            self._register(tensor.untyped_storage(), self.clock)

@@ -262,3 +262,36 @@ def test_conversion_and_a_training_step_run_on_meta(family):
     loss = model(**b).loss
     loss.backward()
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad and p.grad is not None)
+
+
+def test_saved_bytes_of_a_t5_encoder_block_by_operator_match_a_hand_count():
+    from profiler.breakdown import SavedActivationBreakdown
+
+    cls, cfg = _t5("relu", dropout_rate=0.1)
+    cfg.num_layers = 1
+    torch.manual_seed(0)
+    model = cls._from_config(cfg, attn_implementation="eager").train()
+    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.5, seed=0))
+    B, S, d, d_ff, H, d_kv = 2, 6, 16, 32, 2, 8
+    n, k = B * S, 6  # k = ceil(0.5 * 12) tokens
+    kq = kk = 3  # ceil(0.5 * 6) query rows / key rows per (batch, head)
+    kv = 4  # ceil(0.5 * 8) head-dim columns of V per (batch, head)
+    with SavedActivationBreakdown(model.encoder, wtacrs.family_of(model)) as breakdown:
+        out = model.encoder(input_ids=torch.randint(1, 64, (B, S))).last_hidden_state
+    breakdown.attribute(out.sum())
+    got = {(r["operator"], r["category"]): r["bytes"] for r in breakdown.by_operator()}
+    sample = k * 4 + k * 4  # fp32 sample weights + int32 indices; the rows are rebuilt in backward
+    expected = {
+        ("Linear-Q", "sampled"): sample,  # Q, K and V share one sample of the norm's output
+        ("Linear-O", "sampled"): k * d * 4 + k * 4,  # its input (attention output) has no row source
+        ("Linear-U", "sampled"): sample,  # rows rebuilt from the norm's saved input
+        ("Linear-D", "sampled"): sample,  # rows rebuilt from norm input, wi, ReLU and the dropout mask
+        ("TensorMul-1", "sampled"): B * H * (kq + kk) * (d_kv * 4 + 4),
+        ("TensorMul-2", "lossless"): B * H * kv * (S * 4 + 4),  # P reused from the softmax
+        ("Softmax", "uncompressed"): B * H * S * S * 4,
+        ("Dropout", "lossless"): 4 * (n * d // 8) + n * d_ff // 8 + B * H * S * S // 8,  # 1 bit per element
+        ("Activation", "lossless"): n * d_ff // 8,  # ReLU: 1 bit per element
+        ("LayerNorm", "uncompressed"): 3 * n * d * 4,  # two block norms + the final norm, input only
+        ("Embedding", "uncompressed"): n * 8 + S * S * 8,  # token ids + relative-position buckets
+    }
+    assert got == expected

@@ -306,3 +306,16 @@ def test_gradient_norm_cache_feeds_the_next_pass_and_stays_unbiased():
         est.append(lin.weight.grad.clone())
     est = torch.stack(est)
     assert ((est.mean(0) - exact).abs() <= 5 * est.std(0) / math.sqrt(trials) + 1e-5).all()
+
+
+def test_ops_train_under_cpu_autocast():
+    x, w, b, _ = _linear_case()
+    w.requires_grad_(), b.requires_grad_(), x.requires_grad_()
+    a, m, _ = _matmul_case()
+    a.requires_grad_(), m.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = wf.linear(x, w, b, ratio=0.3, generator=torch.Generator().manual_seed(0))
+        z = wf.matmul(a, m, ratio=0.3, generator=torch.Generator().manual_seed(0))
+    assert y.dtype == z.dtype == torch.bfloat16
+    (y.float().sum() + z.float().sum()).backward()
+    assert (x.grad.dtype, w.grad.dtype, b.grad.dtype, a.grad.dtype, m.grad.dtype) == (torch.float32,) * 5

@@ -85,7 +85,8 @@ DEFAULT_TM2_V: Tm2Mode = "store"
 class AttentionSettings:
     """Per-attention-module settings of the ``"wtacrs"`` attention function.
 
-    Attach as ``module.wtacrs_attention``. A module without it runs its ``fallback`` unchanged.
+    Attach as ``module.wtacrs_attention``. An attention module without it runs the family's
+    eager attention (on the ``"wtacrs"`` mask), exactly as an unconverted eager model.
     """
 
     ratio: float = field(default=0.3, metadata={"help": "Fraction of query/key positions (and V columns when sampled) kept per (batch, head): k = max(min_k, ceil(ratio * n))."})
@@ -137,9 +138,10 @@ def enable(model: nn.Module, settings_for) -> list[nn.Module]:
     """Switch ``model`` to ``"wtacrs"`` attention.
 
     ``settings_for(name, module)`` returns the :class:`AttentionSettings` of an attention module
-    (or None to leave it on its fallback); it is called for every module that has
-    ``config._attn_implementation``-style attention (the taxonomy's attention pattern). The
-    fallback recorded is the implementation in use before. Returns the modules changed.
+    (or None to leave it alone); it is called for every module that matches the family's
+    attention pattern in :mod:`wtacrs.taxonomy`. ``fallback`` is set to the implementation in
+    use before (``eager`` or ``sdpa``). Every config object the modules read is switched to
+    ``"wtacrs"``. Returns the modules given settings.
     """
     from wtacrs.taxonomy import family_of
 

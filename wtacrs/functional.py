@@ -40,7 +40,7 @@ class SampledLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, rows, indices, grad_norm_sink, row_source, *source_tensors):
-        ctx.input_shape = input.shape
+        ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
         ctx.has_bias = bias is not None
         ctx.grad_norm_sink = grad_norm_sink
         ctx.row_source = row_source
@@ -57,18 +57,20 @@ class SampledLinear(torch.autograd.Function):
         if ctx.grad_norm_sink is not None:
             ctx.grad_norm_sink(torch.linalg.vector_norm(grad_2d.detach().float(), dim=-1))
         grad_input = grad_weight = grad_bias = None
+        dtype = grad_2d.dtype  # differs from the saved tensors' under autocast
         if ctx.needs_input_grad[0]:
-            grad_input = grad_2d.mm(weight).view(ctx.input_shape)
+            grad_input = grad_2d.mm(weight.to(dtype)).view(ctx.input_shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
             if len(stored) == 1:  # k >= n: the exact product
-                grad_weight = grad_2d.t().mm(stored[0].reshape(-1, stored[0].shape[-1]))
+                grad_weight = grad_2d.t().mm(stored[0].reshape(-1, stored[0].shape[-1]).to(dtype))
             else:
                 rows, indices = stored
                 if ctx.row_source is not None:  # rows holds the sample weights
-                    rows = ctx.row_source.rows(source_tensors, indices).to(grad_2d.dtype) * rows.unsqueeze(-1).to(grad_2d.dtype)
-                grad_weight = grad_2d.index_select(0, indices).t().mm(rows)
+                    rows = ctx.row_source.rows(source_tensors, indices).to(dtype) * rows.unsqueeze(-1).to(dtype)
+                grad_weight = grad_2d.index_select(0, indices).t().mm(rows.to(dtype))
+            grad_weight = grad_weight.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_2d.sum(0)
+            grad_bias = grad_2d.sum(0).to(weight.dtype)
         return (grad_input, grad_weight, grad_bias, None, None, None, None) + (None,) * len(source_tensors)
 
 
@@ -157,6 +159,7 @@ class SampledMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, a_rows, a_idx, b_cols, b_idx):
         ctx.a_shape, ctx.b_shape = a.shape, b.shape
+        ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
         ctx.save_for_backward(a_rows, a_idx, b_cols, b_idx)
         return torch.matmul(a, b)
 
@@ -164,20 +167,21 @@ class SampledMatmul(torch.autograd.Function):
     def backward(ctx, grad):
         a_rows, a_idx, b_cols, b_idx = ctx.saved_tensors
         grad_a = grad_b = None
+        dtype = grad.dtype  # differs from the saved tensors' under autocast
         if ctx.needs_input_grad[0]:
             if b_idx is None:  # b_cols is b itself
-                grad_a = torch.matmul(grad, b_cols.transpose(-1, -2))
+                grad_a = torch.matmul(grad, b_cols.transpose(-1, -2).to(dtype))
             else:
                 grad_cols = _gather_rows(grad.transpose(-1, -2), b_idx)  # [..., kN, M]
-                grad_a = torch.matmul(grad_cols.transpose(-1, -2), b_cols)
-            grad_a = grad_a.sum_to_size(ctx.a_shape)
+                grad_a = torch.matmul(grad_cols.transpose(-1, -2), b_cols.to(dtype))
+            grad_a = grad_a.sum_to_size(ctx.a_shape).to(ctx.a_dtype)
         if ctx.needs_input_grad[1]:
             if a_idx is None:  # a_rows is a itself
-                grad_b = torch.matmul(a_rows.transpose(-1, -2), grad)
+                grad_b = torch.matmul(a_rows.transpose(-1, -2).to(dtype), grad)
             else:
                 grad_rows = _gather_rows(grad, a_idx)  # [..., kM, N]
-                grad_b = torch.matmul(a_rows.transpose(-1, -2), grad_rows)
-            grad_b = grad_b.sum_to_size(ctx.b_shape)
+                grad_b = torch.matmul(a_rows.transpose(-1, -2).to(dtype), grad_rows)
+            grad_b = grad_b.sum_to_size(ctx.b_shape).to(ctx.b_dtype)
         return grad_a, grad_b, None, None, None, None
 
 
