@@ -75,8 +75,8 @@ def pack_bits(mask: Tensor, *, invert: bool = False) -> Tensor:
     """Pack a bool tensor into ``ceil(numel / 8)`` uint8 bytes (flattened in row-major order).
 
     Bit ``j`` of byte ``i`` is element ``8 i + j``; the padding bits of the last byte are 0.
-    ``invert=True`` packs ``~mask`` without materialising it. Plain torch ops on 8-byte words
-    (three shift-or steps), so it runs on any device, on meta and under ``FakeTensorMode``.
+    ``invert=True`` packs ``~mask``. Plain torch ops on the ``[n/8, 8]`` byte view (one
+    shift-or per bit column), so it runs on any device, on meta and under ``FakeTensorMode``.
     """
     if mask.dtype != torch.bool:
         raise TypeError(f"pack_bits needs a bool tensor, got {mask.dtype}")
@@ -87,17 +87,13 @@ def pack_bits(mask: Tensor, *, invert: bool = False) -> Tensor:
     pad = (-n) % 8
     if pad:
         flat = torch.cat([flat, flat.new_full((pad,), invert)])
-    # each 8-byte word holds 8 bools at bits 0, 8, ..., 56 (little endian); gather them into bits 0..7
-    w = flat.contiguous().view(torch.int64)
+    columns = flat.view(-1, 8).view(torch.uint8)
+    packed = columns[:, 0].clone()
+    for bit in range(1, 8):
+        packed |= columns[:, bit] << bit
     if invert:
-        w = w ^ 0x0101010101010101
-    y = w >> 7
-    y |= w
-    z = y >> 14
-    y |= z
-    torch.bitwise_right_shift(y, 28, out=z)
-    y |= z
-    return y.to(torch.uint8)  # keeps the low byte
+        packed ^= 0xFF
+    return packed
 
 
 def _bits_table(device: torch.device) -> Tensor:
