@@ -93,7 +93,11 @@ NODE_CATEGORIES: dict[str, Category] = {
     "PackedReLUBackward": Category.LOSSLESS,
     "SavedInputGeLUBackward": Category.LOSSLESS,
     "SavedInputActivationBackward": Category.LOSSLESS,
-    "ReusedPVBackward": Category.LOSSLESS,  # P V from the softmax's own P: V and the mask are shared
+    # P V from the softmax's own P and the dropout's mask (both attributed where they were saved):
+    # the bytes left here are V itself, or its sampled head-dim columns
+    "ReusedPVBackward": Category.UNCOMPRESSED,
+    "SampledPVBackward": Category.SAMPLED,
+    "SampledScoresSoftmaxBackward": Category.SAMPLED,
 }
 
 ROLE_OPERATORS: dict[str, Operator] = {
@@ -172,7 +176,16 @@ def _loss(site: SaveSite) -> Attribution:
     return Operator.HEAD_LOSS, Category.UNCOMPRESSED
 
 
-@register_saver("ReusedPVBackward")
+@register_saver("SampledScoresSoftmaxBackward")
+def _sampled_scores_softmax(site: SaveSite) -> Attribution:
+    # wtacrs.attention.SampledScoresSoftmax saves (P, q_rows, q_idx, k_rows, k_idx): P for the
+    # softmax's exact backward, the sampled rows of Q and K for TensorMul-1's weight-free product
+    if site.slot == "saved_tensors[0]":
+        return Operator.SOFTMAX, Category.UNCOMPRESSED
+    return Operator.TENSORMUL_1, Category.SAMPLED
+
+
+@register_saver("ReusedPVBackward", "SampledPVBackward")
 def _reused_pv(site: SaveSite) -> Attribution:
     return Operator.TENSORMUL_2, node_category(site.node)
 
@@ -471,7 +484,8 @@ def _saved_slots(node) -> Iterator[tuple[str, torch.Tensor]]:
         names = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
         _SLOT_NAMES[type(node)] = names
     for attr in names:
-        slot = attr[len("_raw_saved_") :]
+        # a custom Function's ``_raw_saved_tensors`` are its ``saved_tensors``
+        slot = "saved_tensors" if attr == "_raw_saved_tensors" else attr[len("_raw_saved_") :]
         value = getattr(node, attr)
         if isinstance(value, (list, tuple)):
             for i, item in enumerate(value):

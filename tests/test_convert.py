@@ -286,8 +286,9 @@ def test_saved_bytes_of_a_t5_encoder_block_by_operator_match_a_hand_count():
         ("Linear-O", "sampled"): k * d * 4 + k * 4,  # its input (attention output) has no row source
         ("Linear-U", "sampled"): sample,  # rows rebuilt from the norm's saved input
         ("Linear-D", "sampled"): sample,  # rows rebuilt from norm input, wi, ReLU and the dropout mask
-        ("TensorMul-1", "sampled"): B * H * (kq + kk) * (d_kv * 4 + 4),
-        ("TensorMul-2", "lossless"): B * H * kv * (S * 4 + 4),  # P reused from the softmax
+        # Q is kept as kq - 1 centred sampled rows plus its mean row, so kq - 1 query indices
+        ("TensorMul-1", "sampled"): B * H * ((kq + kk) * d_kv * 4 + (kq - 1 + kk) * 4),
+        ("TensorMul-2", "sampled"): B * H * kv * (S * 4 + 4),  # P reused from the softmax, V columns sampled
         ("Softmax", "uncompressed"): B * H * S * S * 4,
         ("Dropout", "lossless"): 4 * (n * d // 8) + n * d_ff // 8 + B * H * S * S // 8,  # 1 bit per element
         ("Activation", "lossless"): n * d_ff // 8,  # ReLU: 1 bit per element

@@ -13,40 +13,53 @@ What it computes
 With grad enabled, ``module.training`` and ``tm1 or tm2``, the forward is the family's eager
 attention, bit for bit under the same dropout seed; only what is saved for backward changes:
 
-* **TensorMul-1** ``Q K^T`` goes through :func:`wtacrs.functional.SampledMatmul`: per (batch, head)
-  it stores ``k`` sampled query rows (for ``dK``) and ``k`` sampled key rows (for ``dQ``),
-  ``k = budget(S, ratio, min_k)``. A key that no query may attend to (padding) has an exactly
-  zero score gradient, so its sampling probability is 0 (and a key seen by ``c`` queries gets
-  ``sqrt(c)``); see :func:`key_visibility`.
-* **Softmax** is exact and stores ``P``, as eager does, in the family's dtype handling (LLaMA:
-  fp32 softmax then a cast; GPT-2: a cast to V's dtype).
+* **TensorMul-1 and Softmax** run as one op, :class:`SampledScoresSoftmax`: its forward is
+  eager's ``softmax(Q K^T * scaling + bias + mask)`` (the family's dtype handling: LLaMA's fp32
+  softmax, GPT-2's cast), and it stores ``P`` (as eager's softmax does) plus, per (batch, head),
+  ``k = budget(S, ratio, min_k)`` rows of Q (for ``dK``) and of K (for ``dQ``). The rows are drawn
+  *after* the softmax, so their probabilities follow the score gradient ``dS = J(P) dP``
+  (``probabilities="attention"``, the default; :func:`score_gradient_proxies`): a key no query
+  attends to has ``dS[:, j] = 0`` and is never drawn, a key drawing all the attention mass gets
+  most of the budget. Two exact identities lower the variance further at no cost: rows of ``dS``
+  sum to 0, so ``dQ = dS (K - 1 kbar^T)`` for any mean key ``kbar`` (K is stored centered); and
+  ``dK = dS^T (Q - 1 qbar^T) + colsum(dS)^T qbar`` (Q is stored centered, ``k - 1`` sampled rows
+  plus ``qbar`` in the k-th row: the same bytes). Backward computes ``dS`` exactly from ``P``
+  (so T5's relative position bias gets its exact gradient) and ``dQ``, ``dK`` from the rows.
+  ``probabilities="activation"`` is the first version: activation norms times the mask's key
+  visibility (:func:`key_visibility`) and the queries' token mask, no centering.
 * **Dropout** on ``P`` is :func:`wtacrs.lossless.dropout` (same bits as ``F.dropout``), 1-bit mask.
 * **TensorMul-2** ``dropout(P) V`` (:class:`ReusedPV`) stores **no** copy of ``dropout(P)``: it saves
   the softmax's own output ``P`` (the same storage, so byte accounting counts it once) and the
   dropout's packed mask (the same storage as the dropout node's), and rebuilds ``dropout(P)``
   bitwise in backward for ``dV = dropout(P)^T dO`` (exact). For ``dP = dO V^T`` it stores V
   (``tm2_v="store"``, the default: exact) or ``k`` sampled head-dim columns of V
-  (``tm2_v="sample"``: unbiased). For GQA models V is stored before ``repeat_kv``.
+  (``tm2_v="sample"``: unbiased; with ``probabilities="attention"`` drawn by how much each
+  column moves ``dS``, :func:`value_column_scores`). For GQA models V is stored before
+  ``repeat_kv``.
 
-``python benchmarks/attention_tm2.py`` measures the two TensorMul-2 options on one attention
-call of BERT-Base shape (B=4, 12 heads, S=128, head dim 64, dropout 0.1), ratio 0.3, 50 seeds
-(relative MSE of the gradients; eager saves 13.5 MiB):
+``python benchmarks/attention_tm2.py`` measures the options on one attention call of BERT-Base
+shape (B=4, 12 heads, S=128, head dim 64, dropout 0.1) and on the real activations of the tiny
+T5 of ``benchmarks/convergence.py`` (S=16, head dim 16), ratio 0.3, 20 seeds (relative MSE of
+the gradients; eager saves 13.5 MiB per BERT call; "act" = ``probabilities="activation"``):
 
-=====================  ======================  =========  =========  =========
-TensorMul-1            TensorMul-2             saved MiB  relMSE dQ  relMSE dK
-=====================  ======================  =========  =========  =========
-exact                  P reuse, V stored       7.59       0          0
-exact                  P reuse, V sampled      6.57       2.9        3.3
-sampled                P reuse, V stored       5.52       0.94       1.7
-sampled                P reuse, V sampled      4.49       6.9        10.3
-=====================  ======================  =========  =========  =========
+================  =================  =========  ============  ============  ============  ============
+TensorMul-1       TensorMul-2        saved MiB  BERT dQ       BERT dK       tiny T5 dQ    tiny T5 dK
+================  =================  =========  ============  ============  ============  ============
+exact             V stored           7.59       0             0             0             0
+exact             V sampled, act     6.57       2.86          3.32          2.07          2.12
+exact             V sampled, P-aware 6.57       2.76          3.33          1.95          2.03
+sampled, act      V stored           5.52       0.95          1.68          4.80          3.31
+sampled, P-aware  V stored           5.52       0.46          1.29          1.32          1.92
+sampled, act      V sampled, act     4.49       6.94          10.4          16.3          11.8
+sampled, P-aware  V sampled, P-aware 4.49       4.67          8.36          6.25          8.12
+================  =================  =========  ============  ============  ============  ============
 
-**Storing V wins** (``tm2_v="store"``, the default): it keeps ``dP``, the softmax gradient, T5's
-relative position bias gradient and ``dV`` exact. Sampling V's head-dim columns saves about
-1 MiB in 5.5 (V is ``d_head / S`` of P: 1/2 at S=128, 1/8 at S=512) but raises the dQ/dK error
-5-7x, and that error, unlike a sampled Linear's weight-gradient error, enters every earlier
-layer's activation gradients. Mask-aware key probabilities halve the dQ error on a padded batch
-(0.88 -> 0.49) and the queries' token mask (``query_stream``) halves the dK error (1.74 -> 0.99).
+P-aware probabilities with centering cut the TensorMul-1 error 2-3.6x on the trained model
+(causal and cross attention are peaked; activation norms cannot see that). Sampled V columns
+multiply the error by ``1 + relMSE(V)`` (about 3x): head-dim columns have no winners, and better
+column probabilities gain only ~5%. ``tm2_v="store"`` keeps ``dP``, the softmax gradient, T5's
+relative position bias gradient and ``dV`` exact, at the cost of storing V (``d_head / S`` of P:
+1/2 at S=128, 1/8 at S=512).
 
 Otherwise -- eval mode, ``torch.no_grad()``, or ``tm1`` and ``tm2`` both False -- it calls the
 implementation the model had before (``fallback``: the family's own ``eager_attention_forward``,
@@ -72,12 +85,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wtacrs import lossless
-from wtacrs.estimator import budget, sample_rows
-from wtacrs.functional import SampledMatmul, _gather_rows
+from wtacrs import estimator, lossless
+from wtacrs.estimator import (
+    budget,
+    index_dtype,
+    row_norms,
+    row_probabilities,
+    wtacrs_sample,
+)
+from wtacrs.functional import _gather_rows
 
 NAME = "wtacrs"
 Tm2Mode = Literal["store", "sample"]
+ProbabilitySource = Literal["attention", "activation"]
 DEFAULT_TM2_V: Tm2Mode = "store"
 
 
@@ -98,7 +118,8 @@ class AttentionSettings:
     generator: torch.Generator | None = field(default=None, metadata={"help": "Generator for the row sampling (not for dropout, which uses torch's default generator like eager). None: a private per-device generator, so sampling never shifts the global RNG stream."})
     tm2_v: Tm2Mode = field(default=DEFAULT_TM2_V, metadata={"help": "'store': keep V for dP = dO V^T (exact); 'sample': keep k sampled head-dim columns of V (unbiased)."})
     dropout_mode: lossless.DropoutMode | None = field(default=None, metadata={"help": "'packed' or 'regenerate' (see wtacrs.lossless); None: the library default."})
-    mask_aware: bool = field(default=True, metadata={"help": "TensorMul-1 key sampling probabilities are 0 for keys no query can see, sqrt(#queries) otherwise."})
+    probabilities: ProbabilitySource = field(default="attention", metadata={"help": "'attention': TensorMul-1 rows (and sampled V columns) are drawn after the softmax, with probabilities from P (the expected score-gradient norms), keys and queries centered; 'activation': activation norms only (times mask_aware / query_stream)."})
+    mask_aware: bool = field(default=True, metadata={"help": "With probabilities='activation': key sampling probabilities are 0 for keys no query can see, sqrt(#queries) otherwise."})
     query_stream: str | None = field(default=None, metadata={"help": "Token-mask stream of the queries (wtacrs.token_mask): pad queries, whose output gradient is 0, get sampling probability 0 for dK. None: not used. T5 cross-attention queries are 'decoder' tokens."})
 
     def __post_init__(self) -> None:
@@ -110,6 +131,8 @@ class AttentionSettings:
             raise ValueError(f"fallback must be 'eager' or 'sdpa', got {self.fallback!r}")
         if self.tm2_v not in ("store", "sample"):
             raise ValueError(f"tm2_v must be 'store' or 'sample', got {self.tm2_v!r}")
+        if self.probabilities not in ("attention", "activation"):
+            raise ValueError(f"probabilities must be 'attention' or 'activation', got {self.probabilities!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,43 +359,208 @@ def _generator(settings: AttentionSettings, device: torch.device) -> torch.Gener
 # ---------------------------------------------------------------------------------------------
 
 
-def _sample(x: Tensor, ratio: float, min_k: int, grad_norm: Tensor | None, generator) -> tuple[Tensor, Tensor | None]:
-    """``(rows, indices)`` of ``x`` ``[..., n, d]``: k sampled rows per leading index, or ``(x, None)``."""
+# Share of the sampling mass spread over every row whose gradient can be nonzero ("defensive"
+# importance sampling): the P-aware scores are products of squares and can underflow to 0 for a
+# row whose gradient is tiny but not 0, which would make the estimate biased.
+DEFENSIVE_SHARE = 0.01
+
+
+def score_gradient_proxies(
+    probs: Tensor, value_sq_norms: Tensor | None = None, query_weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Expected norms of the rows and columns of the score gradient ``dS``, from ``P`` alone.
+
+    ``dS_i = J_i dP_i`` with the softmax Jacobian ``J_i = diag(P_i) - P_i P_i^T``. If ``dP_ij =
+    dO_i . v_j`` is noise of variance ``||dO_i||^2 a_j`` (``a_j = ||v_j||^2``), then
+    ``E dS_ij^2 = ||dO_i||^2 P_ij^2 ((1 - 2 P_ij) a_j + sum_l P_il^2 a_l)``. ``probs``
+    ``[..., q, kv]``; ``value_sq_norms`` ``[..., kv]`` (None: ``a = 1``); ``query_weights``
+    ``[..., q]`` estimates of ``||dO_i||`` (0 for pad queries; None: 1). Returns fp32
+    ``(rows [..., q], columns [..., kv])``: square roots of the row and column sums. A key no query
+    attends to gets exactly 0, as its gradient.
+    """
+    p = probs.float()
+    p2 = p * p
+    a = value_sq_norms.float().unsqueeze(-2) if value_sq_norms is not None else torch.ones((), device=p.device)
+    spread = (p2 * a).sum(dim=-1, keepdim=True)
+    w = p2.mul_(((1 - 2 * p) * a).add_(spread)).clamp_min_(0)  # (1-P)^2 a_j + sum_{l != j} P^2 a >= 0
+    if query_weights is not None:
+        w.mul_(query_weights.float().square().unsqueeze(-1))
+    return w.sum(dim=-1).sqrt(), w.sum(dim=-2).sqrt()
+
+
+def _draw_rows(x: Tensor, score: Tensor | None, support: Tensor | None, k: int, generator) -> tuple[Tensor, Tensor]:
+    """WTA-CRS draw of ``k`` rows of ``x`` ``[..., n, d]``, weights folded in: ``(rows, int32 idx)``.
+
+    ``p ∝ (1 - s) ||x_i|| score_i + s ||x_i|| support_i`` (each part normalised, ``s =``
+    :data:`DEFENSIVE_SHARE`); ``support`` must be nonzero wherever the gradient row can be.
+    None means 1. Rows with a NaN/Inf are kept exactly, as in :func:`wtacrs.estimator.sample_rows`.
+    """
     n = x.shape[-2]
-    k = budget(n, ratio, min_k)
+    norms = row_norms(x)
+    p = row_probabilities(x, score, norms=norms)
+    if support is not score:
+        p = p.mul_(1 - DEFENSIVE_SHARE).add_(row_probabilities(x, support, norms=norms), alpha=DEFENSIVE_SHARE)
+    sample = wtacrs_sample(p, k, generator, forced=~torch.isfinite(norms))
+    rows = _gather_rows(x, sample.indices)
+    rows.mul_(sample.weights.unsqueeze(-1).to(x.dtype))
+    return rows, sample.indices.to(index_dtype(n))
+
+
+def _weighted_mean(x: Tensor, weight: Tensor) -> Tensor:
+    """``sum_i w_i x_i / sum_i w_i`` over rows of ``x`` ``[..., n, d]`` (0 where all ``w`` are 0), ``[..., 1, d]``."""
+    w = weight.float()
+    total = w.sum(dim=-1, keepdim=True)
+    w = w / torch.where(total > 0, total, torch.ones_like(total))
+    mean = torch.matmul(w.unsqueeze(-2), x.float())
+    return torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean)).to(x.dtype)
+
+
+def query_sample_shapes(n: int, k: int) -> tuple[int, int]:
+    """(stored query rows, indices) per (batch, head) for ``k = budget(n)``: with ``2 <= k < n``,
+    ``k - 1`` sampled centered rows plus their mean (same bytes as k rows, 4 fewer index bytes)."""
     if k >= n:
-        return x, None
-    if grad_norm is not None:
-        grad_norm = grad_norm.expand(*x.shape[:-1])
-    return sample_rows(x, k, grad_norm=grad_norm, generator=generator)
+        return n, 0
+    return (k, k - 1) if k >= 2 else (1, 1)
 
 
-def sampled_scores(
-    query: Tensor,
-    key: Tensor,
-    settings: AttentionSettings,
-    key_norm: Tensor | None,
-    generator,
-    query_norm: Tensor | None = None,
-) -> Tensor:
-    """``query @ key^T`` (exact forward) storing sampled query and key rows for backward.
+@dataclass
+class _TM1Sampler:
+    """Draws TensorMul-1's stored rows once ``P`` is known (called inside the forward)."""
 
-    The same op and saved layout as :func:`wtacrs.functional.matmul` (``SampledMatmul``), with
-    the key rows drawn with ``key_norm`` and the query rows with ``query_norm`` gradient proxies
-    (broadcastable to ``[B, H, S]``; None means 1)."""
-    cast = _autocast_dtype(query)
-    if cast is not None:  # what autocast does to matmul's inputs; SampledMatmul then saves cast rows
-        query, key = query.to(cast), key.to(cast)
-    key_t = key.transpose(-1, -2)
-    q_rows = q_idx = k_rows = k_idx = None
-    with torch.no_grad():
-        if key.requires_grad:  # grad of K^T = Q^T dS: rows of Q over query positions
-            q_rows, q_idx = _sample(query.detach(), settings.ratio, settings.min_k, query_norm, generator)
-        if query.requires_grad:  # grad of Q = dS K: rows of K over key positions
-            k_rows, k_idx = _sample(key.detach(), settings.ratio, settings.min_k, key_norm, generator)
-            if k_idx is None:  # SampledMatmul keeps b = K^T itself when not sampled
-                k_rows = key_t.detach()
-    return SampledMatmul.apply(query, key_t, q_rows, q_idx, k_rows, k_idx)
+    settings: AttentionSettings
+    generator: torch.Generator | None
+    need_query_rows: bool  # K requires grad: dK = dS^T Q needs rows of Q
+    need_key_rows: bool  # Q requires grad: dQ = dS K needs rows of K
+    value_states: Tensor | None  # [B, H, kv, d]: ||v_j||^2 scales dP's column j (attention probabilities)
+    query_weights: Tensor | None  # [B, 1|H, q] token mask of the queries
+    key_visibility: Tensor | None  # [B|1, 1|H, kv] (activation probabilities)
+
+    def __call__(self, probs: Tensor, query: Tensor, key: Tensor):
+        s = self.settings
+        q_rows = q_idx = k_rows = k_idx = None
+        n_q, n_k = query.shape[-2], key.shape[-2]
+        kq, kk = budget(n_q, s.ratio, s.min_k), budget(n_k, s.ratio, s.min_k)
+        lead = probs.shape[:-2]
+        if query.device.type == "meta" and estimator.META_SHAPES_ONLY:
+            if self.need_query_rows:
+                rows, idx = query_sample_shapes(n_q, kq)
+                q_rows, q_idx = (query, None) if kq >= n_q else self._empty(query, lead, rows, idx, n_q)
+            if self.need_key_rows:
+                k_rows, k_idx = (key, None) if kk >= n_k else self._empty(key, lead, kk, kk, n_k)
+            return q_rows, q_idx, k_rows, k_idx
+        if s.probabilities == "attention":
+            a = None if self.value_states is None else row_norms(self.value_states).square()
+            g_query, g_key = score_gradient_proxies(probs, a, self._query_weights(lead, n_q))
+            key_support = probs.float()
+            if self.query_weights is not None:
+                key_support = key_support * self.query_weights.float().unsqueeze(-1)
+            key_support = (key_support.sum(dim=-2) > 0).float()
+            query_support = self._query_weights(lead, n_q)
+        else:
+            g_key = key_support = None if self.key_visibility is None else self.key_visibility.expand(*lead, n_k)
+            g_query = query_support = self._query_weights(lead, n_q)
+        center = s.probabilities == "attention"
+        if self.need_query_rows:
+            if kq >= n_q:
+                q_rows = query
+            elif kq >= 2 and center:
+                # dK = dS^T (Q - 1 qbar) + colsum(dS)^T qbar: the mean row is stored with the samples
+                qbar = _weighted_mean(query, g_query)
+                rows, q_idx = _draw_rows(query - qbar, g_query, query_support, kq - 1, self.generator)
+                q_rows = torch.cat([rows, qbar], dim=-2)
+            else:
+                q_rows, q_idx = _draw_rows(query.expand(*lead, *query.shape[-2:]), g_query, query_support, kq, self.generator)
+        if self.need_key_rows:
+            if kk >= n_k:
+                k_rows = key
+            else:
+                # rows of dS sum to 0, so dQ = dS (K - 1 kbar) exactly for any kbar: nothing extra stored
+                kc = key - _weighted_mean(key, g_key) if center else key.expand(*lead, *key.shape[-2:])
+                k_rows, k_idx = _draw_rows(kc, g_key, key_support, kk, self.generator)
+        return q_rows, q_idx, k_rows, k_idx
+
+    def _query_weights(self, lead, n_q):
+        return None if self.query_weights is None else self.query_weights.expand(*lead, n_q)
+
+    @staticmethod
+    def _empty(x, lead, rows, idx, n):
+        return x.new_empty(*lead, rows, x.shape[-1]), torch.empty(*lead, idx, dtype=index_dtype(n), device=x.device)
+
+
+class SampledScoresSoftmax(torch.autograd.Function):
+    """TensorMul-1 and the softmax: ``P = softmax(Q K^T * scaling + bias + mask)``, exact.
+
+    The forward runs eager's ops in eager's order (so ``P`` is bitwise eager's, autocast
+    included), then draws the rows TensorMul-1 keeps *after* the softmax, so their probabilities
+    can follow ``P`` (see :class:`_TM1Sampler`). Saved, in this order: ``P`` (the softmax output
+    eager keeps; TensorMul-2 reuses this storage), query rows ``[..., kq, d]`` and indices, key
+    rows ``[..., kk, d]`` and indices (Q or K themselves when not sampled; None when not needed).
+
+    Backward: ``dS`` exactly from ``P`` and ``dP`` (eager's softmax backward), the bias and mask
+    gradients ``dS`` (reduced to their shapes by autograd), ``dQ = dS K`` and ``dK = dS^T Q``
+    estimated from the stored rows (unbiased).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, bias, mask, scaling, softmax_dtype, sampler):
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+        mm_dtype = scores.dtype
+        if bias is not None:
+            scores = scores + bias
+        if mask is not None:
+            scores = scores + mask
+        probs = F.softmax(scores, dim=-1, dtype=softmax_dtype)
+        q_rows, q_idx, k_rows, k_idx = sampler(probs, query.detach(), key.detach())
+        ctx.save_for_backward(probs, q_rows, q_idx, k_rows, k_idx)
+        ctx.scaling, ctx.mm_dtype, ctx.scores_dtype = scaling, mm_dtype, scores.dtype
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        probs, q_rows, q_idx, k_rows, k_idx = ctx.saved_tensors
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).to(ctx.scores_dtype)
+        grad_bias = grad_scores if ctx.needs_input_grad[2] else None
+        grad_mask = grad_scores if ctx.needs_input_grad[3] else None
+        g = grad_scores.to(ctx.mm_dtype) * ctx.scaling
+        grad_q = grad_k = None
+        if ctx.needs_input_grad[0]:
+            if k_idx is None:  # k_rows is K itself
+                grad_q = torch.matmul(g, k_rows)
+            else:
+                grad_cols = _gather_rows(g.transpose(-1, -2), k_idx)  # [..., kk, q]
+                grad_q = torch.matmul(grad_cols.transpose(-1, -2), k_rows)
+        if ctx.needs_input_grad[1]:
+            if q_idx is None:  # q_rows is Q itself
+                grad_kt = torch.matmul(q_rows.transpose(-1, -2), g)
+            else:
+                n_s = q_idx.shape[-1]
+                grad_kt = torch.matmul(q_rows[..., :n_s, :].transpose(-1, -2), _gather_rows(g, q_idx))
+                if q_rows.shape[-2] > n_s:  # the centering mean: + qbar^T colsum(dS)
+                    grad_kt = grad_kt + q_rows[..., n_s:, :].transpose(-1, -2) * g.sum(dim=-2, keepdim=True)
+            grad_k = grad_kt.transpose(-1, -2)
+        return grad_q, grad_k, grad_bias, grad_mask, None, None, None
+
+
+def value_column_scores(probs: Tensor, value: Tensor, query_weights: Tensor | None = None) -> Tensor:
+    """How much an error in head-dim column ``c`` of ``dP = dO V^T`` moves ``dS``: fp32 ``[..., d]``.
+
+    An error ``dO_ic V[:, c]`` in row ``i`` of ``dP`` reaches ``dS`` as ``dO_ic J_i V[:, c]``; with
+    unit ``dO`` (times ``query_weights`` ``[..., q]``) the score is
+    ``sqrt(sum_i w_i^2 ||J_i V[:, c]||^2)``, where ``||J_i v||^2 = P_i^2.v^2 - 2 (P_i.v)(P_i^2.v) +
+    (P_i.v)^2 ||P_i||^2``. A column constant over the keys scores 0: the softmax ignores it.
+    Costs two ``[q, kv] @ [kv, d]`` products. ``probs`` ``[..., q, kv]``, ``value`` ``[..., kv, d]``.
+    """
+    p = probs.float()
+    v = value.float()
+    p2 = p * p
+    w2 = None if query_weights is None else query_weights.float().square().unsqueeze(-1)  # [..., q, 1]
+    pv, p2v = torch.matmul(p, v), torch.matmul(p2, v)
+    row_sq = p2.sum(dim=-1, keepdim=True)
+    per_query = pv * p2v * -2 + pv * pv * row_sq  # [..., q, d]
+    col = p2 if w2 is None else p2 * w2
+    total = torch.matmul(col.sum(dim=-2, keepdim=True), v * v).squeeze(-2)  # sum_i w_i^2 P_i^2 . v^2
+    total = total + (per_query if w2 is None else per_query * w2).sum(dim=-2)
+    return total.clamp_min_(0).sqrt()
 
 
 class ReusedPV(torch.autograd.Function):
@@ -414,6 +602,18 @@ class ReusedPV(torch.autograd.Function):
                 grad_pd = torch.matmul(grad_cols.transpose(-1, -2), v_store.to(compute))
             grad_pd = grad_pd.to(pd_dtype)
         return grad_pd, grad_v, None, None, None, None, None
+
+
+class SampledPV(ReusedPV):
+    """:class:`ReusedPV` with V's head-dim columns sampled (``tm2_v="sample"``).
+
+    The same op; its own class gives its autograd node its own name (``SampledPVBackward``), so
+    byte accounting can tell sampled V columns from a whole stored V.
+    """
+
+
+def _pv_op(v_idx: Tensor | None) -> type[ReusedPV]:
+    return ReusedPV if v_idx is None else SampledPV
 
 
 @dataclass
@@ -473,27 +673,40 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
     value_states = repeat_kv(value, n_rep)
     generator = _generator(settings, query.device)
 
-    # TensorMul-1: exact scores, sampled rows stored
-    if settings.tm1:
-        key_norm = key_visibility(attention_mask, module, query, key_states, kwargs) if settings.mask_aware else None
-        query_norm = _query_norm(settings.query_stream, query)
-        scores = sampled_scores(query, key_states, settings, key_norm, generator, query_norm)
-    else:
-        scores = torch.matmul(query, key_states.transpose(-1, -2))
-    scores = scores * scaling
-    if position_bias is not None:
-        scores = scores + position_bias
-    mask = additive_mask(attention_mask, module, query, key_states, kwargs)
-    if mask is not None:
-        scores = scores + mask
-
-    # Softmax, in the family's dtype handling
+    # TensorMul-1 and the softmax (in the family's dtype handling): exact P
     policy = _softmax_policy(module)
+    softmax_dtype = torch.float32 if policy == "fp32" else None
+    mask = additive_mask(attention_mask, module, query, key_states, kwargs)
+    query_norm = _query_norm(settings.query_stream, query)
+    if settings.tm1:
+        q_in, k_in = query, key_states
+        mm_cast = _autocast_dtype(query)
+        if mm_cast is not None:  # what autocast does to matmul's inputs; the stored rows are cast rows
+            q_in, k_in = query.to(mm_cast), key_states.to(mm_cast)
+        sampler = _TM1Sampler(
+            settings,
+            generator,
+            need_query_rows=k_in.requires_grad,
+            need_key_rows=q_in.requires_grad,
+            value_states=value_states.detach() if settings.probabilities == "attention" else None,
+            query_weights=query_norm,
+            key_visibility=(
+                key_visibility(attention_mask, module, query, key_states, kwargs)
+                if settings.probabilities == "activation" and settings.mask_aware
+                else None
+            ),
+        )
+        probs = SampledScoresSoftmax.apply(q_in, k_in, position_bias, mask, scaling, softmax_dtype, sampler)
+    else:
+        scores = torch.matmul(query, key_states.transpose(-1, -2)) * scaling
+        if position_bias is not None:
+            scores = scores + position_bias
+        if mask is not None:
+            scores = scores + mask
+        probs = F.softmax(scores, dim=-1, dtype=softmax_dtype)
     if policy == "fp32":
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
         cast = query.dtype
     else:
-        probs = F.softmax(scores, dim=-1)
         cast = value.dtype if policy == "to_value" else None
     if cast == probs.dtype:
         cast = None
@@ -514,13 +727,13 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
         if not value_states.requires_grad and not dropped.requires_grad:
             out = torch.matmul(dropped, value_states)
         else:
-            v_store, v_idx = _tm2_value(settings, value, value_states, n_rep, generator, dropped.requires_grad)
+            v_store, v_idx = _tm2_value(settings, value, value_states, n_rep, generator, dropped.requires_grad, probs, query_norm)
             meta = _PVMeta(cast, drop_mask, n_rep)
-            out = ReusedPV.apply(dropped, value_states, probs.detach(), drop_saved, v_store, v_idx, meta)
+            out = _pv_op(v_idx).apply(dropped, value_states, probs.detach(), drop_saved, v_store, v_idx, meta)
     elif settings.tm2:  # non-lossless dropout: dropout(P) cannot be rebuilt from P, store it
-        v_store, v_idx = _tm2_value(settings, value, value_states, n_rep, generator, dropped.requires_grad)
+        v_store, v_idx = _tm2_value(settings, value, value_states, n_rep, generator, dropped.requires_grad, probs, query_norm)
         meta = _PVMeta(None, None, n_rep)
-        out = ReusedPV.apply(dropped, value_states, dropped.detach(), None, v_store, v_idx, meta)
+        out = _pv_op(v_idx).apply(dropped, value_states, dropped.detach(), None, v_store, v_idx, meta)
     else:
         out = torch.matmul(dropped, value_states)
 
@@ -530,18 +743,28 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
     return out, dropped
 
 
-def _tm2_value(settings, value, value_states, n_rep, generator, need_grad_p):
+def _tm2_value(settings, value, value_states, n_rep, generator, need_grad_p, probs, query_weights):
     """What TensorMul-2 keeps of V for ``dP = dO V^T``: V itself (before ``repeat_kv``) or k
-    sampled head-dim columns (as rows ``[..., k, kv]``, weights folded in) with their indices."""
+    sampled head-dim columns (as rows ``[..., k, kv]``, weights folded in) with their indices.
+    Column probabilities: :func:`value_column_scores` of ``P`` (``probabilities="attention"``)
+    or the column norms."""
     if not need_grad_p:
         return None, None
     if settings.tm2_v == "store":
         return value.detach(), None
-    with torch.no_grad():
-        cols, idx = _sample(value_states.detach().transpose(-1, -2), settings.ratio, settings.min_k, None, generator)
-    if idx is None:
+    d = value_states.shape[-1]
+    k = budget(d, settings.ratio, settings.min_k)
+    if k >= d:
         return value.detach(), None
-    return cols, idx
+    columns = value_states.detach().transpose(-1, -2)  # [B, H, d, kv]
+    if columns.device.type == "meta" and estimator.META_SHAPES_ONLY:
+        return _TM1Sampler._empty(columns, columns.shape[:-2], k, k, d)
+    with torch.no_grad():
+        score = None
+        if settings.probabilities == "attention":
+            weights = None if query_weights is None else query_weights.expand(*probs.shape[:-1])
+            score = value_column_scores(probs.detach(), value_states.detach(), weights)
+        return _draw_rows(columns, score, None, k, generator)
 
 
 def saved_bytes_per_call(
@@ -567,7 +790,8 @@ def saved_bytes_per_call(
     bh = batch * heads
     if settings.tm1:
         kq, kk = budget(q_len, settings.ratio, settings.min_k), budget(kv_len, settings.ratio, settings.min_k)
-        parts["tm1_query"] = bh * kq * head_dim * itemsize + (bh * kq * 4 if kq < q_len else 0)
+        rows, idx = query_sample_shapes(q_len, kq) if settings.probabilities == "attention" else (kq, kq if kq < q_len else 0)
+        parts["tm1_query"] = bh * rows * head_dim * itemsize + bh * idx * 4
         parts["tm1_key"] = bh * kk * head_dim * itemsize + (bh * kk * 4 if kk < kv_len else 0)
     else:
         parts["tm1_query"] = bh * q_len * head_dim * itemsize
@@ -590,14 +814,17 @@ def saved_bytes_per_call(
 __all__ = [
     "AttentionSettings",
     "ReusedPV",
+    "SampledPV",
+    "SampledScoresSoftmax",
     "additive_mask",
     "disable",
     "enable",
     "fallback_forward",
     "key_visibility",
     "register",
-    "sampled_scores",
     "saved_bytes_per_call",
+    "score_gradient_proxies",
+    "value_column_scores",
     "wtacrs_attention_forward",
     "wtacrs_mask",
 ]

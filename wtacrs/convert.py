@@ -162,6 +162,7 @@ def _enable_attention(state: _ConversionState, hf_model: nn.Module) -> None:
             fallback=module.config._attn_implementation or "eager",
             generator=state.generator,
             query_stream=None if not config.probability == "auto" else _stream(family, f"{name}.q"),
+            probabilities="attention" if config.probability == "auto" else "activation",
         )
 
     state.attention_modules = attention.enable(hf_model, settings_for)
