@@ -390,12 +390,13 @@ def _table(sections: list[list[Outcome]]) -> Table:
 
 
 def run_check(results_path: Path, baseline: Path | None = None, update_baseline: bool = False,
-              console: Console | None = None) -> int:
+              console: Console | None = None, tolerance: float | None = None) -> int:
     """Check the results' memory ratios; print a table; return 0 (held), 1 (regressed), 2 (bad input).
 
     ``baseline`` defaults to ``reports/baselines/<suite>.json`` when that file exists.
-    ``update_baseline`` writes the baseline (keeping an existing file's tolerance) from the current
-    results instead of comparing against it; the suite's bounds are still checked.
+    ``update_baseline`` writes the baseline (with ``tolerance``, else an existing file's, else
+    5%) from the current results instead of comparing against it; the suite's bounds are still
+    checked.
     """
     out = console or Console()
     try:
@@ -403,11 +404,11 @@ def run_check(results_path: Path, baseline: Path | None = None, update_baseline:
         checks = _parse_checks(results)
         path = Path(baseline) if baseline is not None else default_baseline_path(results.name)
         if update_baseline:
-            tolerance, metric = DEFAULT_TOLERANCE, "peak_bytes"
+            kept, metric = DEFAULT_TOLERANCE, "peak_bytes"
             if path.exists():
                 old = read_baseline(path)
-                tolerance, metric = float(old["tolerance"]), old["metric"]
-            doc = baseline_from_results(results, metric=metric, tolerance=tolerance)
+                kept, metric = float(old["tolerance"]), old["metric"]
+            doc = baseline_from_results(results, metric=metric, tolerance=kept if tolerance is None else tolerance)
             if not doc["ratios"]:
                 raise ResultsError(f"{results.path}: no method has figures next to '{BASELINE_METHOD}'; "
                                    "nothing to write as a baseline")

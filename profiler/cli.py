@@ -17,7 +17,13 @@ from typing import NoReturn
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -48,6 +54,16 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value:g}")
     return value
 
 
@@ -87,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("results", type=Path, metavar="RESULTS.jsonl")
     check.add_argument("--baseline", type=Path, metavar="reports/baselines/NAME.json", help="committed baseline ratios")
     check.add_argument("--update-baseline", action="store_true", help="write the baseline from these results")
+    check.add_argument("--tolerance", type=_fraction, metavar="F",
+                       help="with --update-baseline: the relative drop of a ratio that counts as a regression "
+                            "(default: the existing baseline's, else 0.05)")
     check.set_defaults(handler=_check)
     return parser
 
@@ -290,4 +309,7 @@ def _check(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"python -m profiler check: profiler.check is not available: {e}", file=sys.stderr)
         return EXIT_FAILED
-    return run_check(args.results, args.baseline, args.update_baseline, Console(highlight=False))
+    if args.tolerance is not None and not args.update_baseline:
+        return _bad_input(["--tolerance applies with --update-baseline only"])
+    return run_check(args.results, args.baseline, args.update_baseline, Console(highlight=False),
+                     tolerance=args.tolerance)

@@ -205,8 +205,11 @@ def measure_training_step(
     kernels the figures model: with ``cuda`` on cpu/meta, dropout saves bool masks, the optimizer
     runs foreach, and tracked bytes are rounded to cuda's 512-byte blocks.
 
-    Peak and categories are taken over one full step after ``warmup_steps`` untracked steps;
-    ``activations`` are the deduplicated bytes saved in its forward (raw, not rounded).
+    Peak and categories are taken over one full step after ``warmup_steps`` untracked steps (on
+    meta, a model's later estimates replace them by ``shapes_only_warmup``: same figures, one
+    step less); ``activations`` are the deduplicated bytes saved in its forward (raw, not
+    rounded). The ``activations`` category is the part of them still alive at the peak instant,
+    which is small when the peak falls in the optimizer step.
     """
     try:
         device_type = torch.device(device).type

@@ -3,7 +3,9 @@
 
 Panels are faceted per model and sequence length (``panel``); memory axes are in GiB or MiB
 (powers of two) and throughput in tokens/s. Estimated cells are drawn dashed with ``X`` markers
-(lines) or hatched and labelled ``est.`` (bars), and their panel titles say ``[estimated]``.
+(lines) and their panel titles say ``[estimated]``; bars are hatched or labelled ``est.`` where a
+figure mixes estimated and measured ones. Methods of one family share a hue; operators have
+fixed colours by group (``OPERATOR_COLOURS``).
 Matplotlib's math parser is off, so a ``$`` in a method name is printed, not interpreted.
 """
 
@@ -47,20 +49,62 @@ def _styled(draw: Callable[..., Figure | None]) -> Callable[..., Figure | None]:
 
 
 def to_png(figure: Figure) -> bytes:
-    """The figure as PNG bytes (no metadata, so the bytes hold no URL); closes the figure."""
+    """The figure as PNG bytes; closes the figure.
+
+    Quantized to a 256-colour palette (a third of the bytes of the RGBA rendering, no visible
+    change for flat-coloured plots), so reports stay small enough to commit; no metadata, so the
+    bytes hold no URL.
+    """
+    from PIL import Image  # matplotlib's own PNG backend
+
     buffer = io.BytesIO()
     with plt.rc_context(_RC):
-        figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+        figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", facecolor="white",
+                       metadata={"Software": None})
     plt.close(figure)
-    return buffer.getvalue()
+    image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    out = io.BytesIO()
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def method_palette(methods: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    """One colour per method, stable across every figure of a report."""
-    colours = sns.color_palette("colorblind", max(len(methods), 1))
-    if len(methods) > len(colours):
-        colours = sns.color_palette("husl", len(methods))
-    return dict(zip(methods, colours))
+    """One colour per method, stable across every figure of a report.
+
+    Methods of one family (the name before ``@``: ``wtacrs@0.3`` and ``wtacrs@0.1``) share a hue,
+    darkest first, so a reader sees at once which lines are the same method at another ratio.
+    """
+    families = list(dict.fromkeys(m.split("@")[0] for m in methods))
+    # tab10's first five hues are far apart (blue, orange, green, red, purple); colorblind's
+    # orange and vermillion are not, and lora next to wtacrs is the comparison people read
+    hues = sns.color_palette("tab10", max(len(families), 1))
+    if len(families) > len(hues):
+        hues = sns.color_palette("husl", len(families))
+    palette = {}
+    for family, hue in zip(families, hues):
+        members = [m for m in methods if m.split("@")[0] == family]
+        for i, method in enumerate(members):
+            # toward white: 0% for the first member, up to 55% for the last
+            mix = 0.55 * i / (len(members) - 1) if len(members) > 1 else 0.0
+            palette[method] = tuple(c + (1.0 - c) * mix for c in hue)
+    return palette
+
+
+# Operators in the order of the block (bottom of a stack first), coloured by group: the linears
+# in blues and purples, attention in oranges, dropout and the activation in greens, the norm in
+# gold, the rest in greys. Unknown operators get the next colour of tab10.
+OPERATOR_COLOURS = {
+    "Linear-Q": "#08519c", "Linear-K": "#3182bd", "Linear-V": "#6baed6", "Linear-QKV": "#2171b5",
+    "Linear-O": "#9ecae1", "Linear-U": "#54278f", "Linear-D": "#9e9ac8",
+    "TensorMul-1": "#a63603", "TensorMul-2": "#e6550d", "Softmax": "#fdae6b",
+    "Dropout": "#238b45", "Activation": "#a1d99b", "LayerNorm": "#e7ba52",
+    "Embedding": "#bdbdbd", "Head/Loss": "#737373", "Other": "#d9d9d9",
+}
+
+
+def operator_colours(operators: Sequence[str]) -> dict[str, object]:
+    extra = iter(sns.color_palette("tab10", 10))
+    return {op: OPERATOR_COLOURS.get(op) or next(extra, "0.5") for op in operators}
 
 
 def _present(column: pd.Series) -> list[str]:
@@ -168,15 +212,16 @@ def activation_breakdown(breakdown: pd.DataFrame) -> Figure | None:
     data["panel"] = data["panel"].astype(str) + " · B=" + data["batch_size"].astype(int).astype(str)
     unit_name, unit = byte_unit(data.groupby("cell_id")["bytes"].sum().max())
     data["value"] = data["bytes"] / unit
-    operators = _present(data["operator"])
-    colours = dict(zip(operators, sns.color_palette("tab20", len(operators)) if len(operators) > 10
-                       else sns.color_palette("tab10", len(operators))))
+    present = set(data["operator"].astype(str))
+    operators = [op for op in OPERATOR_COLOURS if op in present] + sorted(present - set(OPERATOR_COLOURS))
+    colours = operator_colours(operators)
     methods = _present(data["method"])
     panels = _present(data["panel"])
     grid = sns.FacetGrid(data, col="panel", col_order=panels, col_wrap=_col_wrap(panels),
                          height=(PANEL_HEIGHT + 0.6) * (1.25 if len(panels) == 1 else 1),
                          aspect=PANEL_ASPECT * 0.95, sharey=False, sharex=False)
-    grid.map_dataframe(_stacked_bars, methods=methods, operators=operators, colours=colours)
+    mixed = bool(data["estimated"].any() and not data["estimated"].all())
+    grid.map_dataframe(_stacked_bars, methods=methods, operators=operators, colours=colours, mark_estimates=mixed)
     grid.set_titles("{col_name}")
     grid.set_axis_labels("", f"saved activations ({unit_name})")
     grid.tight_layout()
@@ -187,16 +232,18 @@ def activation_breakdown(breakdown: pd.DataFrame) -> Figure | None:
     handles.append(Patch(visible=False, label=""))
     handles += [Patch(facecolor="white", edgecolor="0.3", hatch=CATEGORY_HATCHES.get(c, "xx"), label=c)
                 for c in categories]
-    if data["estimated"].any():
+    if mixed:
         handles.append(Patch(visible=False, label="est. = estimated (meta)"))
     grid.figure.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
-                       title="operator / category")
+                       title="operator (top of stack first)\n/ category")
     grid.figure.suptitle("Saved activations by operator and category", y=1.02, fontsize=13)
     return grid.figure
 
 
 def _stacked_bars(data: pd.DataFrame, *, methods: Sequence[str], operators: Sequence[str],
-                  colours: dict, **_: object) -> None:
+                  colours: dict, mark_estimates: bool = False, **_: object) -> None:
+    """One stacked bar per method, its total on top (and ``est.`` where a panel mixes measured
+    and estimated bars)."""
     ax = plt.gca()
     present = [m for m in methods if (data["method"].astype(str) == m).any()]
     totals = []
@@ -212,9 +259,9 @@ def _stacked_bars(data: pd.DataFrame, *, methods: Sequence[str], operators: Sequ
                        hatch=CATEGORY_HATCHES.get(category, "xx"), edgecolor="0.3", linewidth=0.4)
                 bottom += height
         totals.append(bottom)
-        if rows["estimated"].any():
-            ax.annotate("est.", (x, bottom), xytext=(0, 2), textcoords="offset points", ha="center",
-                        va="bottom", fontsize=8, color="0.25")
+        label = f"{bottom:.3g}" + (" est." if mark_estimates and rows["estimated"].any() else "")
+        ax.annotate(label, (x, bottom), xytext=(0, 2), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=8, color="0.2")
     ax.set_xticks(range(len(present)))
     ax.set_xticklabels(present, rotation=30, ha="right")
     if totals:
@@ -243,9 +290,11 @@ def max_batch(frame: pd.DataFrame) -> Figure | None:
     palette = dict(zip(budgets, sns.color_palette("crest", len(budgets))))
     grid.map_dataframe(sns.barplot, x="method", y="max_batch_size", hue="budget", order=methods,
                        hue_order=budgets, palette=palette, edgecolor="0.3", linewidth=0.4)
+    # hatch estimates only where they sit next to measured bars (titles say "[estimated]")
+    mixed = bool(data["estimated"].any() and not data["estimated"].all())
     for panel, ax in grid.axes_dict.items():
         in_panel = data[data["panel"] == panel]
-        estimated = set(in_panel.loc[in_panel["estimated"], "method"])
+        estimated = set(in_panel.loc[in_panel["estimated"], "method"]) if mixed else set()
         for container in ax.containers:
             for method, bar in zip(methods, container):
                 if method in estimated:
@@ -262,7 +311,7 @@ def max_batch(frame: pd.DataFrame) -> Figure | None:
     grid.set_axis_labels("", "largest batch size B")
     grid.tight_layout()
     handles = [Patch(facecolor=palette[b], edgecolor="0.3", label=b) for b in budgets]
-    if data["estimated"].any():
+    if mixed:
         handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="////", label="estimated (meta)"))
     grid.figure.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
                        title="memory budget")

@@ -15,9 +15,12 @@ A record is a plain dict so it survives any JSON tool. Its keys:
 ``message``         why, for any status but ok/estimated ("" otherwise)
 ``memory``          ``{"peak_bytes", "reserved_bytes", "nvml_used_bytes", "categories": {
                     "parameters", "gradients", "optimizer_state", "activations",
-                    "temporaries", "other"}}`` -- bytes; unknown values are None
+                    "temporaries", "other"}}`` -- bytes alive at the peak instant; unknown
+                    values are None (``activations`` there is what is still saved at the peak:
+                    little when the peak falls in the optimizer step)
 ``activations``     list of ``{"operator", "category", "bytes"}`` (wtacrs.taxonomy names), the
-                    deduplicated bytes saved for backward
+                    deduplicated bytes saved for backward in the forward pass (parameters and
+                    buffers excluded); their sum is the "activations" of reports and checks
 ``throughput``      ``{"step_time_s", "tokens_per_s", "samples_per_s", "timed_steps"}`` or None
                     (None for meta estimates)
 ``flops``           FLOPs of one training step (matmuls), or None

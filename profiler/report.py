@@ -377,12 +377,16 @@ def memory_budgets(suite: dict[str, Any] | None) -> list[int]:
     return sorted(set(budgets), reverse=True)
 
 
-def max_batch_size(batch_sizes: Sequence[float], peaks: Sequence[float], budget: float) -> tuple[int | None, bool]:
+def max_batch_size(batch_sizes: Sequence[float], peaks: Sequence[float], budget: float,
+                   min_slope: float = 0.0) -> tuple[int | None, bool]:
     """The largest integer batch size whose peak fits ``budget``, and whether it is extrapolated.
 
     Peak memory is close to affine in B, so it is interpolated linearly between grid points and
-    extrapolated beyond them along the first/last segment. None with fewer than two distinct batch
-    sizes or a slope that is not positive; 0 when not even B=1 fits.
+    extrapolated beyond them along the first/last segment. Above the grid the slope is at least
+    ``min_slope`` (bytes per sample): a peak that falls in the optimizer step is flat in B while
+    the grid is small, yet the activations (exactly linear in B) overtake it at some batch size,
+    so a flat last segment alone would extrapolate to absurd batch sizes. None with fewer than
+    two distinct batch sizes or a slope that is not positive; 0 when not even B=1 fits.
     """
     points = sorted({int(b): float(p) for b, p in zip(batch_sizes, peaks)}.items())
     if len(points) < 2:
@@ -397,11 +401,23 @@ def max_batch_size(batch_sizes: Sequence[float], peaks: Sequence[float], budget:
         segment = int(np.searchsorted(ps, budget, side="right")) - 1
         segment = min(max(segment, 0), len(points) - 2)
     slope = (ps[segment + 1] - ps[segment]) / (bs[segment + 1] - bs[segment])
+    if budget >= ps[-1]:  # above the grid: from the last point, at least the activations' slope
+        slope = max(slope, min_slope)
+        segment += 1
     if not slope > 0:
         return None, False
     b_max = bs[segment] + (budget - ps[segment]) / slope
     extrapolated = not (bs[0] <= b_max <= bs[-1])
     return max(0, math.floor(b_max + 1e-9)), extrapolated
+
+
+def _activation_slope(group: pd.DataFrame) -> float:
+    """Saved-activation bytes per sample of a (panel, method) group: the least-squares slope of
+    its activation bytes over batch size (0 with fewer than two batch sizes)."""
+    data = group.dropna(subset=["activation_bytes"])
+    if data["batch_size"].nunique() < 2:
+        return 0.0
+    return max(0.0, float(np.polyfit(data["batch_size"].astype(float), data["activation_bytes"].astype(float), 1)[0]))
 
 
 def max_batch_frame(cells: pd.DataFrame, budgets: Sequence[int]) -> pd.DataFrame:
@@ -416,7 +432,8 @@ def max_batch_frame(cells: pd.DataFrame, budgets: Sequence[int]) -> pd.DataFrame
         return pd.DataFrame(rows)
     for (panel, method), group in usable.groupby(["panel", "method"], observed=True, sort=False):
         for budget in budgets:
-            b_max, extrapolated = max_batch_size(group["batch_size"].tolist(), group["peak_bytes"].tolist(), budget)
+            b_max, extrapolated = max_batch_size(group["batch_size"].tolist(), group["peak_bytes"].tolist(), budget,
+                                                 min_slope=_activation_slope(group))
             if b_max is None:
                 continue
             rows.append(dict(panel=panel, method=method, budget_bytes=budget, budget=format_bytes(budget, GiB, 0),
@@ -567,7 +584,8 @@ _FIGURES = (
      "(higher is better; 1× is full fine-tuning)."),
     ("max_batch", "Largest batch size within a memory budget",
      "Peak memory interpolated linearly in B between grid points and extrapolated beyond them "
-     "(peak is close to affine in B); 0 means not even B=1 fits."),
+     "(peak is close to affine in B; above the grid it grows at least as fast as the saved "
+     "activations); 0 means not even B=1 fits. Budgets: the suite's budgets.memory_gib."),
     ("throughput", "Throughput", "Training tokens per second (median step time after warm-up)."),
 )
 
@@ -633,7 +651,8 @@ def _page(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame, max_ba
         parts.append(
             '<p class="note"><b>Estimated figures.</b> Cells with status <i>estimated</i> were traced on the '
             f"meta device and model the kernels of {e(', '.join(models))}; they are marked "
-            "<i>estimated</i> in the tables, <i>[estimated]</i> in plot titles, dashed lines and hatched bars.</p>"
+            "<i>estimated</i> in the tables, <i>[estimated]</i> in plot titles and drawn with dashed lines (and "
+            "hatched or labelled <i>est.</i> bars where they sit next to measured ones).</p>"
         )
     failed = cells[~cells["status"].isin(FIGURE_STATUSES)]
     if not failed.empty:

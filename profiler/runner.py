@@ -177,6 +177,9 @@ def _read_json(path: Path) -> dict | None:
 def _atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a kill never leaves a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private (0600); results are shared files
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from profiler.check import baseline_from_results, read_baseline, run_check, write_baseline
+from profiler.check import (
+    baseline_from_results,
+    read_baseline,
+    run_check,
+    write_baseline,
+)
 from profiler.records import read_records
 from profiler.report import load_results
 
@@ -158,3 +163,27 @@ def test_baseline_worse_regresses_and_better_is_improved(results, tmp_path):
     write_baseline(path, doc)
     code, out = check(results, baseline=path)
     assert code == 0 and "improved" in out and "(1 improved)" in out
+
+
+def test_pairs_of_measured_and_estimated_figures_are_left_out(results):
+    records = read_records(results)
+    at = {"model": "t5-small", "batch_size": 64, "seq_len": 128}
+    for record in records:
+        if record["params"]["method"] == "full" and all(record["params"][k] == v for k, v in at.items()):
+            record.update(status="estimated", device="meta", models_device="cuda")
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    set_checks(results, [{"metric": "peak_bytes", "denominator": "wtacrs@0.3", "min": 1.0, "where": at}])
+    code, out = check(results)
+    assert code == 1 and "no data" in out and "1 left out" in out
+
+
+def test_cli_update_baseline_takes_a_tolerance(results, capsys):
+    from profiler import cli
+
+    path = results.parent / "b.json"
+    assert cli.main(["check", str(results), "--baseline", str(path), "--update-baseline", "--tolerance", "0.02"]) == 0
+    assert read_baseline(path)["tolerance"] == 0.02
+    assert cli.main(["check", str(results), "--baseline", str(path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["check", str(results), "--baseline", str(path), "--tolerance", "0.02"]) == 2
+    assert "--tolerance applies with --update-baseline only" in capsys.readouterr().err

@@ -146,11 +146,16 @@ def test_mlp_categories_activations_and_flops_match_hand_count():
     assert not m.estimated and m.models_device == "cpu"
 
 
-def test_meta_estimate_equals_cpu_measurement():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_meta_estimate_equals_cpu_measurement(checkpointing):
     cell = {"batch_size": 4, "seq_len": 16}  # big enough for the peak to fall in backward
-    cpu = measure_training_step(*t5_cell("cpu", **cell)[:3], device="cpu", family=T5, timed_steps=0,
-                                models_device="cpu")
+    cpu_model, cpu_batch, cpu_optimizer, _ = t5_cell("cpu", **cell)
     model, batch, optimizer, _ = t5_cell("meta", **cell)
+    if checkpointing:
+        for m in (cpu_model, model):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cpu = measure_training_step(cpu_model, cpu_batch, cpu_optimizer, device="cpu", family=T5, timed_steps=0,
+                                models_device="cpu")
     # the first estimate of a meta model runs a real warm-up step; later ones only make what it
     # leaves behind (gradients, optimizer state): both must equal the cpu measurement
     estimates = []
@@ -186,7 +191,7 @@ def test_cuda_modelling_saves_bool_dropout_masks_and_rounds_blocks():
 
 
 def test_backends_leave_no_trace_even_when_the_step_fails():
-    dropout = F.dropout
+    dropout, get_rng_state = F.dropout, torch.get_rng_state
     hooks = (dict(torch.nn.modules.module._global_forward_pre_hooks), dict(torch.nn.modules.module._global_forward_hooks))
     model, batch, optimizer, _ = t5_cell("meta")
     measure_training_step(model, batch, optimizer, device="meta", family=T5, models_device="cuda")
@@ -203,6 +208,7 @@ def test_backends_leave_no_trace_even_when_the_step_fails():
         measure_training_step(model, batch, optimizer, device="meta", family=T5, models_device="cuda")
 
     assert F.dropout is dropout
+    assert torch.get_rng_state is get_rng_state
     assert all(group["foreach"] is None for group in optimizer.param_groups)
     assert torch._C._len_torch_dispatch_stack() == 0
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
@@ -220,12 +226,18 @@ def test_bad_device_is_one_clear_error(kwargs, message):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_peak_is_the_allocator_peak_and_meta_estimate_is_within_5_percent():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_cuda_peak_is_the_allocator_peak_and_meta_estimate_is_within_5_percent(checkpointing):
     cell = {"d_model": 256, "layers": 4, "batch_size": 16, "seq_len": 128}
     model, batch, optimizer, family = t5_cell("cuda", **cell)
+    meta_model, meta_batch, meta_optimizer, _ = t5_cell("meta", **cell)
+    if checkpointing:
+        for m in (model, meta_model):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     measured = measure_training_step(model, batch, optimizer, device="cuda", family=family, timed_steps=2)
     assert measured.reserved_bytes >= measured.peak_bytes > 0
     assert len(measured.step_times_s) == 2
-    estimate = measure_training_step(*t5_cell("meta", **cell)[:3], device="meta", family=T5, models_device="cuda")
+    estimate = measure_training_step(meta_model, meta_batch, meta_optimizer, device="meta", family=T5,
+                                     models_device="cuda")
     assert abs(estimate.peak_bytes - measured.peak_bytes) <= 0.05 * measured.peak_bytes
     assert estimate.activations == measured.activations

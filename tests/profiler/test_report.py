@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
+import math
 import re
 import shutil
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 matplotlib.use("Agg")
 
@@ -20,10 +25,12 @@ from profiler.report import (  # noqa: E402
     GiB,
     MiB,
     ResultsError,
+    cell_table,
     cells_frame,
     load_results,
     max_batch_size,
     memory_budgets,
+    metric_value,
     render_report,
 )
 
@@ -53,8 +60,12 @@ def test_report_writes_every_plot_as_png_and_embeds_the_same_bytes(rendered):
     for name in PLOTS:
         png = (page.parent / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        assert len(png) > 20_000, name  # a faceted plot, not an empty canvas
         assert png in embedded, name
+        # a faceted plot, not an empty canvas: ink on a real share of it, in many colours
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 600, name
+        assert (pixels.min(axis=2) < 200).mean() > 0.03, name
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 30, name
 
 
 def test_report_loads_nothing_from_outside(rendered):
@@ -146,6 +157,8 @@ def test_budgets_come_from_the_suite_in_binary_units():
     assert memory_budgets({"budgets": [24, "512 MiB", "1.5GiB"]}) == [24 * GiB, int(1.5 * GiB), 512 * MiB]
     assert memory_budgets({"budget": 16}) == [16 * GiB]
     assert memory_budgets({"budgets": {"memory": ["8 GiB"], "cell_seconds": 60}}) == [8 * GiB]
+    # what a suite's budgets.memory_gib puts in suite.json (profiler.suite validates it)
+    assert memory_budgets({"budgets": {"memory_fraction": 0.6, "memory_gib": [48, 16.5]}}) == [48 * GiB, int(16.5 * GiB)]
     with pytest.raises(ResultsError, match="80GB"):
         memory_budgets({"memory_budgets": ["80GB"]})
 
@@ -166,3 +179,52 @@ def test_truncated_last_line_is_ignored_and_retries_replace_earlier_records(tmp_
     assert len(loaded.records) == len(lines)
     (first,) = [r for r in loaded.records if r["cell_id"] == retry["cell_id"]]
     assert first["memory"]["peak_bytes"] == retry["memory"]["peak_bytes"]
+
+
+def _mixed_kinds(tmp_path: Path, estimate: dict | None) -> tuple[Path, dict, dict]:
+    """The fixture with full at (t5-small, B=64, S=128) turned into a cuda estimate, next to a
+    wtacrs@0.3 cell measured on the CPU (carrying ``estimate`` when given)."""
+    results = copy_fixture(tmp_path)
+    records = read_records(results)
+    at = {"model": "t5-small", "batch_size": 64, "seq_len": 128}
+    full, method = (next(r for r in records if r["params"]["method"] == m
+                         and all(r["params"][k] == v for k, v in at.items())) for m in ("full", "wtacrs@0.3"))
+    full.update(status="estimated", device="meta", models_device="cuda", throughput=None)
+    full["memory"]["peak_bytes"] = 7 * GiB
+    if estimate is not None:
+        method["estimate"] = estimate
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return results, full, method
+
+
+def test_a_ratio_never_mixes_measured_and_estimated_figures(tmp_path):
+    results, full, method = _mixed_kinds(tmp_path, None)
+    cells = cells_frame(load_results(results))
+    row = cells[cells["cell_id"] == method["cell_id"]].iloc[0]
+    assert pd.isna(row["peak_ratio"]) and pd.isna(row["activation_ratio"])
+    # with the meta estimate the cpu run was planned from, the ratio is one of two estimates
+    results, full, method = _mixed_kinds(tmp_path, {"peak_bytes": 2 * GiB, "activation_bytes": GiB,
+                                                    "models_device": "cuda", "flops": 1, "cpu_seconds": 1.0})
+    cells = cells_frame(load_results(results))
+    row = cells[cells["cell_id"] == method["cell_id"]].iloc[0]
+    assert row["peak_ratio"] == 3.5 and row["ratio_estimated"] and row["ratio_figures"] == "estimated (meta → cuda)"
+    full_activations = sum(item["bytes"] for item in full["activations"])
+    assert row["activation_ratio"] == pytest.approx(full_activations / GiB, rel=1e-12)
+    assert "3.50× (estimates)" in set(cell_table(cells[cells["cell_id"] == method["cell_id"]])["peak: full ÷ method"])
+
+
+def test_activation_bytes_are_everything_saved_for_backward_not_the_part_alive_at_the_peak():
+    record = {"status": "ok", "params": {}, "memory": {"peak_bytes": 10, "categories": {"activations": 4624}},
+              "activations": [{"operator": "Linear-Q", "category": "uncompressed", "bytes": 1_000_000},
+                              {"operator": "Softmax", "category": "uncompressed", "bytes": 320_000}]}
+    assert metric_value(record, "activation_bytes") == 1_320_000
+    assert metric_value({**record, "activations": None}, "activation_bytes") == 4624
+
+
+def test_a_flat_peak_extrapolates_at_the_activations_slope():
+    # the peak falls in the optimizer step (flat in B) on the grid; beyond it the activations,
+    # 1/64 GiB per sample here, take over: the flat segment alone would give an absurd B
+    sizes, peaks = [16, 32, 64], [13 * GiB, 13 * GiB + MiB, 13 * GiB + 2 * MiB]
+    b, extrapolated = max_batch_size(sizes, peaks, 80 * GiB, min_slope=GiB / 64)
+    assert extrapolated and b == 64 + math.floor((67 * GiB - 2 * MiB) / (GiB / 64))
+    assert max_batch_size(sizes, peaks, 80 * GiB, min_slope=0)[0] > 10**6  # what it guards against

@@ -7,7 +7,6 @@ uses the real backend, when present, to pin that reusing a meta model across cel
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 
 import pandas as pd
@@ -183,7 +182,9 @@ def test_suite_time_budget_stops_cpu_runs(write_suite, tmp_path, fake_measure, m
 
 
 def test_parallel_meta_estimates_match_serial_ones(write_suite, tmp_path):
-    from tests.profiler.conftest import fake_measure_training_step  # importable by worker processes
+    from tests.profiler.conftest import (
+        fake_measure_training_step,  # importable by worker processes
+    )
 
     suite = load_suite(write_suite())
     serial = runner.run_suite(runner.plan_run(suite, tmp_path / "a"), measure=fake_measure_training_step)
@@ -193,17 +194,47 @@ def test_parallel_meta_estimates_match_serial_ones(write_suite, tmp_path):
     assert [r["memory"] for r in a] == [r["memory"] for r in b]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("profiler.measure") is None, reason="profiler.measure not written yet")
-def test_reusing_a_meta_model_across_cells_is_exact(write_suite):
-    from profiler.measure import measure_training_step
+REUSE_SUITE = """\
+name: reuse
+model: [{family: t5, preset: t5-tiny}, {family: bert, preset: bert-tiny}]
+grid: {batch_size: [2, 3], seq_len: [8]}
+methods: [lora, checkpointing, lora+wtacrs@0.3]
+training: {warmup_steps: 1, timed_steps: 1}
+device: meta
+"""
 
-    suite = load_suite(write_suite())
-    cells = [c for c in suite.cells() if c.model == "t5-tiny" and c.method == "lora"]
-    shared = runner.CellRunner(suite, "meta", measure_training_step)
-    reused = [shared.run(c) for c in cells]  # the second cell reuses the first cell's model
-    assert shared.cache.model is not None
-    fresh = [runner.CellRunner(suite, "meta", measure_training_step).run(c) for c in cells]
-    for a, b in zip(reused, fresh):
-        assert a["status"] == b["status"] == "estimated", (a["message"], b["message"])
-        assert a["memory"] == b["memory"] and a["activations"] == b["activations"]
-    assert reused[0]["memory"]["peak_bytes"] < reused[1]["memory"]["peak_bytes"]
+
+@pytest.mark.parametrize("model", ["t5-tiny", "bert-tiny"])
+def test_reusing_a_meta_model_across_cells_is_exact(write_suite, model):
+    from profiler import measure
+
+    suite = load_suite(write_suite(REUSE_SUITE))
+    for method in suite.methods:
+        cells = [c for c in suite.cells() if c.model == model and c.method == method]
+        shared = runner.CellRunner(suite, "meta", measure.measure_training_step)
+        reused = [shared.run(c) for c in cells]  # the second cell reuses the first cell's model...
+        # ...and skips its warm-up step: only its gradients and optimizer state are made
+        assert shared.cache.model in measure._REACHED_PARAMETERS
+        fresh = [runner.CellRunner(suite, "meta", measure.measure_training_step).run(c) for c in cells]
+        for a, b in zip(reused, fresh):
+            assert a["status"] == b["status"] == "estimated", (a["message"], b["message"])
+            assert a["memory"] == b["memory"] and a["activations"] == b["activations"], method
+        saved = [sum(item["bytes"] for item in r["activations"]) for r in reused]
+        assert saved[0] < saved[1]  # the batch size did change
+
+
+def test_cpu_runs_use_the_suites_thread_count(write_suite, tmp_path, fake_measure):
+    import torch
+
+    seen = []
+
+    def measure(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fake_measure(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    text = write_suite().read_text().replace("training: {", "training: {threads: 1, ")
+    _, result = run(write_suite(text), tmp_path / "out", measure, device="cpu", only="bert-tiny/full/B2")
+    (row,) = records.read_records(result.results_path)
+    assert seen == [1] and "(1 threads)" in row["env"]["device_name"]
+    assert torch.get_num_threads() == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,15 @@ import torch
 
 import wtacrs
 from profiler import methods as methods_table
-from profiler.models import PRESETS, DimsError, build_model, make_batch, preset_dims, resolve_dims
+from profiler.models import (
+    PRESETS,
+    DimsError,
+    build_model,
+    make_batch,
+    preset_dims,
+    resolve_dims,
+)
+from profiler.report import memory_budgets
 from profiler.suite import SuiteError, load_suite
 
 RECORD_PARAMS = {"model", "family", "method", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff",
@@ -49,7 +58,7 @@ def test_paper_t5_suite_has_84_cells_with_unique_ids():
     assert {(c.d_model, c.n_head, c.d_ff, c.d_head) for c in cells} == {(768, 12, 3072, 64), (1024, 16, 4096, 64)}
 
 
-@pytest.mark.parametrize("name", ["smoke", "bert"])
+@pytest.mark.parametrize("name", ["smoke", "bert", "t5-paper"])
 def test_shipped_suites_validate(name):
     suite = load_suite(f"suites/{name}.yaml")
     assert suite.cells()
@@ -97,10 +106,12 @@ def test_method_names_are_canonical_and_checks_use_them(write_suite):
 def test_suite_json_holds_what_report_and_check_read():
     data = load_suite("suites/t5.yaml").to_json()
     assert {"name", "model", "grid", "methods", "training", "device", "budgets", "checks"} <= set(data)
-    assert data["checks"][0] == {"metric": "peak_bytes", "numerator": "full", "denominator": "wtacrs@0.3",
-                                 "min": 2.1, "max": None, "where": {"model": "t5-base", "batch_size": 64,
+    assert data["checks"][2] == {"metric": "peak_bytes", "numerator": "full", "denominator": "wtacrs@0.3",
+                                 "min": 2.2, "max": None, "where": {"model": "t5-base", "batch_size": 64,
                                                                     "seq_len": 128}}
     assert len(data["cells"]) == 84
+    # the report's memory budgets come from the suite
+    assert memory_budgets(json.loads(json.dumps(data))) == [int(b * 2**30) for b in data["budgets"]["memory_gib"]]
 
 
 # --- validation: one line per problem, naming file, line, key and reason ----------------------
@@ -136,6 +147,9 @@ BAD_SUITES = {
     "unknown config key": ("model: {preset: t5-tiny, config: {dropout: 0.0}}\ngrid: {batch_size: [2], seq_len: [8]}\n"
                            "methods: [full]\n", ["suite.yaml:1: model.config.dropout: not a t5 config key"]),
     "bad dtype": (BASE + "training: {dtype: float64}\n", ["suite.yaml:4: training.dtype: 'float64' is not allowed"]),
+    "zero threads": (BASE + "training: {threads: 0}\n", ["suite.yaml:4: training.threads: 0 must be >= 1"]),
+    "memory budget not a size": (BASE + "budgets: {memory_gib: [80, 0]}\n",
+                                 ["suite.yaml:4: budgets.memory_gib[1]: 0 must be > 0"]),
     "bad device": (BASE + "device: gpu\n", ["suite.yaml:4: device: 'gpu' is not allowed"]),
     "check names a method not run": (BASE + "checks: [{metric: peak_bytes, denominator: lora, min: 1}]\n",
                                      ["suite.yaml:4: checks[0].denominator: method 'lora' is not in `methods`"]),
