@@ -62,6 +62,8 @@ def main() -> None:
     width = max(len(k) for k in by_operator) + 2
     print(f"{'saved for backward':<{width}}" + "".join(f"{m:>17}" for m in results))
     for key in sorted(by_operator, key=lambda k: -max(by_operator[k].values())):
+        if max(by_operator[key].values()) < GIB // 2000:  # under 0.5 MiB in every method
+            continue
         print(f"{key:<{width}}" + "".join(f"{by_operator[key].get(m, 0) / GIB:>17.3f}" for m in results))
     rows = {
         "activations total": {m: sum(a["bytes"] for a in r.activations) for m, r in results.items()},

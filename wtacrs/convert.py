@@ -46,6 +46,15 @@ class _ConversionState:
     own_forward: object = None  # an instance-level forward installed before us (accelerate hooks)
 
 
+def _derived_seed() -> int:
+    """A seed that follows ``torch.manual_seed`` but is not the default generator's own seed.
+
+    Reusing that seed would replay the dropout stream for the sampling draws; both must stay
+    independent for the estimate to stay unbiased.
+    """
+    return int(torch.randint(2**62, (), generator=torch.Generator().manual_seed(torch.initial_seed())))
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -86,8 +95,7 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # sampling never draws from torch's default generator: the converted model consumes it as the
     # original does, so the same seed gives the same dropout masks
-    seed = config.seed if config.seed is not None else int(torch.randint(2**62, (), generator=torch.Generator().manual_seed(torch.initial_seed() % 2**62)))
-    state.generators = Generators(seed)
+    state.generators = Generators(config.seed if config.seed is not None else _derived_seed())
     state.generator = state.generators.for_device(device)
 
     sampling = dict(

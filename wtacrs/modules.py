@@ -231,31 +231,6 @@ class LosslessDropout(nn.Dropout):
         return out
 
 
-class SavedInputActivation(torch.autograd.Function):
-    """Any elementwise activation module that stores only its input.
-
-    The forward runs the original module (so its output is bitwise the original's); backward
-    recomputes it from the saved input and differentiates that. Composite activations such as
-    transformers' ``NewGELUActivation`` (tanh formula in plain ops) or SiLU otherwise save
-    several full-size intermediates.
-    """
-
-    @staticmethod
-    def forward(ctx, x, module):
-        ctx.module = module
-        ctx.save_for_backward(x)
-        with torch.no_grad():
-            return module(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            xd = x.detach().requires_grad_()
-            y = ctx.module.forward(xd)  # .forward: module hooks ran once, in the forward pass
-        return torch.autograd.grad(y, xd, grad, create_graph=torch.is_grad_enabled())[0], None
-
-
 class LosslessActivation(nn.Module):
     """Wraps an activation module: ReLU keeps a 1-bit mask, anything else its input only.
 
@@ -280,13 +255,12 @@ class LosslessActivation(nn.Module):
         return out
 
 
-class RecomputedNorm(torch.autograd.Function):
-    """A LayerNorm / RMSNorm module that stores only its input.
+class RecomputedModule(torch.autograd.Function):
+    """A row-wise module (a norm, an activation) that stores only its input.
 
-    Forward runs the original module (bitwise its output); backward recomputes it from the saved
-    input and differentiates that, for the input and the norm's own parameters. Eager
-    LayerNorm keeps its input and a normalised copy (T5's RMSNorm: input, normalised copy and
-    the reciprocal RMS), so this halves the norm's share of saved activations.
+    ``apply(x, module, *params)``: the forward runs the original module (so its output is bitwise
+    the original's); backward recomputes it from the saved input and differentiates that, for
+    the input and the module's own ``params``.
     """
 
     @staticmethod
@@ -308,6 +282,22 @@ class RecomputedNorm(torch.autograd.Function):
         grad_x = grads.pop(0) if ctx.needs_input_grad[0] else None
         grad_params = [grads.pop(0) if needed else None for needed in ctx.needs_input_grad[2:]]
         return (grad_x, None, *grad_params)
+
+
+class RecomputedNorm(RecomputedModule):
+    """A LayerNorm / RMSNorm that stores only its input (node ``RecomputedNormBackward``).
+
+    Eager LayerNorm keeps its input and a normalised copy (T5's RMSNorm: input, normalised copy
+    and the reciprocal RMS), so this halves the norm's share of saved activations.
+    """
+
+
+class SavedInputActivation(RecomputedModule):
+    """An elementwise activation that stores only its input (node ``SavedInputActivationBackward``).
+
+    Composite activations such as transformers' ``NewGELUActivation`` (the tanh formula in plain
+    ops) or SiLU otherwise save several full-size intermediates.
+    """
 
 
 class LeanNorm(nn.Module):
