@@ -234,9 +234,11 @@ def build_config(cell: CellLike) -> PretrainedConfig:
         kv_ratio = values.get("num_key_value_heads", preset.n_head) / preset.n_head
         kv = max(1, round(cell.n_head * kv_ratio))
         values["num_key_value_heads"] = kv if cell.n_head % kv == 0 else cell.n_head
-    if cell.family == "t5":
-        values["use_cache"] = False  # no KV cache in training; it only costs memory
-    return arch.config_class(**values)
+    config = arch.config_class(**values)
+    if hasattr(config, "use_cache"):
+        # training builds no KV cache: transformers 5 would keep concatenated copies of K and V
+        config.use_cache = False
+    return config
 
 
 def max_positions(family: str, preset: str, overrides: dict[str, Any]) -> int | None:

@@ -94,6 +94,7 @@ from wtacrs.estimator import (
     wtacrs_sample,
 )
 from wtacrs.functional import _gather_rows
+from wtacrs.modules import Generators
 
 NAME = "wtacrs"
 Tm2Mode = Literal["store", "sample"]
@@ -115,7 +116,7 @@ class AttentionSettings:
     tm2: bool = field(default=True, metadata={"help": "TensorMul-2 (P V) reuses the softmax's P and the dropout mask instead of storing dropout(P); V per tm2_v."})
     lossless_dropout: bool = field(default=True, metadata={"help": "Attention dropout keeps a 1-bit packed mask (wtacrs.lossless.dropout), same output bits as F.dropout."})
     fallback: str = field(default="eager", metadata={"help": "The implementation the model used before conversion ('eager' or 'sdpa'); used in eval / no_grad and when tm1 and tm2 are both off."})
-    generator: torch.Generator | None = field(default=None, metadata={"help": "Generator for the row sampling (not for dropout, which uses torch's default generator like eager). None: a private per-device generator, so sampling never shifts the global RNG stream."})
+    generator: torch.Generator | Generators | None = field(default=None, metadata={"help": "Generator (or per-device wtacrs.modules.Generators pool) for the row sampling, not for dropout, which uses torch's default generator like eager. None: a private per-device pool, so sampling never shifts the global RNG stream."})
     tm2_v: Tm2Mode = field(default=DEFAULT_TM2_V, metadata={"help": "'store': keep V for dP = dO V^T (exact); 'sample': keep k sampled head-dim columns of V (unbiased)."})
     dropout_mode: lossless.DropoutMode | None = field(default=None, metadata={"help": "'packed' or 'regenerate' (see wtacrs.lossless); None: the library default."})
     probabilities: ProbabilitySource = field(default="attention", metadata={"help": "'attention': TensorMul-1 rows (and sampled V columns) are drawn after the softmax, with probabilities from P (the expected score-gradient norms), keys and queries centered; 'activation': activation norms only (times mask_aware / query_stream)."})
@@ -337,21 +338,21 @@ def _query_norm(stream: str | None, query: Tensor) -> Tensor | None:
     return mask.to(device=query.device, dtype=torch.float32).reshape(b, 1, q)
 
 
-_PRIVATE_GENERATORS: dict[tuple[str, int | None], torch.Generator] = {}
+_PRIVATE_GENERATORS: Generators | None = None
 
 
 def _generator(settings: AttentionSettings, device: torch.device) -> torch.Generator | None:
-    if settings.generator is not None:
-        return settings.generator
-    if device.type not in ("cpu", "cuda"):
-        return None
-    key = (device.type, device.index)
-    gen = _PRIVATE_GENERATORS.get(key)
-    if gen is None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(torch.initial_seed() + 0x5EED)
-        _PRIVATE_GENERATORS[key] = gen
-    return gen
+    """The sampling generator for ``device``: the settings' (a generator or a per-device pool), or
+    a private pool seeded off ``torch.initial_seed()``, so sampling never shifts the global stream."""
+    global _PRIVATE_GENERATORS
+    g = settings.generator
+    if isinstance(g, Generators):
+        return g.for_device(device)
+    if g is not None:
+        return g
+    if _PRIVATE_GENERATORS is None:
+        _PRIVATE_GENERATORS = Generators(torch.initial_seed() + 0x5EED)
+    return _PRIVATE_GENERATORS.for_device(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from wtacrs.config import WTACRSConfig
 from wtacrs.gradnorm import token_mask
@@ -41,7 +42,6 @@ class _ConversionState:
     replaced: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
     attention_modules: list[nn.Module] = field(default_factory=list)
     share: SampleShare = field(default_factory=SampleShare)
-    generator: torch.Generator | None = None
     generators: Generators | None = None
     own_forward: object = None  # an instance-level forward installed before us (accelerate hooks)
 
@@ -56,7 +56,7 @@ def _derived_seed() -> int:
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    return type(module) is Conv1D
 
 
 def _strip_peft_prefix(name: str) -> str:
@@ -92,11 +92,9 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
         raise ValueError("model is already converted; call wtacrs.revert(model) first")
     family = family_of(hf_model)
     state = _ConversionState(config=config, family=family)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # sampling never draws from torch's default generator: the converted model consumes it as the
     # original does, so the same seed gives the same dropout masks
     state.generators = Generators(config.seed if config.seed is not None else _derived_seed())
-    state.generator = state.generators.for_device(device)
 
     sampling = dict(
         ratio=config.ratio,
@@ -121,7 +119,7 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             child_qualified = f"{qualified}.{child_name}" if qualified else child_name
             _convert_child(state, module, child_name, child, child_qualified, sampling)
 
-    if config.tm1 or config.tm2 or config.lossless:
+    if config.tm1 or config.tm2:  # with both off the attention function would only fall back
         _enable_attention(state, hf_model)
     state.own_forward = hf_model.__dict__.get("forward")
     object.__setattr__(hf_model, _STATE, state)
@@ -131,9 +129,7 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
 
 def _convert_child(state, parent, child_name, child, qualified, sampling) -> None:
     family, config = state.family, state.config
-    if getattr(child, "weight", None) is not None and (isinstance(child, nn.Linear) or _is_conv1d(child)):
-        if type(child) not in (nn.Linear,) and not _is_conv1d(child):
-            return  # subclasses (already converted, quantized, ...) are left alone
+    if type(child) is nn.Linear or _is_conv1d(child):  # subclasses (converted, quantized) are left alone
         operator = family.linear_operator(qualified)
         if operator is None or not config.samples(operator) or not child.weight.requires_grad:
             return
@@ -168,7 +164,7 @@ def _enable_attention(state: _ConversionState, hf_model: nn.Module) -> None:
             tm2_v=config.tm2_v,
             lossless_dropout=config.lossless,
             fallback=module.config._attn_implementation or "eager",
-            generator=state.generator,
+            generator=state.generators,
             query_stream=None if not config.probability == "auto" else _stream(family, f"{name}.q"),
             probabilities="attention" if config.probability == "auto" else "activation",
         )

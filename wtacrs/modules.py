@@ -115,7 +115,7 @@ class _Sampled:
             row_source=row_source,
         )
         if row_source is not None:  # a consumer of this output (Linear-D) can rebuild its rows too
-            rowsource.register(out, row_source.then(lambda rows: F.linear(rows.to(weight.dtype), weight, bias), weight.shape[0]))
+            rowsource.register(out, row_source.then(lambda rows: F.linear(rows.to(weight.dtype), weight, bias)))
         return out
 
     def _generator_for(self, input: Tensor) -> torch.Generator | None:
@@ -321,7 +321,7 @@ class LeanNorm(nn.Module):
             return self.norm.forward(input)
         out = RecomputedNorm.apply(input, self.norm, *params)
         width, norm = input.shape[-1], self.norm
-        rowsource.register(out, RowSource((input,), lambda ts, idx: norm.forward(ts[0].reshape(-1, width).index_select(0, idx)), width))
+        rowsource.register(out, RowSource((input,), lambda ts, idx: norm.forward(ts[0].reshape(-1, width).index_select(0, idx))))
         return out
 
     def extra_repr(self) -> str:

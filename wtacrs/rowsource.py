@@ -35,12 +35,11 @@ class RowSource:
 
     tensors: tuple[Tensor, ...]
     fn: RowFn
-    width: int
 
     def rows(self, tensors: tuple[Tensor, ...], indices: Tensor) -> Tensor:
         return self.fn(tensors, indices.long())
 
-    def then(self, fn: Callable[[Tensor], Tensor], width: int | None = None, extra: tuple[Tensor, ...] = ()) -> RowSource:
+    def then(self, fn: Callable[[Tensor], Tensor], extra: tuple[Tensor, ...] = ()) -> RowSource:
         """The source of ``fn(rows)``; ``fn`` may read ``extra`` tensors (passed after the rows)."""
         inner, n_inner = self.fn, len(self.tensors)
 
@@ -48,7 +47,7 @@ class RowSource:
             rows = inner(tensors[:n_inner], indices)
             return fn(rows, *tensors[n_inner:], indices=indices) if extra else fn(rows)
 
-        return RowSource(self.tensors + tuple(extra), composed, self.width if width is None else width)
+        return RowSource(self.tensors + tuple(extra), composed)
 
 
 _sources: dict[int, tuple[weakref.ref, int, RowSource]] = {}
@@ -72,7 +71,3 @@ def lookup(input: Tensor) -> RowSource | None:
     if entry is None or entry[0]() is not input or entry[1] != input._version:
         return None
     return entry[2]
-
-
-def clear() -> None:
-    _sources.clear()
