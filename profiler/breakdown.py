@@ -176,11 +176,18 @@ def _loss(site: SaveSite) -> Attribution:
     return Operator.HEAD_LOSS, Category.UNCOMPRESSED
 
 
+@register_saver("TanhBackward0")
+def _tanh(site: SaveSite) -> Attribution | None:
+    # inside attention, a tanh is logit softcapping (Gemma 2): part of the scores' normalisation
+    return (Operator.SOFTMAX, Category.UNCOMPRESSED) if site.role.kind == "attention" else None
+
+
 @register_saver("SampledScoresSoftmaxBackward")
 def _sampled_scores_softmax(site: SaveSite) -> Attribution:
-    # wtacrs.attention.SampledScoresSoftmax saves (P, q_rows, q_idx, k_rows, k_idx): P for the
-    # softmax's exact backward, the sampled rows of Q and K for TensorMul-1's weight-free product
-    if site.slot == "saved_tensors[0]":
+    # wtacrs.attention.SampledScoresSoftmax saves (P, q_rows, q_idx, k_rows, k_idx, tanh): P for
+    # the softmax's exact backward, the sampled rows of Q and K for TensorMul-1's weight-free
+    # product, the softcap's tanh output (as eager's tanh keeps it)
+    if site.slot in ("saved_tensors[0]", "saved_tensors[5]"):
         return Operator.SOFTMAX, Category.UNCOMPRESSED
     return Operator.TENSORMUL_1, Category.SAMPLED
 

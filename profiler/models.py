@@ -20,15 +20,24 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
+from transformers import masking_utils
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -40,7 +49,8 @@ class Architecture:
     """How one family's config names the block dimensions, and which head model is trained.
 
     ``d_head`` is None where the config has no separate head size (it is ``d_model / n_head``).
-    ``d_ff`` None in a config means ``4 * d_model`` (GPT-2's ``n_inner``).
+    ``d_ff`` None in a config means ``4 * d_model`` (GPT-2's ``n_inner``). ``n_kv_head`` names
+    the key/value head count of grouped-query attention (None: every head has its own).
     """
 
     config_class: type[PretrainedConfig]
@@ -51,6 +61,7 @@ class Architecture:
     d_ff: str
     n_layers: str
     d_head: str | None = None
+    n_kv_head: str | None = None
     max_positions: str | None = None
     peft_task_type: str = "CAUSAL_LM"
     loss: str = "causal LM"
@@ -72,11 +83,21 @@ ARCHITECTURES: dict[str, Architecture] = {
         GPT2Config, GPT2LMHeadModel, encoder_decoder=False,
         d_model="n_embd", n_head="n_head", d_ff="n_inner", n_layers="n_layer", max_positions="n_positions",
     ),
-    "llama": Architecture(
-        LlamaConfig, LlamaForCausalLM, encoder_decoder=False,
-        d_model="hidden_size", n_head="num_attention_heads", d_ff="intermediate_size",
-        n_layers="num_hidden_layers", d_head="head_dim", max_positions="max_position_embeddings",
-    ),
+    **{
+        family: Architecture(
+            config_class, model_class, encoder_decoder=False,
+            d_model="hidden_size", n_head="num_attention_heads", d_ff="intermediate_size",
+            n_layers="num_hidden_layers", d_head="head_dim", n_kv_head="num_key_value_heads",
+            max_positions="max_position_embeddings",
+        )
+        for family, config_class, model_class in (
+            ("llama", LlamaConfig, LlamaForCausalLM),
+            ("qwen3", Qwen3Config, Qwen3ForCausalLM),
+            ("gemma", GemmaConfig, GemmaForCausalLM),
+            ("gemma2", Gemma2Config, Gemma2ForCausalLM),
+            ("gemma3", Gemma3TextConfig, Gemma3ForCausalLM),
+        )
+    },
 }
 
 
@@ -109,6 +130,10 @@ def _t5_presets() -> dict[str, Preset]:
     return presets
 
 
+# LLaMA-style tiny decoders: grouped-query attention (4 query heads, 2 key/value heads)
+_DECODER_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=512)
+
 PRESETS: dict[str, Preset] = {
     **_t5_presets(),
     "bert-base": Preset("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -123,13 +148,35 @@ PRESETS: dict[str, Preset] = {
     "tiny-llama": Preset("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                        num_attention_heads=32, num_key_value_heads=4, head_dim=64,
                                        vocab_size=32000, max_position_embeddings=2048), "TinyLlama-1.1B"),
-    "llama-tiny": Preset("llama", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       vocab_size=512, max_position_embeddings=512), "tiny LLaMA for tests"),
+    "llama-tiny": Preset("llama", {**_DECODER_TINY, "intermediate_size": 160}, "tiny LLaMA for tests"),
+    "qwen3-0.6b": Preset("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                       vocab_size=151936, max_position_embeddings=40960,
+                                       tie_word_embeddings=True), "Qwen3-0.6B"),
+    "qwen3-tiny": Preset("qwen3", _DECODER_TINY, "tiny Qwen3 (q_norm / k_norm) for tests"),
+    "gemma-2b": Preset("gemma", dict(hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                                     num_attention_heads=8, num_key_value_heads=1, head_dim=256,
+                                     vocab_size=256000, max_position_embeddings=8192), "Gemma-2B"),
+    "gemma-tiny": Preset("gemma", _DECODER_TINY, "tiny Gemma for tests"),
+    "gemma2-2b": Preset("gemma2", dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                                       num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                       vocab_size=256000, max_position_embeddings=8192, sliding_window=4096,
+                                       query_pre_attn_scalar=256), "Gemma-2-2B (logit softcapping 50)"),
+    "gemma2-tiny": Preset("gemma2", {**_DECODER_TINY, "sliding_window": 16, "query_pre_attn_scalar": 16},
+                          "tiny Gemma 2 for tests (softcapping, a 16-token window on alternate layers)"),
+    "gemma3-1b": Preset("gemma3", dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                       num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                                       vocab_size=262144, max_position_embeddings=32768, sliding_window=512,
+                                       query_pre_attn_scalar=256), "Gemma-3-1B (text)"),
+    "gemma3-tiny": Preset("gemma3", {**_DECODER_TINY, "sliding_window": 16, "query_pre_attn_scalar": 16},
+                          "tiny Gemma 3 for tests (q_norm / k_norm, a 16-token sliding window)"),
 }
 
 # A family given without a preset starts from this one.
-DEFAULT_PRESETS = {"t5": "t5-small", "bert": "bert-base", "gpt2": "gpt2", "llama": "tiny-llama"}
+DEFAULT_PRESETS = {
+    "t5": "t5-small", "bert": "bert-base", "gpt2": "gpt2", "llama": "tiny-llama",
+    "qwen3": "qwen3-0.6b", "gemma": "gemma-2b", "gemma2": "gemma2-2b", "gemma3": "gemma3-1b",
+}
 
 
 @dataclass(frozen=True)
@@ -228,12 +275,12 @@ def build_config(cell: CellLike) -> PretrainedConfig:
     values[arch.d_ff] = cell.d_ff
     if arch.d_head:
         values[arch.d_head] = cell.d_head
-    if cell.family == "llama":
+    if arch.n_kv_head:
         # keep the preset's grouped-query ratio where it divides the new head count
         preset = preset_dims(cell.preset, dict(cell.config))
-        kv_ratio = values.get("num_key_value_heads", preset.n_head) / preset.n_head
+        kv_ratio = values.get(arch.n_kv_head, preset.n_head) / preset.n_head
         kv = max(1, round(cell.n_head * kv_ratio))
-        values["num_key_value_heads"] = kv if cell.n_head % kv == 0 else cell.n_head
+        values[arch.n_kv_head] = kv if cell.n_head % kv == 0 else cell.n_head
     config = arch.config_class(**values)
     if hasattr(config, "use_cache"):
         # training builds no KV cache: transformers 5 would keep concatenated copies of K and V
@@ -271,11 +318,16 @@ def tokens_per_step(cell: CellLike) -> int:
     return cell.batch_size * (cell.seq_len + (cell.target_len or 0))
 
 
+def padding_length(cell: CellLike, length: int) -> int:
+    """Pad tokens at the end of every row of a ``length``-token synthetic sequence (each row
+    keeps at least one real token)."""
+    return min(length - 1, math.floor(cell.pad_fraction * length + 0.5))
+
+
 def _ids_and_mask(cell: CellLike, length: int, vocab: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(FIRST_TOKEN_ID, vocab, (cell.batch_size, length), generator=generator)
     mask = torch.ones(cell.batch_size, length, dtype=torch.long)
-    # every row keeps at least one real token; padding sits at the end of each row
-    pad = min(length - 1, math.floor(cell.pad_fraction * length + 0.5))
+    pad = padding_length(cell, length)
     if pad:
         mask[:, length - pad :] = 0
         ids[:, length - pad :] = 0
@@ -287,11 +339,13 @@ def make_batch(cell: CellLike, device: str | torch.device, generator: torch.Gene
 
     - t5: ``input_ids``/``attention_mask`` [B, S], ``labels`` [B, T] (-100 at padding)
     - bert: ``input_ids``/``attention_mask`` [B, S], ``labels`` [B] (class ids)
-    - gpt2/llama: ``input_ids``/``attention_mask`` [B, S], ``labels`` [B, S] (-100 at padding)
+    - decoders (gpt2, llama, qwen3, gemma*): ``input_ids``/``attention_mask`` [B, S], ``labels``
+      [B, S] (-100 at padding)
 
     int64 tensors, drawn on the CPU from ``generator`` (seed 0 if None) and moved to ``device``.
-    On ``meta`` the attention mask is left out: transformers' mask helpers call ``.item()``,
-    which meta tensors cannot answer, and the mask does not change any tensor's size.
+    Every device gets the attention mask, so the model builds its 4D masks as it does on real
+    data (their bytes count). On ``meta`` run the step inside :class:`MetaMaskChecks` ``(cell)``:
+    transformers reads the mask's values to decide whether a 4D mask is needed at all.
     """
     if generator is None:
         generator = torch.Generator().manual_seed(0)
@@ -306,6 +360,43 @@ def make_batch(cell: CellLike, device: str | torch.device, generator: torch.Gene
     else:
         labels = input_ids.masked_fill(attention_mask == 0, -100)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if torch.device(device).type == "meta":
-        del batch["attention_mask"]
     return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+class MetaMaskChecks:
+    """Answers the questions transformers asks of a ``make_batch`` mask's values, on meta.
+
+    From a 2D attention mask, transformers' mask builders decide whether a 4D mask is needed:
+    ``masking_utils._ignore_causal_mask_sdpa`` (SDPA's ``is_causal`` instead of a mask) and
+    ``_ignore_bidirectional_mask_sdpa`` (no mask without padding) call ``.all()`` on it, which a
+    meta tensor cannot answer. (Without a mask, ``find_packed_sequence_indices`` asks the same of
+    the position ids; ``make_batch`` always passes the mask.) Every row of the synthetic batch
+    pads the same tail and the profiler builds no KV cache, so queries and keys have the same
+    length and one fact of the cell answers both checks: is any key padding? With none, a meta
+    mask gets transformers' answer for no mask (which reads no values); with some, False --
+    transformers' answer for a mask with pads among its first ``q_length`` keys. Masks on other
+    devices are answered by the original functions, which are restored on exit.
+    """
+
+    def __init__(self, cell: CellLike) -> None:
+        self.padded = padding_length(cell, cell.seq_len) > 0
+        self._originals: dict[str, Any] = {}
+
+    def __enter__(self) -> MetaMaskChecks:
+        for name in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa"):
+            original = self._originals[name] = getattr(masking_utils, name)
+            setattr(masking_utils, name, self._answer(original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._originals.items():
+            setattr(masking_utils, name, original)
+        self._originals.clear()
+
+    def _answer(self, original):
+        def check(padding_mask, *args, **kwargs):
+            if padding_mask is None or padding_mask.device.type != "meta":
+                return original(padding_mask, *args, **kwargs)
+            return not self.padded and original(None, *args, **kwargs)
+
+        return check

@@ -46,7 +46,7 @@ import torch
 
 from profiler import methods as methods_table
 from profiler import records
-from profiler.models import build_model, make_batch, tokens_per_step
+from profiler.models import MetaMaskChecks, build_model, make_batch, tokens_per_step
 from profiler.suite import Cell, Suite, Training
 
 RESULTS = "results.jsonl"
@@ -362,10 +362,11 @@ def _measure_on(
     try:
         batch = make_batch(cell, device, torch.Generator().manual_seed(cell.seed))
         optimizer = build_optimizer(model, cell.optimizer)
-        return measure(
-            model, batch, optimizer, device=device, family=_family_of(model),
-            warmup_steps=cell.warmup_steps, timed_steps=cell.timed_steps, models_device=models_device,
-        )
+        with MetaMaskChecks(cell) if device == "meta" else contextlib.nullcontext():
+            return measure(
+                model, batch, optimizer, device=device, family=_family_of(model),
+                warmup_steps=cell.warmup_steps, timed_steps=cell.timed_steps, models_device=models_device,
+            )
     finally:
         del model
         if device != "meta":  # free the real storage before the next cell allocates

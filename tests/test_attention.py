@@ -21,15 +21,34 @@ transformers = pytest.importorskip("transformers")
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
 
-FAMILIES = ["t5", "t5-gated-gelu", "bert", "gpt2", "llama"]
+# LLaMA-style decoders beyond LLaMA: head dim 8, GQA; Gemma 2 / 3 slide a 4-token window on their
+# first layer. Gemma 2's softcap is small enough for tanh to bend these tiny random scores
+# (|scores| up to ~5x the cap), so a wrong softcap gradient shows.
+_SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+DECODERS = {
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
+    "gemma": (GemmaConfig, GemmaForCausalLM, {}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(attn_logit_softcapping=0.01, query_pre_attn_scalar=12, **_SLIDING)),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(query_pre_attn_scalar=12, **_SLIDING)),
+}
+FAMILIES = ["t5", "t5-gated-gelu", "bert", "gpt2", "llama", *DECODERS]
+NO_SDPA = {"gemma2"}  # transformers gives Gemma 2 no SDPA path (it cannot softcap)
 
 
 def make_model(family, impl="eager", **overrides):
@@ -56,6 +75,14 @@ def make_model(family, impl="eager", **overrides):
                 embd_pdrop=0.1, bos_token_id=0, eos_token_id=0, attn_implementation=impl, **overrides,
             )
             return GPT2LMHeadModel(cfg)
+        if family in DECODERS:
+            config, model, extra = DECODERS[family]
+            cfg = config(
+                vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, intermediate_size=64, attention_dropout=0.1, max_position_embeddings=64,
+                attn_implementation=impl, **extra, **overrides,
+            )
+            return model(cfg)
         cfg = LlamaConfig(
             vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=64, attention_dropout=0.1, max_position_embeddings=64, attn_implementation=impl,
@@ -159,6 +186,8 @@ def test_settings_validation():
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eval_and_no_grad_are_bitwise_the_unconverted_model(family, impl):
+    if impl == "sdpa" and family in NO_SDPA:
+        pytest.skip(f"{family} has no sdpa attention")
     model = make_model(family, impl)
     converted = convert(model, ratio=0.3)
     for pad in (True, False):
@@ -177,6 +206,8 @@ def test_eval_and_no_grad_are_bitwise_the_unconverted_model(family, impl):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_train_forward_equals_eager_and_full_ratio_gradients_match(family, impl):
+    if impl == "sdpa" and family in NO_SDPA:
+        pytest.skip(f"{family} has no sdpa attention")
     eager = make_model(family, "eager")
     converted = convert(make_model(family, impl), ratio=1.0)
     for pad in (True, False):
@@ -233,7 +264,7 @@ def test_gpt2_reorder_and_upcast_fallback():
         assert torch.equal(converted(**batch).logits, model(**batch).logits)
 
 
-@pytest.mark.parametrize("family", ["t5", "bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", ["t5", "bert", "gpt2", "llama", *DECODERS])
 def test_models_run_on_meta(family):
     with torch.device("meta"):
         model = make_model(family)
@@ -274,11 +305,13 @@ def qkv(batch=2, heads=4, q_len=16, kv_len=16, head_dim=8, kv_heads=None, seed=0
     return t(heads, q_len), t(kv_heads, kv_len), t(kv_heads, kv_len)
 
 
-def eager_attention(q, k, v, mask=None, scaling=1.0, dropout=0.0, position_bias=None, n_rep=1):
+def eager_attention(q, k, v, mask=None, scaling=1.0, dropout=0.0, position_bias=None, n_rep=1, softcap=None):
     from wtacrs.attention import repeat_kv
 
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if softcap is not None:  # Gemma 2's eager order: cap, then mask
+        scores = torch.tanh(scores / softcap) * softcap
     if position_bias is not None:
         scores = scores + position_bias
     if mask is not None:
@@ -356,6 +389,38 @@ def test_ratio_one_matches_eager_with_masks_bias_and_gqa():
         assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
         for a, b in zip(grads[0][2:], grads[1][2:]):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tm1", [True, False])
+def test_softcap_forward_is_eager_and_its_gradient_exact(tm1):
+    """Gemma 2's logit softcapping: bitwise eager output and P; at ratio 1 eager's gradients;
+    saved: the tanh output beside the hand count of the uncapped call."""
+    mask = torch.ones(2, 1, 12, 12, dtype=torch.bool).tril()
+    inputs = qkv(batch=2, heads=4, q_len=12, kv_len=12)  # scores ~ N(0, 2): tanh(s / 1.5) bends
+    for ratio in (1.0, 0.3):
+        settings = AttentionSettings(ratio=ratio, tm1=tm1, generator=torch.Generator().manual_seed(0))
+        module = Attention(settings, is_causal=True).train()
+        results = []
+        for fn in ("eager", "wtacrs"):
+            q, k, v = (t.clone().requires_grad_() for t in inputs)
+            torch.manual_seed(0)
+            if fn == "eager":
+                mask_float = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+                (out, p), storages = eager_attention(q, k, v, mask_float, 0.5, 0.1, softcap=1.5), None
+            else:
+                (out, p), storages, _ = saved(
+                    lambda: wtacrs_attention_forward(module, q, k, v, mask, scaling=0.5, dropout=0.1, softcap=1.5)
+                )
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(9)))
+            results.append((out.detach(), p.detach(), q.grad, k.grad, v.grad, storages))
+        (ref, ref_p, *ref_grads, _), (got, got_p, *grads, storages) = results
+        assert torch.equal(got, ref) and torch.equal(got_p, ref_p)
+        if ratio == 1.0:
+            for a, b in zip(ref_grads, grads):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        expected = saved_bytes_per_call(2, 4, 12, 12, 8, settings=settings, dropout=0.1, softcap=True)
+        assert expected["softcap"] == 2 * 4 * 12 * 12 * 4
+        assert sum(s[2] for s in storages.values()) == sum(expected.values())
 
 
 def test_position_bias_gradient_is_exact_with_sampled_tm1():

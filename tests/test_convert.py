@@ -36,21 +36,65 @@ def _llama(**kw):
     return tf.LlamaForCausalLM, cfg
 
 
-FAMILIES = {"t5": lambda **kw: _t5("relu", **kw), "t5-gated": lambda **kw: _t5("gated-gelu", **kw), "bert": _bert, "gpt2": _gpt2, "llama": _llama}
-DROPOUT_OFF = {
-    "t5": dict(dropout_rate=0.0), "t5-gated": dict(dropout_rate=0.0),
-    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "llama": dict(attention_dropout=0.0),
+def _roberta(**kw):
+    cfg = tf.RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=40, num_labels=3, pad_token_id=1, bos_token_id=0, eos_token_id=2, **kw)
+    return tf.RobertaForSequenceClassification, cfg
+
+
+def _mt5(cls=tf.MT5ForConditionalGeneration, config=tf.MT5Config, **kw):
+    cfg = config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2,
+                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, relative_attention_num_buckets=8, **kw)
+    return cls, cfg
+
+
+def _decoder(cls, config, **kw):
+    """A LLaMA-style decoder: GQA (4 query heads, 2 key/value heads), head dim 8."""
+    cfg = config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                 pad_token_id=0, **kw)
+    return cls, cfg
+
+
+# Gemma 2 / 3 with a 4-token sliding window on their first layer (the batches are 6 tokens long)
+# and a query_pre_attn_scalar that is not the head dim; Gemma 2's logit softcap is small enough
+# for tanh to bend these tiny random scores
+_SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+
+FAMILIES = {
+    "t5": lambda **kw: _t5("relu", **kw),
+    "t5-gated": lambda **kw: _t5("gated-gelu", **kw),
+    "mt5": lambda **kw: _mt5(feed_forward_proj="gated-gelu", **kw),
+    "umt5": lambda **kw: _mt5(tf.UMT5ForConditionalGeneration, tf.UMT5Config, feed_forward_proj="gated-gelu", **kw),
+    "bert": _bert,
+    "roberta": _roberta,
+    "gpt2": _gpt2,
+    "llama": _llama,
+    "mistral": lambda **kw: _decoder(tf.MistralForCausalLM, tf.MistralConfig, sliding_window=4, **kw),
+    "qwen2": lambda **kw: _decoder(tf.Qwen2ForCausalLM, tf.Qwen2Config, **kw),
+    "qwen3": lambda **kw: _decoder(tf.Qwen3ForCausalLM, tf.Qwen3Config, **kw),
+    "gemma": lambda **kw: _decoder(tf.GemmaForCausalLM, tf.GemmaConfig, **kw),
+    "gemma2": lambda **kw: _decoder(tf.Gemma2ForCausalLM, tf.Gemma2Config, query_pre_attn_scalar=12,
+                                    attn_logit_softcapping=0.01, final_logit_softcapping=3.0, **_SLIDING, **kw),
+    "gemma3": lambda **kw: _decoder(tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, query_pre_attn_scalar=12, **_SLIDING, **kw),
 }
-DROPOUT_ON = {
-    "t5": dict(dropout_rate=0.1), "t5-gated": dict(dropout_rate=0.1),
-    "bert": dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
-    "gpt2": dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1), "llama": dict(attention_dropout=0.1),
-}
+ENCODER_DECODER = ("t5", "t5-gated", "mt5", "umt5")
+ENCODERS = ("bert", "roberta")
+RMSNORM_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")  # no nn.Dropout modules
+
+
+def _dropout(family: str, p: float) -> dict:
+    if family in ENCODER_DECODER:
+        return dict(dropout_rate=p)
+    if family in ENCODERS:
+        return dict(hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+    if family == "gpt2":
+        return dict(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+    return dict(attention_dropout=p)
 
 
 def build(family, dropout=True, attn="eager", device=None, seed=0):
-    cls, cfg = FAMILIES[family](**(DROPOUT_ON if dropout else DROPOUT_OFF)[family])
+    cls, cfg = FAMILIES[family](**_dropout(family, 0.1 if dropout else 0.0))
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
         model = cls._from_config(cfg, attn_implementation=attn)
@@ -63,12 +107,12 @@ def batch(family, B=2, S=6, seed=1, pad=True):
     mask = torch.ones(B, S, dtype=torch.long)
     if pad:
         mask[1, S - 2 :] = 0
-    if family.startswith("t5"):
+    if family in ENCODER_DECODER:
         labels = torch.randint(1, 64, (B, 4), generator=g)
         if pad:
             labels[1, 3:] = -100
         return dict(input_ids=ids, attention_mask=mask, labels=labels)
-    if family == "bert":
+    if family in ENCODERS:
         return dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]))
     labels = ids.masked_fill(mask == 0, -100)
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
@@ -115,8 +159,28 @@ def test_state_dict_keys_and_parameters_are_unchanged(family):
     kinds = {type(m) for m in model.modules()}
     assert (WTACRSConv1D if family == "gpt2" else WTACRSLinear) in kinds
     assert LeanNorm in kinds and LosslessActivation in kinds
-    if family != "llama":
+    if family not in RMSNORM_DECODERS:
         assert LosslessDropout in kinds
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_norm_and_activation_takes_the_lean_or_lossless_path(family):
+    """LayerNorm / RMSNorm modules (Qwen3's and Gemma 3's q_norm / k_norm included) become
+    LeanNorm, activation modules of the blocks (GELUTanh, SiLU, ...) LosslessActivation: none is
+    missed. (BERT's pooler tanh belongs to the head, which stays eager.)"""
+    model = build(family)
+    norms = {n for n, m in model.named_modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))}
+    activations = {
+        n for n, m in model.named_modules()
+        if type(m).__module__ in ("transformers.activations", "torch.nn.modules.activation") and ".pooler." not in n
+    }
+    assert norms and activations
+    if family in ("qwen3", "gemma3"):
+        assert {"model.layers.0.self_attn.q_norm", "model.layers.0.self_attn.k_norm"} <= norms
+    wtacrs.convert(model, wtacrs.WTACRSConfig())
+    modules = dict(model.named_modules())
+    assert {n for n in norms if not isinstance(modules[n], LeanNorm)} == set()
+    assert {n for n in activations if not isinstance(modules[n], LosslessActivation)} == set()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -242,7 +306,7 @@ def test_unsupported_model_names_the_supported_families():
     class Tiny(nn.Module):
         config = type("C", (), {"model_type": "mamba"})()
 
-    with pytest.raises(wtacrs.UnsupportedModelError, match="t5.*bert.*gpt2.*llama"):
+    with pytest.raises(wtacrs.UnsupportedModelError, match="t5.*bert.*gpt2.*llama.*qwen3.*gemma"):
         wtacrs.convert(Tiny())
 
 
@@ -254,7 +318,7 @@ def test_config_validation_names_the_field():
     assert "ratio" in wtacrs.WTACRSConfig.help()
 
 
-@pytest.mark.parametrize("family", ["t5", "bert", "gpt2", "llama"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_conversion_and_a_training_step_run_on_meta(family):
     model = build(family, device="meta").train()
     wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3))

@@ -27,6 +27,8 @@ attention, bit for bit under the same dropout seed; only what is saved for backw
   (so T5's relative position bias gets its exact gradient) and ``dQ``, ``dK`` from the rows.
   ``probabilities="activation"`` is the first version: activation norms times the mask's key
   visibility (:func:`key_visibility`) and the queries' token mask, no centering.
+* **Logit softcapping** (Gemma 2's ``softcap``) runs inside the same op, in eager's ops
+  (:func:`soft_cap`); it keeps the ``tanh`` output, as eager does, for the exact ``dS``.
 * **Dropout** on ``P`` is :func:`wtacrs.lossless.dropout` (same bits as ``F.dropout``), 1-bit mask.
 * **TensorMul-2** ``dropout(P) V`` (:class:`ReusedPV`) stores **no** copy of ``dropout(P)``: it saves
   the softmax's own output ``P`` (the same storage, so byte accounting counts it once) and the
@@ -228,26 +230,22 @@ def _family_module(module: nn.Module):
 def _eager_function(module: nn.Module):
     fn = getattr(_family_module(module), "eager_attention_forward", None)
     if fn is None:
+        from wtacrs.taxonomy import FAMILIES
+
         raise NotImplementedError(
             f"no eager_attention_forward next to {type(module).__qualname__} ({type(module).__module__}); "
-            "the 'wtacrs' attention supports the t5, bert, gpt2 and llama families"
+            f"the 'wtacrs' attention supports the {', '.join(FAMILIES)} families"
         )
     return fn
 
 
-def _softmax_policy(module: nn.Module) -> str:
-    """How the family's eager code runs the softmax: 'plain' (T5, BERT), 'fp32' (LLaMA: fp32
-    softmax, then cast to the query dtype), 'to_value' (GPT-2: cast to V's dtype)."""
-    name = type(module).__module__
-    if name.endswith("modeling_gpt2"):
-        return "to_value"
-    if any(name.endswith(f"modeling_{m}") for m in ("llama", "mistral", "qwen2")):
-        return "fp32"
-    return "plain"
+def _eager_conventions(module: nn.Module) -> tuple[str, bool]:
+    """(softmax policy, contiguous output) of the eager attention of ``module``'s family (see
+    :class:`wtacrs.taxonomy.Family`); T5/BERT's ``("plain", True)`` for a module outside the table."""
+    from wtacrs.taxonomy import family_for_model_type
 
-
-def _contiguous_output(module: nn.Module) -> bool:
-    return not type(module).__module__.endswith("modeling_gpt2")
+    family = family_for_model_type(getattr(getattr(module, "config", None), "model_type", None))
+    return ("plain", True) if family is None else (family.softmax, family.contiguous_output)
 
 
 def _n_rep(module: nn.Module) -> int:
@@ -488,41 +486,60 @@ class _TM1Sampler:
         return x.new_empty(*lead, rows, x.shape[-1]), torch.empty(*lead, idx, dtype=index_dtype(n), device=x.device)
 
 
+def soft_cap(scores: Tensor, softcap: float | None) -> Tensor:
+    """Gemma 2's logit softcapping, in its eager ops: ``tanh(scores / softcap) * softcap``."""
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
 class SampledScoresSoftmax(torch.autograd.Function):
-    """TensorMul-1 and the softmax: ``P = softmax(Q K^T * scaling + bias + mask)``, exact.
+    """TensorMul-1 and the softmax: ``P = softmax(cap(Q K^T * scaling) + bias + mask)``, exact.
+
+    ``cap`` is the identity, or with ``softcap`` (Gemma 2) :func:`soft_cap`, as eager applies it.
 
     The forward runs eager's ops in eager's order (so ``P`` is bitwise eager's, autocast
     included), then draws the rows TensorMul-1 keeps *after* the softmax, so their probabilities
     can follow ``P`` (see :class:`_TM1Sampler`). Saved, in this order: ``P`` (the softmax output
     eager keeps; TensorMul-2 reuses this storage), query rows ``[..., kq, d]`` and indices, key
-    rows ``[..., kk, d]`` and indices (Q or K themselves when not sampled; None when not needed).
+    rows ``[..., kk, d]`` and indices (Q or K themselves when not sampled; None when not needed),
+    then, only with ``softcap``, the ``tanh`` output ``t`` (what eager's tanh saves).
 
     Backward: ``dS`` exactly from ``P`` and ``dP`` (eager's softmax backward), the bias and mask
-    gradients ``dS`` (reduced to their shapes by autograd), ``dQ = dS K`` and ``dK = dS^T Q``
-    estimated from the stored rows (unbiased).
+    gradients ``dS`` (reduced to their shapes by autograd), through the cap exactly
+    (``(1 - t^2) dS``), then ``dQ = dS K`` and ``dK = dS^T Q`` estimated from the stored rows
+    (unbiased). The rows' P-aware probabilities leave out the cap's ``(1 - t^2)`` factor, which
+    only costs variance.
     """
 
     @staticmethod
-    def forward(ctx, query, key, bias, mask, scaling, softmax_dtype, sampler):
+    def forward(ctx, query, key, bias, mask, scaling, softmax_dtype, sampler, softcap=None):
         scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
         mm_dtype = scores.dtype
+        capped = None
+        if softcap is not None:
+            capped = torch.tanh(scores / softcap)
+            scores = capped * softcap
         if bias is not None:
             scores = scores + bias
         if mask is not None:
             scores = scores + mask
         probs = F.softmax(scores, dim=-1, dtype=softmax_dtype)
         q_rows, q_idx, k_rows, k_idx = sampler(probs, query.detach(), key.detach())
-        ctx.save_for_backward(probs, q_rows, q_idx, k_rows, k_idx)
-        ctx.scaling, ctx.mm_dtype, ctx.scores_dtype = scaling, mm_dtype, scores.dtype
+        ctx.save_for_backward(probs, q_rows, q_idx, k_rows, k_idx, *(() if capped is None else (capped,)))
+        ctx.scaling, ctx.softcap, ctx.mm_dtype, ctx.scores_dtype = scaling, softcap, mm_dtype, scores.dtype
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs):
-        probs, q_rows, q_idx, k_rows, k_idx = ctx.saved_tensors
+        probs, q_rows, q_idx, k_rows, k_idx, *capped = ctx.saved_tensors
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).to(ctx.scores_dtype)
         grad_bias = grad_scores if ctx.needs_input_grad[2] else None
         grad_mask = grad_scores if ctx.needs_input_grad[3] else None
-        g = grad_scores.to(ctx.mm_dtype) * ctx.scaling
+        g = grad_scores.to(ctx.mm_dtype)
+        if capped:  # autograd's chain for eager's tanh(s / c) * c
+            g = torch.ops.aten.tanh_backward(g * ctx.softcap, capped[0]) / ctx.softcap
+        g = g * ctx.scaling
         grad_q = grad_k = None
         if ctx.needs_input_grad[0]:
             if k_idx is None:  # k_rows is K itself
@@ -539,7 +556,7 @@ class SampledScoresSoftmax(torch.autograd.Function):
                 if q_rows.shape[-2] > n_s:  # the centering mean: + qbar^T colsum(dS)
                     grad_kt = grad_kt + q_rows[..., n_s:, :].transpose(-1, -2) * g.sum(dim=-2, keepdim=True)
             grad_k = grad_kt.transpose(-1, -2)
-        return grad_q, grad_k, grad_bias, grad_mask, None, None, None
+        return grad_q, grad_k, grad_bias, grad_mask, None, None, None, None
 
 
 def value_column_scores(probs: Tensor, value: Tensor, query_weights: Tensor | None = None) -> Tensor:
@@ -673,9 +690,10 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
     key_states = repeat_kv(key, n_rep)
     value_states = repeat_kv(value, n_rep)
     generator = _generator(settings, query.device)
+    policy, contiguous_output = _eager_conventions(module)
+    softcap = kwargs.get("softcap")  # Gemma 2's logit softcapping (eager: before the mask)
 
     # TensorMul-1 and the softmax (in the family's dtype handling): exact P
-    policy = _softmax_policy(module)
     softmax_dtype = torch.float32 if policy == "fp32" else None
     mask = additive_mask(attention_mask, module, query, key_states, kwargs)
     query_norm = _query_norm(settings.query_stream, query)
@@ -697,9 +715,9 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
                 else None
             ),
         )
-        probs = SampledScoresSoftmax.apply(q_in, k_in, position_bias, mask, scaling, softmax_dtype, sampler)
+        probs = SampledScoresSoftmax.apply(q_in, k_in, position_bias, mask, scaling, softmax_dtype, sampler, softcap)
     else:
-        scores = torch.matmul(query, key_states.transpose(-1, -2)) * scaling
+        scores = soft_cap(torch.matmul(query, key_states.transpose(-1, -2)) * scaling, softcap)
         if position_bias is not None:
             scores = scores + position_bias
         if mask is not None:
@@ -739,7 +757,7 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
         out = torch.matmul(dropped, value_states)
 
     out = out.transpose(1, 2)
-    if _contiguous_output(module):
+    if contiguous_output:
         out = out.contiguous()
     return out, dropped
 
@@ -780,10 +798,12 @@ def saved_bytes_per_call(
     itemsize: int = 4,
     kv_heads: int | None = None,
     probs_itemsize: int | None = None,
+    softcap: bool = False,
 ) -> dict[str, int]:
     """Bytes one sampled attention call saves, by part (a hand count the tests check).
 
-    Assumes Q, K and V require grad and no mask-induced zero rows.
+    Assumes Q, K and V require grad and no mask-induced zero rows. ``softcap``: the call caps
+    its logits (Gemma 2), which keeps the ``tanh`` output as eager does.
     """
     kv_heads = heads if kv_heads is None else kv_heads
     probs_itemsize = itemsize if probs_itemsize is None else probs_itemsize
@@ -798,6 +818,8 @@ def saved_bytes_per_call(
         parts["tm1_query"] = bh * q_len * head_dim * itemsize
         parts["tm1_key"] = bh * kv_len * head_dim * itemsize
     parts["softmax"] = bh * q_len * kv_len * probs_itemsize
+    if softcap:
+        parts["softcap"] = bh * q_len * kv_len * itemsize
     if dropout > 0 and settings.lossless_dropout:
         parts["dropout"] = lossless.packed_numel(bh * q_len * kv_len)
     if settings.tm2:
@@ -825,6 +847,7 @@ __all__ = [
     "register",
     "saved_bytes_per_call",
     "score_gradient_proxies",
+    "soft_cap",
     "value_column_scores",
     "wtacrs_attention_forward",
     "wtacrs_mask",

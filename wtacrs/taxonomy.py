@@ -63,7 +63,10 @@ class Family:
     ``linears`` maps a regular expression, matched against the end of a module's qualified name,
     to the operator that module implements. ``attention`` matches the attention modules (the ones
     that call the attention function), and ``encoder``/``decoder`` tell which token mask a module
-    reads in an encoder-decoder model.
+    reads in an encoder-decoder model. ``softmax`` says how the family's eager attention runs
+    its softmax, so the sampled attention reproduces it bit for bit: ``"plain"`` (in the scores'
+    dtype), ``"fp32"`` (in fp32, then cast to the query dtype) or ``"to_value"`` (cast to V's
+    dtype); ``contiguous_output`` whether it returns ``attn_output.transpose(1, 2).contiguous()``.
     """
 
     name: str
@@ -73,9 +76,13 @@ class Family:
     layernorm: str
     decoder: str | None = None
     cross_attention: str | None = None
+    softmax: str = "plain"
+    contiguous_output: bool = True
     _compiled: list[tuple[re.Pattern[str], Operator]] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.softmax not in ("plain", "fp32", "to_value"):
+            raise ValueError(f"Family.softmax must be 'plain', 'fp32' or 'to_value', got {self.softmax!r}")
         compiled = [(re.compile(rf"(^|\.)(?:{pattern})$"), op) for pattern, op in self.linears.items()]
         object.__setattr__(self, "_compiled", compiled)
 
@@ -97,6 +104,16 @@ class Family:
         return self.cross_attention is not None and re.search(
             rf"(^|\.)(?:{self.cross_attention})(\.|$)", qualified_name
         ) is not None
+
+
+_LLAMA_LINEARS = {
+    r"self_attn\.q_proj": Operator.LINEAR_Q,
+    r"self_attn\.k_proj": Operator.LINEAR_K,
+    r"self_attn\.v_proj": Operator.LINEAR_V,
+    r"self_attn\.o_proj": Operator.LINEAR_O,
+    r"mlp\.(gate_proj|up_proj)": Operator.LINEAR_U,
+    r"mlp\.down_proj": Operator.LINEAR_D,
+}
 
 
 FAMILIES: dict[str, Family] = {
@@ -141,20 +158,36 @@ FAMILIES: dict[str, Family] = {
         },
         attention=r"attn",
         layernorm=r"ln_1|ln_2|ln_f",
+        softmax="to_value",
+        contiguous_output=False,
     ),
     "llama": Family(
         name="llama",
         model_types=("llama", "mistral", "qwen2"),
-        linears={
-            r"self_attn\.q_proj": Operator.LINEAR_Q,
-            r"self_attn\.k_proj": Operator.LINEAR_K,
-            r"self_attn\.v_proj": Operator.LINEAR_V,
-            r"self_attn\.o_proj": Operator.LINEAR_O,
-            r"mlp\.(gate_proj|up_proj)": Operator.LINEAR_U,
-            r"mlp\.down_proj": Operator.LINEAR_D,
-        },
+        linears=_LLAMA_LINEARS,
         attention=r"self_attn",
         layernorm=r"input_layernorm|post_attention_layernorm|norm",
+        softmax="fp32",
+    ),
+    # LLaMA's block with an RMSNorm on each head's queries and keys (q_norm / k_norm)
+    "qwen3": Family(
+        name="qwen3",
+        model_types=("qwen3",),
+        linears=_LLAMA_LINEARS,
+        attention=r"self_attn",
+        layernorm=r"input_layernorm|post_attention_layernorm|norm|q_norm|k_norm",
+        softmax="fp32",
+    ),
+    # Gemma 1-3 (text): RMSNorm scaled by (1 + weight), gelu_pytorch_tanh gated MLP, Gemma 2's
+    # logit softcapping and pre/post feed-forward norms, Gemma 2/3's sliding windows (in the
+    # mask) and query_pre_attn_scalar (in the scaling), Gemma 3's q_norm / k_norm
+    "gemma": Family(
+        name="gemma",
+        model_types=("gemma", "gemma2", "gemma3_text"),
+        linears=_LLAMA_LINEARS,
+        attention=r"self_attn",
+        layernorm=r"input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm|norm|q_norm|k_norm",
+        softmax="fp32",
     ),
 }
 
@@ -163,15 +196,20 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def family_for_model_type(model_type: str | None) -> Family | None:
+    """The family whose ``model_types`` hold ``model_type`` (a config's ``model_type``), or None."""
+    return next((family for family in FAMILIES.values() if model_type in family.model_types), None)
+
+
 def family_of(model: nn.Module) -> Family:
     """The family of a transformers model (peft wrappers are looked through)."""
     config = getattr(model, "config", None)
     if config is None and hasattr(model, "get_base_model"):
         config = getattr(model.get_base_model(), "config", None)
     model_type = getattr(config, "model_type", None)
-    for family in FAMILIES.values():
-        if model_type in family.model_types:
-            return family
+    family = family_for_model_type(model_type)
+    if family is not None:
+        return family
     supported = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
     raise UnsupportedModelError(
         f"unsupported model type {model_type!r} ({type(model).__name__}); supported families: {supported}"

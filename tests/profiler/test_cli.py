@@ -148,7 +148,7 @@ def test_smoke_suite_end_to_end(tmp_path, capsys):
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = records.read_records(out / "results.jsonl")
-    assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
+    assert len(rows) == 18 and {r["status"] for r in rows} == {"ok"}  # 3 models x 6 methods
     for row in rows:
         assert row["device"] == "cpu" and row["estimate"]["models_device"] == "cuda"
         assert row["memory"]["peak_bytes"] > 0 and row["throughput"]["tokens_per_s"] > 0

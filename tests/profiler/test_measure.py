@@ -174,6 +174,39 @@ def test_meta_estimate_equals_cpu_measurement(checkpointing):
     assert cpu.categories["activations"] > 0 and cpu.categories["optimizer_state"] > 0
 
 
+def decoder_suite(preset: str, method: str, pad: float):
+    from profiler.suite import parse_suite
+
+    return parse_suite({
+        "model": preset, "grid": {"batch_size": [2], "seq_len": [24]}, "methods": [method], "device": "meta",
+        "models_device": "cpu", "training": {"warmup_steps": 1, "timed_steps": 1, "pad_fraction": pad},
+    })
+
+
+# Eager attention, the synthetic batch with its attention mask; "wtacrs" attention asks transformers
+# for SDPA-style masks, which it skips without padding (sliding windows: Gemma 2 / 3 at 16 < 24 tokens).
+@pytest.mark.parametrize(
+    "preset, method, pad",
+    [("gpt2-tiny", "full", 0.25), ("llama-tiny", "full", 0.25), ("llama-tiny", "wtacrs@0.3", 0.0),
+     ("llama-tiny", "wtacrs@0.3", 0.25), ("qwen3-tiny", "full", 0.25), ("gemma-tiny", "wtacrs@0.3", 0.25),
+     ("gemma2-tiny", "full", 0.25), ("gemma2-tiny", "wtacrs@0.3", 0.0), ("gemma3-tiny", "wtacrs@0.3", 0.25)],
+)
+def test_meta_estimate_of_a_decoder_equals_cpu_measurement(preset, method, pad):
+    from profiler import runner
+
+    suite = decoder_suite(preset, method, pad)
+    (cell,) = suite.cells()
+    meta = runner.CellRunner(suite, "meta", measure_training_step).run(cell)
+    cpu = runner.CellRunner(suite, "cpu", measure_training_step).run(cell)
+    assert (meta["status"], cpu["status"]) == ("estimated", "ok"), (meta["message"], cpu["message"])
+    assert meta["memory"]["peak_bytes"] == cpu["memory"]["peak_bytes"]
+    assert meta["memory"]["categories"] == cpu["memory"]["categories"]
+    assert meta["activations"] == cpu["activations"]
+    if method == "full":  # wtacrs: the sampling's probability products run on real data only
+        assert meta["flops"] == cpu["flops"]
+    assert sum(a["bytes"] for a in cpu["activations"]) > 0 and cpu["memory"]["categories"]["optimizer_state"] > 0
+
+
 def test_cuda_modelling_saves_bool_dropout_masks_and_rounds_blocks():
     as_cpu = measure_training_step(*t5_cell("meta")[:3], device="meta", family=T5, models_device="cpu")
     as_cuda = measure_training_step(*t5_cell("meta")[:3], device="meta", family=T5, models_device="cuda")

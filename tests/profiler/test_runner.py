@@ -238,3 +238,40 @@ def test_cpu_runs_use_the_suites_thread_count(write_suite, tmp_path, fake_measur
     (row,) = records.read_records(result.results_path)
     assert seen == [1] and "(1 threads)" in row["env"]["device_name"]
     assert torch.get_num_threads() == before
+
+
+# one tiny preset per family of the taxonomy table (Gemma: each generation, they differ in attention)
+FAMILY_PRESETS = {"t5": ["t5-tiny-gated"], "bert": ["bert-tiny"], "gpt2": ["gpt2-tiny"], "llama": ["llama-tiny"],
+                  "qwen3": ["qwen3-tiny"], "gemma": ["gemma-tiny", "gemma2-tiny", "gemma3-tiny"]}
+
+
+def test_family_presets_cover_the_taxonomy_table():
+    from wtacrs.taxonomy import FAMILIES, family_of
+
+    from profiler.models import PRESETS, build_model
+    from tests.profiler.test_suite import _cell_for
+
+    assert set(FAMILY_PRESETS) == set(FAMILIES)
+    for family, presets in FAMILY_PRESETS.items():
+        assert {family_of(build_model(_cell_for(p), "meta")).name for p in presets} == {family}, presets
+        assert all(p in PRESETS for p in presets)
+
+
+@pytest.mark.parametrize("preset", [p for presets in FAMILY_PRESETS.values() for p in presets])
+def test_every_family_estimates_on_meta(preset):
+    """One tiny padded cell per family, full and WTA-CRS, estimated on meta with the real backend."""
+    from profiler import measure
+    from profiler.suite import parse_suite
+
+    grid = {"batch_size": [2], "seq_len": [16], **({"target_len": [8]} if preset.startswith("t5") else {})}
+    suite = parse_suite({"model": preset, "grid": grid, "methods": ["full", "wtacrs@0.3"], "device": "meta",
+                         "training": {"pad_fraction": 0.25}})
+    rows = {c.method: runner.CellRunner(suite, "meta", measure.measure_training_step).run(c) for c in suite.cells()}
+    for method, row in rows.items():
+        assert row["status"] == "estimated", (method, row["message"])
+        assert row["memory"]["peak_bytes"] > 0
+    full, sampled = (rows[m]["activations"] for m in ("full", "wtacrs@0.3"))
+    assert {a["category"] for a in full} == {"uncompressed"}
+    sampled_operators = {a["operator"] for a in sampled if a["category"] == "sampled" and a["bytes"] > 0}
+    assert {"Linear-O", "Linear-U", "Linear-D", "TensorMul-1"} <= sampled_operators, sampled_operators
+    assert 0 < sum(a["bytes"] for a in sampled) < sum(a["bytes"] for a in full)

@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
+from transformers import masking_utils
 
 import wtacrs
 from profiler import methods as methods_table
 from profiler.models import (
     PRESETS,
     DimsError,
+    MetaMaskChecks,
     build_model,
     make_batch,
     preset_dims,
@@ -20,6 +22,8 @@ from profiler.models import (
 )
 from profiler.report import memory_budgets
 from profiler.suite import SuiteError, load_suite
+
+ORIGINAL_CHECKS = (masking_utils._ignore_causal_mask_sdpa, masking_utils._ignore_bidirectional_mask_sdpa)
 
 RECORD_PARAMS = {"model", "family", "method", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff",
                  "d_head", "n_layers", "dtype", "optimizer", "attn_implementation"}
@@ -252,7 +256,22 @@ def _cell_for(preset, method="full", dtype="float32", attn="eager", batch=2, seq
     return suite.cells()[0]
 
 
-@pytest.mark.parametrize("preset", ["t5-tiny", "t5-tiny-gated", "bert-tiny", "gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize(
+    "preset, parameters",
+    [("gpt2", 124_439_808), ("tiny-llama", 1_100_048_384), ("qwen3-0.6b", 596_049_920), ("gemma-2b", 2_506_172_416),
+     ("gemma2-2b", 2_614_341_888), ("gemma3-1b", 999_885_952)],
+)
+def test_decoder_presets_build_on_meta_with_the_published_parameter_counts(preset, parameters):
+    model = build_model(_cell_for(preset), "meta")
+    assert sum(p.numel() for p in model.parameters()) == parameters  # the checkpoints' model cards
+    assert next(model.parameters()).device.type == "meta"
+
+
+TINY_PRESETS = ["t5-tiny", "t5-tiny-gated", "bert-tiny", "gpt2-tiny", "llama-tiny", "qwen3-tiny", "gemma-tiny",
+                "gemma2-tiny", "gemma3-tiny"]
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_tiny_presets_train_on_cpu_with_their_synthetic_batch(preset):
     cell = _cell_for(preset, pad=0.25)
     model = build_model(cell, "cpu")
@@ -271,14 +290,56 @@ def test_tiny_presets_train_on_cpu_with_their_synthetic_batch(preset):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
 
 
-def test_meta_batch_has_no_mask_and_dtype_and_attention_apply():
-    cell = _cell_for("bert-tiny", dtype="bfloat16", attn="sdpa")
+@pytest.mark.parametrize("preset", ["bert-tiny", "llama-tiny"])
+def test_meta_batch_keeps_the_mask_and_dtype_and_attention_apply(preset):
+    cell = _cell_for(preset, dtype="bfloat16", attn="sdpa", pad=0.25)
     model = build_model(cell, "meta")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config._attn_implementation == "sdpa"
     batch = make_batch(cell, "meta")
-    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].device.type == "meta"
-    model(**batch).loss.backward()  # a full step runs on meta
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert all(t.device.type == "meta" for t in batch.values())
+    with pytest.raises(RuntimeError, match="meta tensors"):  # transformers reads the mask's values...
+        model(**batch)
+    with MetaMaskChecks(cell):  # ...which the cell answers
+        model(**batch).loss.backward()  # a full step runs on meta
+    assert masking_utils._ignore_causal_mask_sdpa is ORIGINAL_CHECKS[0]  # restored on exit
+    assert masking_utils._ignore_bidirectional_mask_sdpa is ORIGINAL_CHECKS[1]
+
+
+def _mask_inputs(cell, config, device):
+    batch = make_batch(cell, device)
+    embeds = torch.empty(cell.batch_size, cell.seq_len, 8, device=device)
+    positions = torch.arange(cell.seq_len, device=device)[None]
+    return dict(config=config, inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions)
+
+
+@pytest.mark.parametrize("pad", [0.0, 0.25])
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "wtacrs"])
+@pytest.mark.parametrize("kind", ["causal", "sliding", "bidirectional"])
+def test_meta_masks_are_the_cpu_masks(kind, impl, pad):
+    """With MetaMaskChecks, every mask builder makes on meta the mask it makes from the real batch
+    (None, or the same shape, dtype and strides)."""
+    import wtacrs.attention  # noqa: F401 -- registers the "wtacrs" mask builder
+
+    cell = _cell_for("gemma3-tiny", attn="eager", seq=24, pad=pad)  # a 16-token window < 24 tokens
+    config = build_model(cell, "meta").config
+    config._attn_implementation = impl
+    build = {
+        "causal": lambda **kw: masking_utils.create_causal_mask(cache=None, **kw),
+        "sliding": lambda **kw: masking_utils.create_sliding_window_causal_mask(cache=None, **kw),
+        "bidirectional": lambda position_ids, **kw: masking_utils.create_bidirectional_mask(**kw),
+    }[kind]
+    cpu = build(**_mask_inputs(cell, config, "cpu"))
+    with MetaMaskChecks(cell):
+        meta = build(**_mask_inputs(cell, config, "meta"))
+    if cpu is None:
+        assert meta is None
+    else:
+        assert (meta.shape, meta.dtype, meta.stride()) == (cpu.shape, cpu.dtype, cpu.stride())
+    # no padding lets SDPA-style builders skip a causal or bidirectional mask; padding never does
+    skipped = impl != "eager" and not pad and kind != "sliding"
+    assert (cpu is None) == (skipped or (kind == "bidirectional" and not pad))
 
 
 def test_build_is_seeded():
