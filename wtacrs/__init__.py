@@ -6,7 +6,7 @@ The forward pass is exact; each weight gradient ``dW = H^T dZ`` is estimated wit
 
 from wtacrs import estimator, functional, lossless
 from wtacrs.config import WTACRSConfig
-from wtacrs.convert import convert, is_converted, revert
+from wtacrs.convert import convert, is_converted, revert, save_pretrained
 from wtacrs.estimator import budget
 from wtacrs.gradnorm import GradNormCache, token_mask
 from wtacrs.modules import WTACRSConv1D, WTACRSLinear
@@ -29,6 +29,7 @@ __all__ = [
     "is_converted",
     "lossless",
     "revert",
+    "save_pretrained",
     "token_mask",
 ]
 __version__ = "0.1.0"

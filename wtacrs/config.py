@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from wtacrs.taxonomy import Operator
 
 PROBABILITY_SOURCES = ("auto", "activation")
+CONFIG_NAME = "wtacrs_config.json"
 
 
 @dataclass
@@ -74,3 +78,37 @@ class WTACRSConfig:
     @classmethod
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata["help"] for f in fields(cls)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name (JSON-serializable)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> WTACRSConfig:
+        """The config of :meth:`to_dict`'s ``values``; an unknown key is an error, a missing one its default."""
+        if not isinstance(values, dict):
+            raise TypeError(f"WTACRSConfig.from_dict needs a dict, got {type(values).__name__}")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"WTACRSConfig: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(f.name for f in fields(cls))}")
+        return cls(**values)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write :data:`CONFIG_NAME` (``wtacrs_config.json``) in ``save_directory``, beside a model's ``config.json``."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, save_directory: str | os.PathLike) -> WTACRSConfig:
+        """The config :meth:`save_pretrained` (or :func:`wtacrs.save_pretrained`) wrote in ``save_directory``."""
+        path = os.path.join(save_directory, CONFIG_NAME)
+        try:
+            with open(path) as f:
+                values = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(save_directory)!r}; save one with wtacrs.save_pretrained(model, dir)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(values)

@@ -9,25 +9,34 @@ What gets replaced is decided by the per-family table in :mod:`wtacrs.taxonomy`:
   ``AttentionInterface`` (sampled TensorMul-1/-2, lossless attention dropout);
 - with ``lossless=True``, ``nn.Dropout`` keeps 1-bit masks and activations keep a 1-bit mask
   (ReLU) or only their input (GeLU, SiLU);
-- the model's ``forward`` is wrapped so the batch's token masks reach the sampling
-  probabilities (padding tokens get probability 0) while the user calls the model as usual.
+- two forward hooks on the model (module-level functions, no closure over the instance) make
+  the batch's token masks reach the sampling probabilities (padding tokens get probability 0)
+  while the user calls the model as usual, and take the sample ids that
+  :meth:`wtacrs.GradNormCache.collator` puts in the batch.
 
 Parameters are never copied: state-dict keys, optimizer state and ``requires_grad`` flags are
-unchanged. :func:`revert` puts every original module back.
+unchanged. The model gets its own copies of the config objects its modules read, so converting
+it changes nothing another model holds. ``copy.deepcopy`` and ``torch.save`` of a converted model
+give an independent converted model. :func:`revert` puts every original module and config back.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import copy
+import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from wtacrs.config import WTACRSConfig
-from wtacrs.gradnorm import token_mask
+from wtacrs.gradnorm import SAMPLE_IDS_KEY, token_mask
 from wtacrs.modules import Generators, LeanNorm, LosslessActivation, LosslessDropout, SampleShare, WTACRSConv1D, WTACRSLinear
 from wtacrs.taxonomy import Family, family_of
 
@@ -37,13 +46,24 @@ ACTIVATION_CLASS_NAMES = ("ReLU", "GELU", "GELUActivation", "NewGELUActivation",
 
 @dataclass
 class _ConversionState:
-    config: WTACRSConfig
+    """What :func:`convert` did to a model, kept on it so :func:`revert` can undo it.
+
+    Everything here is a plain value or a part of the model, so ``copy.deepcopy`` and pickling
+    the model carry it over: the copy's state points at the copy's modules.
+    """
+
+    config: WTACRSConfig  # as applied: the seed resolved
     family: Family
     replaced: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
     attention_modules: list[nn.Module] = field(default_factory=list)
+    configs: list[tuple[nn.Module, PretrainedConfig]] = field(default_factory=list)  # (module, its config before)
     share: SampleShare = field(default_factory=SampleShare)
     generators: Generators | None = None
-    own_forward: object = None  # an instance-level forward installed before us (accelerate hooks)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    scopes: list[contextlib.ExitStack] = field(default_factory=list)  # open during a forward only
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "scopes": []}
 
 
 def _derived_seed() -> int:
@@ -83,7 +103,12 @@ def _stream(family: Family, name: str) -> str:
 
 
 def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
-    """Convert ``model`` in place to WTA-CRS ops and return it. See the module docstring."""
+    """Convert ``model`` in place to WTA-CRS ops and return it. See the module docstring.
+
+    The config as applied (with the seed :func:`convert` derived when ``config.seed`` is None)
+    is what :func:`save_pretrained` writes, so converting a reloaded model with it gives the same
+    conversion.
+    """
     config = WTACRSConfig() if config is None else config
     if not isinstance(config, WTACRSConfig):
         raise TypeError(f"config must be a WTACRSConfig, got {type(config).__name__}")
@@ -91,10 +116,11 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
     if getattr(hf_model, _STATE, None) is not None:
         raise ValueError("model is already converted; call wtacrs.revert(model) first")
     family = family_of(hf_model)
-    state = _ConversionState(config=config, family=family)
     # sampling never draws from torch's default generator: the converted model consumes it as the
     # original does, so the same seed gives the same dropout masks
-    state.generators = Generators(config.seed if config.seed is not None else _derived_seed())
+    seed = config.seed if config.seed is not None else _derived_seed()
+    state = _ConversionState(config=dataclasses.replace(config, seed=seed), family=family)
+    state.generators = Generators(seed)
 
     sampling = dict(
         ratio=config.ratio,
@@ -120,10 +146,13 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             _convert_child(state, module, child_name, child, child_qualified, sampling)
 
     if config.tm1 or config.tm2:  # with both off the attention function would only fall back
+        _own_configs(state, hf_model)
         _enable_attention(state, hf_model)
-    state.own_forward = hf_model.__dict__.get("forward")
     object.__setattr__(hf_model, _STATE, state)
-    hf_model.forward = _masked_forward(hf_model, hf_model.forward, state)
+    state.hooks = [
+        hf_model.register_forward_pre_hook(_before_forward, with_kwargs=True),
+        hf_model.register_forward_hook(_after_forward, always_call=True),
+    ]
     return model
 
 
@@ -150,12 +179,31 @@ def _replace(state: _ConversionState, parent: nn.Module, name: str, new: nn.Modu
     state.replaced.append((parent, name, original))
 
 
+def _own_configs(state: _ConversionState, hf_model: nn.Module) -> None:
+    """Point every module of ``hf_model`` at its own copy of the config object it reads.
+
+    Switching the attention implementation writes to these configs; a config object is often
+    shared (``_from_config(cfg)`` keeps ``cfg``, and so does every model built from it), and the
+    copies keep that write from reaching other models. One memo for all copies keeps sub-configs
+    shared within the model as they were.
+    """
+    memo: dict = {}
+    for module in hf_model.modules():
+        cfg = module.__dict__.get("config")
+        if isinstance(cfg, PretrainedConfig):
+            state.configs.append((module, cfg))
+            module.config = copy.deepcopy(cfg, memo)
+
+
 def _enable_attention(state: _ConversionState, hf_model: nn.Module) -> None:
     from wtacrs import attention
 
     config, family = state.config, state.family
 
     def settings_for(name: str, module: nn.Module):
+        implementation = module.config._attn_implementation or "eager"
+        if implementation == attention.NAME:  # not converted: the "wtacrs" function runs eager for it
+            implementation = "eager"
         return attention.AttentionSettings(
             ratio=config.ratio,
             min_k=config.min_k,
@@ -163,7 +211,7 @@ def _enable_attention(state: _ConversionState, hf_model: nn.Module) -> None:
             tm2=config.tm2,
             tm2_v=config.tm2_v,
             lossless_dropout=config.lossless,
-            fallback=module.config._attn_implementation or "eager",
+            fallback=implementation,
             generator=state.generators,
             query_stream=None if not config.probability == "auto" else _stream(family, f"{name}.q"),
             probabilities="attention" if config.probability == "auto" else "activation",
@@ -192,19 +240,32 @@ def _token_masks(family: Family, kwargs: dict) -> dict[str, torch.Tensor | None]
     return masks
 
 
-def _masked_forward(hf_model: nn.Module, forward, state: _ConversionState):
-    @functools.wraps(forward)
-    def masked_forward(*args, **kwargs):
-        if not (hf_model.training and torch.is_grad_enabled()):
-            return forward(*args, **kwargs)
-        masks = {k: v for k, v in _token_masks(state.family, kwargs).items() if v is not None and v.device.type != "meta"}
-        try:
-            with token_mask(**masks):
-                return forward(*args, **kwargs)
-        finally:
-            state.share.clear()
+def _before_forward(hf_model: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a converted model (receives the model, so copies need no rebinding).
 
-    return masked_forward
+    It takes the sample ids :meth:`wtacrs.GradNormCache.collator` put in the batch out of
+    ``kwargs`` (the model's own forward never sees them) and, in a training forward, opens the
+    scope in which the sampled layers read the batch's token masks and cached gradient norms.
+    :func:`_after_forward` closes it.
+    """
+    state: _ConversionState = getattr(hf_model, _STATE)
+    sample_ids = kwargs.pop(SAMPLE_IDS_KEY, None)
+    scope = contextlib.ExitStack()
+    state.scopes.append(scope)  # closed by _after_forward, which also runs when this hook raises
+    if hf_model.training and torch.is_grad_enabled():
+        masks = {k: v for k, v in _token_masks(state.family, kwargs).items() if v is not None and v.device.type != "meta"}
+        scope.enter_context(token_mask(**masks))
+        if sample_ids is not None:
+            scope.enter_context(sample_ids.batch())
+    return args, kwargs
+
+
+def _after_forward(hf_model: nn.Module, args: tuple, output):
+    """Forward hook (``always_call``: it also runs when the forward raises)."""
+    state: _ConversionState = getattr(hf_model, _STATE)
+    if state.scopes:
+        state.scopes.pop().close()
+    state.share.clear()
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -217,16 +278,32 @@ def revert(model: nn.Module) -> nn.Module:
         current = getattr(parent, name)
         original.train(current.training)
         setattr(parent, name, original)
-    if state.attention_modules:
-        from wtacrs import attention
-
-        attention.disable(hf_model)
-    del hf_model.forward
-    if state.own_forward is not None:
-        hf_model.forward = state.own_forward
+    for module in state.attention_modules:
+        del module.wtacrs_attention
+    for module, cfg in state.configs:  # the configs from before, never written to
+        module.config = cfg
+    for handle in state.hooks:
+        handle.remove()
     object.__delattr__(hf_model, _STATE)
     return model
 
 
 def is_converted(model: nn.Module) -> bool:
     return getattr(_hf_model(model), _STATE, None) is not None
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
+    """``model.save_pretrained(save_directory, **kwargs)`` plus the conversion's ``wtacrs_config.json``.
+
+    The state-dict keys of a converted model are the stock model's, so the directory loads into
+    a stock model; converting that with ``WTACRSConfig.from_pretrained(save_directory)`` repeats
+    this conversion (same replaced modules, same seed)::
+
+        wtacrs.save_pretrained(model, "out")
+        model = wtacrs.convert(AutoModel.from_pretrained("out"), wtacrs.WTACRSConfig.from_pretrained("out"))
+    """
+    state: _ConversionState | None = getattr(_hf_model(model), _STATE, None)
+    if state is None:
+        raise ValueError("model is not converted by wtacrs.convert; save it with model.save_pretrained")
+    model.save_pretrained(save_directory, **kwargs)
+    state.config.save_pretrained(save_directory)

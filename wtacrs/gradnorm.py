@@ -8,14 +8,19 @@ During the forward pass ``||dZ_i||`` is unknown. In order of preference (SPEC se
 3. otherwise 1 (probabilities from the activation norms alone).
 
 Both are context managers around the forward pass; they are context variables, so threads and
-nested calls do not see each other's batches.
+nested calls do not see each other's batches. A model converted by :func:`wtacrs.convert` opens
+the token masks itself, and opens a cache from the sample ids that
+:meth:`GradNormCache.collator` puts in the batch (for Hugging Face ``Trainer``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,6 +60,12 @@ def current_token_mask(stream: str, n: int) -> tuple[Tensor | None, int | None]:
     return mask.reshape(n), id(mask)
 
 
+SAMPLE_IDS_KEY = "wtacrs_sample_ids"
+"""The batch key under which :meth:`GradNormCache.collator` passes the sample ids to a converted model."""
+
+_caches: weakref.WeakValueDictionary[str, GradNormCache] = weakref.WeakValueDictionary()
+
+
 class GradNormCache:
     """Per-sample cache of the last output-gradient row norms of every sampled layer.
 
@@ -71,15 +82,43 @@ class GradNormCache:
             with cache.batch(batch["idx"]):
                 loss = model(**inputs).loss
             loss.backward()
+
+    or, where the training loop is not yours (Hugging Face ``Trainer``), let the collator carry
+    the ids to the converted model: ``data_collator=cache.collator(base_collator, id_key="idx")``.
     """
 
     def __init__(self, floor: float = 0.1, device: torch.device | str | None = "cpu") -> None:
         self.floor = floor
         self.device = device
         self._norms: dict[tuple[str, object], Tensor] = {}
+        self._register()
+
+    def _register(self) -> None:
+        self._token = uuid.uuid4().hex  # how a collated batch names this cache (see collator)
+        _caches[self._token] = self
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_token"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._register()  # a copy is another cache
 
     def __len__(self) -> int:
         return len(self._norms)
+
+    def collator(self, base: Callable[[list], Any], id_key: str = "idx") -> SampleIdCollator:
+        """A data collator that feeds this cache from a converted model's forward.
+
+        It pops ``id_key`` from every example, collates the rest with ``base`` (e.g.
+        ``transformers.DataCollatorWithPadding(tokenizer)`` or ``default_data_collator``) and adds
+        the ids under :data:`SAMPLE_IDS_KEY`; the model converted by :func:`wtacrs.convert` takes
+        them out of its inputs and runs the forward inside :meth:`batch`. With ``Trainer``, pass
+        ``TrainingArguments(remove_unused_columns=False)``, or ``Trainer`` drops ``id_key`` before
+        the collator sees it. The collator names the cache by a token, not a reference, so it
+        works from ``DataLoader`` worker processes.
+        """
+        return SampleIdCollator(self._token, base, id_key)
 
     @contextlib.contextmanager
     def batch(self, sample_ids: Sequence | Tensor) -> Iterator[None]:
@@ -109,6 +148,46 @@ class GradNormCache:
             return
         for sid, row in zip(sample_ids, norms.detach().reshape(len(sample_ids), -1).to(self.device)):
             self._norms[(key, sid)] = row.clone()
+
+
+class SampleIds:
+    """The sample ids of one collated batch and the :class:`GradNormCache` they feed (by token)."""
+
+    def __init__(self, token: str, ids: tuple) -> None:
+        self.token, self.ids = token, ids
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """``cache.batch(ids)`` of the cache that made the collator."""
+        cache = _caches.get(self.token)
+        if cache is None:
+            raise RuntimeError("the GradNormCache whose collator made this batch no longer exists")
+        return cache.batch(self.ids)
+
+    def __repr__(self) -> str:
+        return f"SampleIds({list(self.ids)!r})"
+
+
+class SampleIdCollator:
+    """See :meth:`GradNormCache.collator`."""
+
+    def __init__(self, token: str, base: Callable[[list], Any], id_key: str) -> None:
+        self.token, self.base, self.id_key = token, base, id_key
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> Any:
+        ids = []
+        rest = []
+        for example in examples:
+            if self.id_key not in example:
+                raise KeyError(
+                    f"GradNormCache.collator: an example has no {self.id_key!r} field (keys: {sorted(example)}); "
+                    "with Trainer, pass TrainingArguments(remove_unused_columns=False) so it keeps the field"
+                )
+            sid = example[self.id_key]
+            ids.append(sid.item() if isinstance(sid, Tensor) else sid)
+            rest.append({k: v for k, v in example.items() if k != self.id_key})
+        batch = self.base(rest)
+        batch[SAMPLE_IDS_KEY] = SampleIds(self.token, tuple(ids))
+        return batch
 
 
 def active_cache() -> tuple[GradNormCache, tuple] | None:

@@ -176,12 +176,13 @@ class DropoutMask:
     :meth:`apply` in backward.
     """
 
-    __slots__ = ("_out", "device", "dtype", "fused", "mode", "p", "shape", "stride")
+    __slots__ = ("device", "dtype", "fused", "mode", "p", "shape", "stride")
 
     def __init__(self, p: float, mode: str, x: Tensor):
-        self.p, self.mode, self.fused = p, mode, False
-        self.shape, self.stride, self.device, self.dtype = x.shape, x.stride(), x.device, x.dtype
-        self._out: Tensor | None = None  # hand-over slot for the saved tensor, emptied after apply()
+        self.p, self.mode, self.fused = p, mode, _fused_device(x, p)
+        self.shape, self.device, self.dtype = x.shape, x.device, x.dtype
+        # the layout of the forward's empty_like(x) noise, which a replayed draw must fill the same way
+        self.stride = torch.empty_like(x, device="meta").stride() if mode == "regenerate" else x.stride()
 
     def keep(self, saved: Tensor) -> Tensor:
         """The bool keep-mask (``True`` = kept) of shape :attr:`shape`."""
@@ -250,29 +251,38 @@ def _draw(x: Tensor, p: float, generator: torch.Generator | None) -> tuple[Tenso
 
 
 class PackedDropout(torch.autograd.Function):
-    """Dropout that saves its keep-mask as ``ceil(numel / 8)`` packed bytes, and nothing else."""
+    """Dropout that saves its keep-mask as ``ceil(numel / 8)`` packed bytes, and nothing else.
+
+    ``apply(x, p, generator, info)`` returns ``(out, packed)``: the packed mask is a
+    (non-differentiable) output, so ops that reuse the mask can save that very tensor. It leaves
+    the Function as an output, not through a side channel, which ``torch.compile`` requires.
+    """
 
     @staticmethod
     def forward(ctx, x, p, generator, info):
-        out, keep, fused = _draw(x, p, generator)
+        out, keep, _ = _draw(x, p, generator)
         packed = pack_bits(keep)
-        info.fused, info._out = fused, packed
         ctx.info = info
         ctx.save_for_backward(packed)
-        return out
+        ctx.mark_non_differentiable(packed)
+        return out, packed
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_packed):
         (packed,) = ctx.saved_tensors
         return ctx.info.apply(grad, packed), None, None, None
 
 
 class RegeneratedDropout(torch.autograd.Function):
-    """Dropout that saves only the generator state and redraws the mask in backward."""
+    """Dropout that saves only the generator state and redraws the mask in backward.
+
+    ``apply(x, p, generator, info)`` returns ``(out, state)``, the state a non-differentiable
+    output (see :class:`PackedDropout`).
+    """
 
     @staticmethod
     def forward(ctx, x, p, generator, info):
-        fused = _fused_device(x, p)
+        fused = info.fused
         if fused:
             gen = generator
             if gen is None and x.device.type == "cuda":
@@ -283,16 +293,15 @@ class RegeneratedDropout(torch.autograd.Function):
         else:
             state = _get_state(x.device, generator)
             noise = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
-            info.stride = noise.stride()
             noise.div_(1.0 - p)
             out = x * noise
-        info.fused, info._out = fused, state
         ctx.info = info
         ctx.save_for_backward(state)
-        return out
+        ctx.mark_non_differentiable(state)
+        return out, state
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_state):
         (state,) = ctx.saved_tensors
         return ctx.info.apply(grad, state), None, None, None
 
@@ -337,8 +346,7 @@ def dropout_with_mask(
         return (F.dropout(x, p, True) if generator is None else _draw(x, p, generator)[0]), None, None
     info = DropoutMask(p, mode, x)
     fn = PackedDropout if mode == "packed" else RegeneratedDropout
-    out = fn.apply(x, p, generator, info)
-    saved, info._out = info._out, None
+    out, saved = fn.apply(x, p, generator, info)
     return out, info, saved
 
 

@@ -64,6 +64,12 @@ class SampleShare:
     def clear(self) -> None:
         self._entries.clear()
 
+    def __getstate__(self) -> dict:  # the entries live for one forward pass; weakrefs do not pickle
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
 
 class _Sampled:
     """Shared logic of the sampled linear front ends."""
