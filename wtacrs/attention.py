@@ -28,7 +28,9 @@ attention, bit for bit under the same dropout seed; only what is saved for backw
   ``probabilities="activation"`` is the first version: activation norms times the mask's key
   visibility (:func:`key_visibility`) and the queries' token mask, no centering.
 * **Logit softcapping** (Gemma 2's ``softcap``) runs inside the same op, in eager's ops
-  (:func:`soft_cap`); it keeps the ``tanh`` output, as eager does, for the exact ``dS``.
+  (:func:`soft_cap`); it keeps the ``tanh`` output, as eager does, for the exact ``dS``. The
+  capped score gradient ``(1 - t^2) dS`` has rows that do not sum to 0, so K is stored
+  uncentered there.
 * **Dropout** on ``P`` is :func:`wtacrs.lossless.dropout` (same bits as ``F.dropout``), 1-bit mask.
 * **TensorMul-2** ``dropout(P) V`` (:class:`ReusedPV`) stores **no** copy of ``dropout(P)``: it saves
   the softmax's own output ``P`` (the same storage, so byte accounting counts it once) and the
@@ -433,6 +435,7 @@ class _TM1Sampler:
     value_states: Tensor | None  # [B, H, kv, d]: ||v_j||^2 scales dP's column j (attention probabilities)
     query_weights: Tensor | None  # [B, 1|H, q] token mask of the queries
     key_visibility: Tensor | None  # [B|1, 1|H, kv] (activation probabilities)
+    center_keys: bool = True  # rows of dS sum to 0 -- not after a softcap: (1 - t^2) dS
 
     def __call__(self, probs: Tensor, query: Tensor, key: Tensor):
         s = self.settings
@@ -474,7 +477,8 @@ class _TM1Sampler:
                 k_rows = key
             else:
                 # rows of dS sum to 0, so dQ = dS (K - 1 kbar) exactly for any kbar: nothing extra stored
-                kc = key - _weighted_mean(key, g_key) if center else key.expand(*lead, *key.shape[-2:])
+                centered = center and self.center_keys
+                kc = key - _weighted_mean(key, g_key) if centered else key.expand(*lead, *key.shape[-2:])
                 k_rows, k_idx = _draw_rows(kc, g_key, key_support, kk, self.generator)
         return q_rows, q_idx, k_rows, k_idx
 
@@ -714,6 +718,7 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
                 if settings.probabilities == "activation" and settings.mask_aware
                 else None
             ),
+            center_keys=softcap is None,
         )
         probs = SampledScoresSoftmax.apply(q_in, k_in, position_bias, mask, scaling, softmax_dtype, sampler, softcap)
     else:

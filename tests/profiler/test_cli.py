@@ -82,7 +82,7 @@ def test_usage_errors_are_one_line(argv, message, capsys):
 
 def test_only_matching_no_cell_exits_2(tmp_path, capsys):
     code, _, err = run_cli(["run", ROOT / "suites/smoke.yaml", "--out", tmp_path / "out", "--only", "gpt9"], capsys)
-    assert code == 2 and "--only 'gpt9': matches none of the suite's 12 cell ids" in err
+    assert code == 2 and "--only 'gpt9': matches none of the suite's 18 cell ids" in err
     assert not (tmp_path / "out").exists()
 
 
