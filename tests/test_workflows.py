@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 
 import wtacrs
-from tests.test_convert import DROPOUT_ON, FAMILIES, batch, build
+from tests.test_convert import FAMILIES, _dropout, batch, build
 from wtacrs.modules import WTACRSConv1D, WTACRSLinear
 
 WTACRS_MODULES = (WTACRSLinear, WTACRSConv1D)
@@ -99,7 +99,7 @@ def test_torch_save_and_load_of_a_converted_model_gives_a_converted_model_that_t
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_converting_a_model_leaves_the_config_it_shares_alone(family):
-    cls, cfg = FAMILIES[family](**DROPOUT_ON[family])
+    cls, cfg = FAMILIES[family](**_dropout(family, 0.1))
     first, second = (cls._from_config(cfg, attn_implementation="eager").train() for _ in range(2))
     second.load_state_dict(first.state_dict())
     assert first.config is second.config  # transformers shares it: the case to survive
@@ -118,7 +118,7 @@ def test_converting_a_model_leaves_the_config_it_shares_alone(family):
 def test_a_model_whose_config_says_wtacrs_is_converted_like_the_eager_model_it_runs():
     """A model built from a converted model's config reads "wtacrs" without being converted: it
     runs eager attention, and converting it keeps eager as the fallback."""
-    cls, cfg = FAMILIES["bert"](**DROPOUT_ON["bert"])
+    cls, cfg = FAMILIES["bert"](**_dropout("bert", 0.1))
     first = wtacrs.convert(cls._from_config(cfg, attn_implementation="eager"), wtacrs.WTACRSConfig(seed=0))
     torch.manual_seed(0)
     other = cls._from_config(first.config).train()
@@ -145,7 +145,7 @@ def test_a_model_whose_config_says_wtacrs_is_converted_like_the_eager_model_it_r
 def test_compiled_training_with_the_default_config_matches_eager():
     """Inductor on CPU, the default config (lossless dropout on). With inductor drawing random
     numbers as eager does, a compiled copy gives the eager losses and the same sampled gradients."""
-    cls, cfg = FAMILIES["bert"](**DROPOUT_ON["bert"])
+    cls, cfg = FAMILIES["bert"](**_dropout("bert", 0.1))
     cfg.num_hidden_layers = 1  # compile time grows with every converted layer
     torch.manual_seed(0)
     model = wtacrs.convert(cls._from_config(cfg, attn_implementation="eager").train(), wtacrs.WTACRSConfig(seed=0))
