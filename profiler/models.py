@@ -290,9 +290,12 @@ def make_batch(cell: CellLike, device: str | torch.device, generator: torch.Gene
     - gpt2/llama: ``input_ids``/``attention_mask`` [B, S], ``labels`` [B, S] (-100 at padding)
 
     int64 tensors, drawn on the CPU from ``generator`` (seed 0 if None) and moved to ``device``.
-    On ``meta`` the attention mask is left out: transformers' mask helpers call ``.item()``,
-    which meta tensors cannot answer, and the mask does not change any tensor's size.
+    On ``meta`` they are shapes only, made there: drawing them first would cost the CPU the real
+    batch (4.5 GB at B=200000, S=512). The attention mask is left out on meta: transformers' mask
+    helpers call ``.item()``, which meta tensors cannot answer, and it changes no tensor's size.
     """
+    if torch.device(device).type == "meta":
+        return {name: torch.empty(shape, dtype=torch.long, device="meta") for name, shape in _meta_shapes(cell).items()}
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     config = build_config(cell)
@@ -306,6 +309,11 @@ def make_batch(cell: CellLike, device: str | torch.device, generator: torch.Gene
     else:
         labels = input_ids.masked_fill(attention_mask == 0, -100)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if torch.device(device).type == "meta":
-        del batch["attention_mask"]
     return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def _meta_shapes(cell: CellLike) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``make_batch``'s tensors but the attention mask."""
+    labels = {"t5": (cell.batch_size, cell.target_len or cell.seq_len), "bert": (cell.batch_size,)}
+    return {"input_ids": (cell.batch_size, cell.seq_len),
+            "labels": labels.get(cell.family, (cell.batch_size, cell.seq_len))}
