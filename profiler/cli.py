@@ -29,6 +29,7 @@ from rich.text import Text
 
 from profiler import records
 from profiler.methods import METHOD_NAMES_HELP
+from profiler.terminal import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATUS_STYLES = {"ok": "green", "estimated": "cyan", "oom": "yellow", "error": "bold red", "skipped": "dim"}
@@ -38,12 +39,17 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other bad input."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {printable(message)} (see --help)\n")
+
+
+def _say(text: object, file=None) -> None:
+    """Print one line of plain text; user strings in it are shown inert (``printable``)."""
+    print(printable(text), file=file or sys.stdout, flush=True)
 
 
 def _bad_input(lines: list[str]) -> int:
     for line in lines:
-        print(line, file=sys.stderr)
+        _say(line, sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -82,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the suite's device (auto: cuda if present, else CPU where the meta "
                           "estimate fits the budgets, else the estimate)")
     run.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: reports/<suite name>/)")
-    run.add_argument("--resume", action="store_true", help="keep finished cells of OUT/results.jsonl, run the rest")
+    run.add_argument("--resume", action="store_true",
+                     help="keep the finished cells of OUT/results.jsonl whose settings are unchanged, run the rest")
     run.add_argument("--overwrite", action="store_true", help="discard existing results in OUT")
     run.add_argument("--only", metavar="FILTER",
                      help="run the cells whose id contains FILTER (or matches it as a glob, e.g. 't5-base/*/B64-*')")
@@ -141,12 +148,12 @@ def _summary_line(index: int, total: int, record: records.Record) -> str:
     width = len(str(total))
     memory = record.get("memory") or {}
     line = (
-        f"[{index:>{width}}/{total}] {record['cell_id']}  {record['status']}  "
+        f"[{index:>{width}}/{total}] {printable(record['cell_id'])}  {record['status']}  "
         f"peak {_format_bytes(memory.get('peak_bytes'))}  saved {_format_bytes(_activation_bytes(record))}  "
         f"tok/s {_tokens_per_s(record)}"
     )
     if record.get("message") and record["status"] not in ("ok",):
-        line += f"  ({record['message'].splitlines()[0]})"
+        line += f"  ({printable(record['message'].splitlines()[0])})"
     return line
 
 
@@ -158,14 +165,16 @@ class _QuietObserver:
         skipped = len(plan.cells) - len(plan.todo)
         note = f", {skipped} already finished" if skipped else ""
         self.total = len(plan.todo)
-        print(f"{plan.suite.name}: {len(plan.todo)} cells on {plan.device}{note} -> {plan.results_path}", flush=True)
+        _say(f"{plan.suite.name}: {len(plan.todo)} cells on {plan.device}{note} -> {plan.results_path}")
+        if plan.superseded:
+            _say(plan.superseded_note())
 
     def cell_started(self, cell, index) -> None:
         pass
 
     def cell_finished(self, cell, record) -> None:
         self.done += 1
-        print(_summary_line(self.done, self.total, record), flush=True)
+        _say(_summary_line(self.done, self.total, record))
 
 
 class _LiveObserver:
@@ -175,9 +184,10 @@ class _LiveObserver:
 
     def __init__(self, console: Console):
         self.console = console
+        # the suite name and the cell ids are user strings: no markup in these columns
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[current]}"), console=console,
+            TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("{task.fields[current]}", markup=False), console=console,
         )
         self.rows: deque[records.Record] = deque(maxlen=self.ROWS)
         self.counts: dict[str, int] = {}
@@ -194,7 +204,8 @@ class _LiveObserver:
         for record in self.rows:
             style = STATUS_STYLES.get(record["status"], "")
             table.add_row(
-                Text(record["cell_id"]), Text(record["status"], style=style), Text(str(record.get("device"))),
+                Text(printable(record["cell_id"])), Text(record["status"], style=style),
+                Text(printable(record.get("device"))),
                 _format_bytes((record.get("memory") or {}).get("peak_bytes")),
                 _format_bytes(_activation_bytes(record)), _tokens_per_s(record),
             )
@@ -207,14 +218,16 @@ class _LiveObserver:
     def started(self, plan) -> None:
         skipped = len(plan.cells) - len(plan.todo)
         note = f" ({skipped} already finished)" if skipped else ""
-        self.console.print(f"[bold]{plan.suite.name}[/]: {len(plan.todo)} cells on {plan.device}{note} -> "
-                           f"{plan.results_path}", highlight=False, markup=True)
-        self.task = self.progress.add_task(plan.suite.name, total=len(plan.todo), current="")
+        self.console.print(Text.assemble((printable(plan.suite.name), "bold"), printable(
+            f": {len(plan.todo)} cells on {plan.device}{note} -> {plan.results_path}")), soft_wrap=True)
+        if plan.superseded:
+            self.console.print(Text(printable(plan.superseded_note()), style="dim"), soft_wrap=True)
+        self.task = self.progress.add_task(printable(plan.suite.name), total=len(plan.todo), current="")
         self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
 
     def cell_started(self, cell, index) -> None:
-        self.progress.update(self.task, current=cell.cell_id)
+        self.progress.update(self.task, current=printable(cell.cell_id))
 
     def cell_finished(self, cell, record) -> None:
         self.rows.append(record)
@@ -241,17 +254,19 @@ def _run(args: argparse.Namespace) -> int:
     observer = _QuietObserver(console) if args.quiet else _LiveObserver(console)
     try:
         result = run_suite(plan, observer=observer, jobs=args.jobs or os.cpu_count() or 1)
+    except RunInputError as e:  # the output directory, checked again under its lock
+        return _bad_input(e.lines)
     except KeyboardInterrupt:
-        print(f"interrupted: finished cells are in {plan.results_path}; rerun with --resume", file=sys.stderr)
+        _say(f"interrupted: finished cells are in {plan.results_path}; rerun with --resume", sys.stderr)
         return EXIT_INTERRUPTED
     except RuntimeError as e:  # the runner's own setup (e.g. no measurement backend)
-        print(f"python -m profiler run: {e}", file=sys.stderr)
+        _say(f"python -m profiler run: {e}", sys.stderr)
         return EXIT_FAILED
     finally:
         if isinstance(observer, _LiveObserver):
             observer.stop()
     summary = ", ".join(f"{n} {status}" for status, n in sorted(result.statuses.items())) or "nothing to run"
-    print(f"{plan.suite.name}: {summary}; results in {result.results_path}")
+    _say(f"{plan.suite.name}: {summary}; results in {result.results_path}")
     code = EXIT_FAILED if result.statuses.get("error") else EXIT_OK
     if not args.no_report and importlib.util.find_spec("profiler.report") is not None:
         try:
@@ -259,9 +274,9 @@ def _run(args: argparse.Namespace) -> int:
 
             html = render_report(result.results_path, result.out_dir)
         except Exception as e:  # noqa: BLE001 -- the measurements are safe; say why the page is not
-            print(f"{result.results_path}: report not rendered: {type(e).__name__}: {e}", file=sys.stderr)
+            _say(f"{result.results_path}: report not rendered: {type(e).__name__}: {e}", sys.stderr)
             return EXIT_FAILED
-        print(f"report: {html}")
+        _say(f"report: {html}")
     return code
 
 
@@ -290,13 +305,13 @@ def _report(args: argparse.Namespace) -> int:
     try:
         from profiler.report import render_report
     except ImportError as e:
-        print(f"python -m profiler report: profiler.report is not available: {e}", file=sys.stderr)
+        _say(f"python -m profiler report: profiler.report is not available: {e}", sys.stderr)
         return EXIT_FAILED
     try:
         html = render_report(args.results, args.out)
     except (ValueError, KeyError) as e:
         return _bad_input([f"{args.results}: cannot render: {e}"])
-    print(f"report: {html}")
+    _say(f"report: {html}")
     return EXIT_OK
 
 
@@ -307,7 +322,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         from profiler.check import run_check
     except ImportError as e:
-        print(f"python -m profiler check: profiler.check is not available: {e}", file=sys.stderr)
+        _say(f"python -m profiler check: profiler.check is not available: {e}", sys.stderr)
         return EXIT_FAILED
     if args.tolerance is not None and not args.update_baseline:
         return _bad_input(["--tolerance applies with --update-baseline only"])

@@ -2,7 +2,10 @@
 
 A record is a plain dict so it survives any JSON tool. Its keys:
 
-``cell_id``         stable id of the cell (model, method and grid point), used by ``--resume``
+``cell_id``         readable id of the cell (model, method and grid point), unique in a suite
+``cell_key``        identity of the cell's figures: a hash of all its settings and the run's device
+                    policy (``runner.cell_key``); ``--resume`` reuses a record only under its key,
+                    and report and check read only the keys ``suite.json`` lists
 ``suite``           suite name (user string: escape before rendering)
 ``params``          the cell parameters: ``model`` (preset name), ``family``, ``method``,
                     ``batch_size``, ``seq_len``, ``target_len`` (None for encoder/decoder-only
@@ -32,13 +35,15 @@ Optional keys: ``estimate`` (``device: auto`` cells measured on the CPU after a 
 it with other estimates, never with measured figures), ``traceback`` (the last frames of a
 cell with status ``error``/``oom``). For ``estimated`` cells of ``device: auto``, ``message``
 says why no CPU run was made. ``results.jsonl`` holds one record per cell (``--resume``
-rewrites it without the failed tries it reruns).
+rewrites it without the failed tries it reruns, and moves the records of cells the suite no
+longer has to ``superseded.jsonl``).
 
 Bytes are ints. Missing figures are None, never 0.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -80,16 +85,13 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
             raise ValueError(f"{path}:{number}: not a JSON record ({e.msg})") from None
 
 
-def finished_cell_ids(path: str | os.PathLike) -> set[str]:
-    if not Path(path).exists():
-        return set()
-    return {r["cell_id"] for r in iter_records(path) if r.get("status") in FINISHED_STATUSES}
-
-
 def flatten(record: Record) -> dict[str, Any]:
-    """One flat row per record for pandas and spreadsheets (``results.csv``)."""
-    row: dict[str, Any] = {"cell_id": record["cell_id"], "suite": record.get("suite")}
-    row.update(record.get("params", {}))
+    """One flat row per record for pandas and spreadsheets (``results.csv``). Keys of a record's
+    mappings come in sorted order, as ``results.jsonl`` stores them: a record read back flattens
+    to the same columns, in the same order, as the record in memory."""
+    row: dict[str, Any] = {"cell_id": record["cell_id"], "cell_key": record.get("cell_key"),
+                           "suite": record.get("suite")}
+    row.update(sorted(record.get("params", {}).items()))
     for key in ("device", "models_device", "status", "message", "finished_at"):
         row[key] = record.get(key)
     memory = record.get("memory") or {}
@@ -100,14 +102,50 @@ def flatten(record: Record) -> dict[str, Any]:
     for item in record.get("activations") or []:
         column = f"act[{item['operator']}|{item['category']}]_bytes"
         row[column] = row.get(column, 0) + item["bytes"]
-    for key, value in (record.get("throughput") or {}).items():
+    for key, value in sorted((record.get("throughput") or {}).items()):
         row[key] = value
-    for key, value in (record.get("env") or {}).items():
+    for key, value in sorted((record.get("env") or {}).items()):
         row[f"env_{key}"] = value
     return row
 
 
-def write_csv(records: Iterable[Record], path: str | os.PathLike) -> None:
-    import pandas as pd
+class CsvFile:
+    """``results.csv``: one ``flatten``ed row per record, kept in step with ``results.jsonl`` at
+    the cost of one row per record, however many the file holds.
 
-    pd.DataFrame([flatten(r) for r in records]).to_csv(path, index=False)
+    The header is the union of the rows' columns in first-seen order (the columns of
+    ``pandas.DataFrame(rows)``). A record with a column the header lacks (an operator no earlier
+    cell saved, say) rewrites the file once with the wider header, from its own rows; any other
+    record appends one row. Missing values are empty cells.
+    """
+
+    def __init__(self, path: str | os.PathLike, records: Iterable[Record] = ()):
+        """Start the file afresh with ``records`` (none: no file until the first ``append``)."""
+        self.path = Path(path)
+        rows = [flatten(r) for r in records]
+        self.columns = list(dict.fromkeys(key for row in rows for key in row))
+        self._write(rows)
+
+    def append(self, record: Record) -> None:
+        row = flatten(record)
+        if all(key in self.columns for key in row):
+            with open(self.path, "a", encoding="utf-8", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow(row)
+            return
+        rows = []
+        if self.columns:  # the file exists: its rows as written (strings, copied unchanged)
+            with open(self.path, encoding="utf-8", newline="") as f:
+                rows = list(csv.DictReader(f))
+        self.columns += [key for key in row if key not in self.columns]
+        self._write([*rows, row])
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            self.path.unlink(missing_ok=True)  # nothing to show: no stale file of an earlier run
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)  # a kill mid-rewrite leaves the previous file

@@ -21,7 +21,7 @@ import html
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +52,18 @@ class ResultsError(ValueError):
 
 @dataclass
 class Results:
-    """The records of one results file (the last record of each ``cell_id``) and its suite."""
+    """The records of one results file that are cells of its suite (the last record of each
+    cell), the suite, and how many records were left out as cells of no suite here."""
 
     path: Path
     records: list[Record]
     suite: dict[str, Any] | None
+    outside: int = 0
+
+    def outside_note(self) -> str | None:
+        if not self.outside:
+            return None
+        return f"{self.outside} record(s) of {self.path.name} are not cells of suite.json: ignored"
 
     @property
     def name(self) -> str:
@@ -69,9 +76,11 @@ class Results:
 def load_results(results_path: str | Path) -> Results:
     """Read ``results_path`` (JSON lines) and ``suite.json`` beside it, if present.
 
-    Raises ResultsError, with a one-line message, for a missing or unreadable file, a line that is
-    not JSON, a record without ``params``/``status``, an empty file or a malformed suite.json.
-    A later record of the same ``cell_id`` (a ``--resume`` retry) replaces the earlier one.
+    Only the records of the suite's cells are its results (``suite_membership``); the others are
+    counted in ``outside``. A later record of the same cell (a ``--resume`` retry) replaces the
+    earlier one. Raises ResultsError, with a one-line message, for a missing or unreadable file, a
+    line that is not JSON, a record without ``params``/``status``, no record of the suite, or a
+    malformed suite.json.
     """
     path = Path(results_path)
     if not path.is_file():
@@ -82,13 +91,6 @@ def load_results(results_path: str | Path) -> Results:
         raise ResultsError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
     except ValueError as e:
         raise ResultsError(str(e)) from None
-    by_cell: dict[str, Record] = {}
-    for number, record in enumerate(raw, 1):
-        if not isinstance(record, dict) or not isinstance(record.get("params"), dict) or "status" not in record:
-            raise ResultsError(f"{path}: record {number} is not a cell record (needs 'params' and 'status')")
-        by_cell[str(record.get("cell_id", number))] = record
-    if not by_cell:
-        raise ResultsError(f"{path}: no records")
     suite = None
     suite_path = path.parent / "suite.json"
     if suite_path.exists():
@@ -98,7 +100,39 @@ def load_results(results_path: str | Path) -> Results:
             raise ResultsError(f"{suite_path}: not a JSON suite ({e})") from None
         if not isinstance(suite, dict):
             raise ResultsError(f"{suite_path}: not a JSON object")
-    return Results(path, list(by_cell.values()), suite)
+    member = suite_membership(suite, suite_path)
+    by_cell: dict[str, Record] = {}
+    outside = 0
+    for number, record in enumerate(raw, 1):
+        if not isinstance(record, dict) or not isinstance(record.get("params"), dict) or "status" not in record:
+            raise ResultsError(f"{path}: record {number} is not a cell record (needs 'params' and 'status')")
+        if member is not None and not member(record):
+            outside += 1
+            continue
+        by_cell[str(record.get("cell_key") or record.get("cell_id", number))] = record
+    if not by_cell:
+        raise ResultsError(f"{path}: no records" + (f" of the cells of {suite_path} ({outside} of other cells)"
+                                                    if outside else ""))
+    return Results(path, list(by_cell.values()), suite, outside)
+
+
+def suite_membership(suite: dict[str, Any] | None, where: Path) -> Callable[[Record], bool] | None:
+    """Which records are cells of ``suite``: those with a ``cell_key`` its ``cell_keys`` lists
+    (what the runner writes); for a suite.json without keys (an older runner), those with a
+    ``cell_id`` its ``cells`` lists. None, every record, when there is no suite.json."""
+    if suite is None:
+        return None
+    keys = suite.get("cell_keys")
+    if keys is not None:
+        if not isinstance(keys, dict) or not all(isinstance(k, str) for k in keys.values()):
+            raise ResultsError(f"{where}: cell_keys must map cell ids to keys")
+        wanted = set(keys.values())
+        return lambda record: record.get("cell_key") in wanted
+    cells = suite.get("cells")
+    if isinstance(cells, list):
+        ids = {str(c) for c in cells}
+        return lambda record: str(record.get("cell_id")) in ids
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,6 +688,9 @@ def _page(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame, max_ba
             "<i>estimated</i> in the tables, <i>[estimated]</i> in plot titles and drawn with dashed lines (and "
             "hatched or labelled <i>est.</i> bars where they sit next to measured ones).</p>"
         )
+    if results.outside:
+        parts.append(f'<p class="note">{e(results.outside_note())} (cells of an earlier version of the suite; '
+                     f"a <code>--resume</code> of the current one sets them aside).</p>")
     failed = cells[~cells["status"].isin(FIGURE_STATUSES)]
     if not failed.empty:
         parts.append(f'<p class="bad"><b>{len(failed)} cell(s) have no figures</b> (error, oom or skipped); '
@@ -704,7 +741,7 @@ def _page(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame, max_ba
     parts.append('<h2 id="suite">Suite</h2>')
     if results.suite:
         # the expanded cell list is long and the cell tables above already show it
-        shown = {k: (f"{len(v)} cells" if k == "cells" and isinstance(v, list) else v)
+        shown = {k: (f"{len(v)} cells" if k in ("cells", "cell_keys") and isinstance(v, (list, dict)) else v)
                  for k, v in results.suite.items()}
         kv = pd.DataFrame([(k, json.dumps(v, ensure_ascii=False, default=str) if not isinstance(v, str) else v)
                            for k, v in shown.items()], columns=["key", "value"])

@@ -1,11 +1,16 @@
 """Run a suite: for every cell build the model, apply the method, measure one training step and
-append the record to ``results.jsonl`` (flushed at once), then rewrite ``results.csv``.
+append the record to ``results.jsonl`` (flushed at once) and its row to ``results.csv``.
 
 Layout of an output directory::
 
-    suite.json      the normalised suite (``Suite.to_json()``), read by report and check
-    results.jsonl   one record per finished cell (``profiler.records``)
-    results.csv     the same, flattened for pandas and spreadsheets
+    suite.json        the normalised suite (``Suite.to_json()``) and ``cell_keys``, the identity of
+                      each of its cells (``cell_key``); report and check read only those cells
+    results.jsonl     one record per finished cell (``profiler.records``)
+    results.csv       the same, flattened for pandas and spreadsheets (one row appended per cell)
+    superseded.jsonl  records a ``--resume`` set aside: cells the edited suite no longer has
+
+One run at a time writes to a directory: a run holds an exclusive ``flock`` on it from start to
+end, and a second run (``--resume``, ``--overwrite`` or not) stops with one line before writing.
 
 Devices:
 
@@ -19,21 +24,29 @@ Devices:
 
 A failing cell (exception, OOM) is recorded with its status and message and the suite goes on.
 A method whose library part is missing is recorded as ``skipped``. ``resume=True`` keeps every
-finished record (``records.FINISHED_STATUSES``) and runs only the other cells.
+finished record (``records.FINISHED_STATUSES``) of a cell whose ``cell_key`` is still in the
+suite and runs only the other cells: the key hashes everything that can change a cell's figures,
+so a changed config, dimension, method, training setting or device policy runs the cell again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
+import fcntl
 import fnmatch
 import gc
+import hashlib
 import json
 import os
 import platform
+import signal
 import statistics
+import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -47,11 +60,12 @@ import torch
 from profiler import methods as methods_table
 from profiler import records
 from profiler.models import MetaMaskChecks, build_model, make_batch, tokens_per_step
-from profiler.suite import Cell, Suite, Training
+from profiler.suite import Cell, Suite
 
 RESULTS = "results.jsonl"
 CSV = "results.csv"
 SUITE_JSON = "suite.json"
+SUPERSEDED = "superseded.jsonl"
 # A training step on CPU reaches well under a bare matmul's FLOP rate (softmax, norms, the
 # optimizer, autograd bookkeeping): time estimates assume this fraction of it.
 CPU_STEP_EFFICIENCY = 0.5
@@ -87,10 +101,84 @@ class Plan:
     todo: list[Cell]  # the ones that will run
     resume: bool
     kept: list[records.Record] = field(default_factory=list)  # records a resume keeps
+    keys: dict[str, str] = field(default_factory=dict)  # cell_id -> cell_key, every cell of the suite
+    superseded: list[records.Record] = field(default_factory=list)  # records a resume sets aside
+    stamp: tuple = ()  # the output files as planned from (``_stamp``)
 
     @property
     def results_path(self) -> Path:
         return self.out_dir / RESULTS
+
+    def superseded_note(self) -> str:
+        return (f"{len(self.superseded)} record(s) of {self.results_path} are not cells of this suite "
+                f"(its config, grid, methods or settings changed): moved to {self.out_dir / SUPERSEDED}")
+
+
+def run_policy(suite: Suite, device: str) -> dict[str, Any]:
+    """The run settings outside a cell that change its figures: where it runs, whose kernels an
+    estimate models, and for ``auto`` the budgets that choose between a CPU run and the estimate
+    (``memory_gib`` only sizes the report's plot)."""
+    policy: dict[str, Any] = {"device": device}
+    if device in ("meta", "auto"):
+        policy["models_device"] = suite.models_device
+    if device == "auto":
+        policy["budgets"] = {k: v for k, v in dataclasses.asdict(suite.budgets).items() if k != "memory_gib"}
+    return policy
+
+
+def cell_key(cell: Cell, policy: dict[str, Any]) -> str:
+    """The identity of a cell's figures: a hash of the canonical JSON of the whole cell (model,
+    family, preset, config overrides, every dimension, method, training settings) and the run
+    ``policy`` (``run_policy``). It is derived from the whole cell, not from a list of fields: a
+    field added to ``Cell`` joins the identity by itself."""
+    content = {"cell": dataclasses.asdict(cell), "policy": policy}
+    text = json.dumps(_canonical(content), sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _canonical(value: Any) -> Any:
+    """Equal settings, one spelling: a float with an integral value is its int (``60.0`` of a
+    default and ``60`` of a YAML file), tuples are lists."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path):
+    """Hold an exclusive lock on the directory ``out_dir`` for the block (``flock`` on the
+    directory itself, so nothing is written). The kernel drops it when the process ends, however
+    it ends. Raises RunInputError at once when another holder has it."""
+    try:
+        fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise RunInputError([f"{out_dir}: cannot open the output directory ({e.strerror})"]) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInputError([f"{out_dir}: another run is writing to this output directory; "
+                                 "wait for it to end or choose another --out"]) from None
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _stamp(out_dir: Path) -> tuple:
+    """What a plan read from ``out_dir``: size, mtime and inode of its files (None when absent)."""
+    stamp = []
+    for name in (RESULTS, SUITE_JSON):
+        try:
+            info = (out_dir / name).stat()
+        except OSError:
+            stamp.append(None)
+            continue
+        stamp.append((info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(stamp)
 
 
 def default_out_dir(suite: Suite) -> Path:
@@ -123,13 +211,21 @@ def plan_run(
         problems.append(f"{suite.source}: device: cuda requested but torch.cuda.is_available() is False")
     if device == "auto" and torch.cuda.is_available():
         device = "cuda"
-    cells = select(suite.cells(), only)
+    every_cell = suite.cells()
+    policy = run_policy(suite, device)
+    keys = {c.cell_id: cell_key(c, policy) for c in every_cell}
+    cells = select(every_cell, only)
     if not cells:
-        problems.append(f"--only {only!r}: matches none of the suite's {len(suite.cells())} cell ids")
+        problems.append(f"--only {only!r}: matches none of the suite's {len(every_cell)} cell ids")
     results_path = out_dir / RESULTS
     if out_dir.exists() and not out_dir.is_dir():
         problems.append(f"{out_dir}: --out is a file, not a directory")
+    elif out_dir.is_dir():
+        with output_lock(out_dir):  # a run in progress there: say so, and nothing else
+            pass
+    stamp = _stamp(out_dir)
     kept: list[records.Record] = []
+    superseded: list[records.Record] = []
     todo = cells
     if results_path.exists() and not (resume or overwrite):
         problems.append(f"{results_path}: results exist already; pass --resume to continue them or --overwrite")
@@ -139,39 +235,41 @@ def plan_run(
         except (ValueError, OSError) as e:
             problems.append(f"{results_path}: cannot resume: {e}")
             existing = []
-        done = {r["cell_id"] for r in existing if r.get("status") in records.FINISHED_STATUSES}
-        todo = [c for c in cells if c.cell_id not in done]
-        rerun = {c.cell_id for c in todo}
-        # keep every record but the failed/skipped tries of cells that run again, and keep one
-        # record per finished cell
-        seen: dict[str, records.Record] = {}
-        for record in existing:
-            if record["cell_id"] in rerun:
-                continue
-            previous = seen.get(record["cell_id"])
-            if previous is None or record.get("status") in records.FINISHED_STATUSES or (
-                previous.get("status") not in records.FINISHED_STATUSES
-            ):
-                seen[record["cell_id"]] = record
-        kept = list(seen.values())
-        previous_suite = _read_json(out_dir / SUITE_JSON)
-        # settings missing from an older suite.json had their defaults then
-        previous_training = {**dataclasses.asdict(Training()), **((previous_suite or {}).get("training") or {})}
-        if previous_suite is not None and previous_training != suite.to_json()["training"]:
-            problems.append(
-                f"{out_dir / SUITE_JSON}: training settings differ from {suite.source}; "
-                "resuming would mix them (use another --out or --overwrite)"
-            )
+        todo, kept, superseded = _resume(existing, cells, keys)
     if problems:
         raise RunInputError(problems)
-    return Plan(suite=suite, out_dir=out_dir, device=device, cells=cells, todo=todo, resume=resume, kept=kept)
+    return Plan(suite=suite, out_dir=out_dir, device=device, cells=cells, todo=todo, resume=resume, kept=kept,
+                keys=keys, superseded=superseded, stamp=stamp)
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def _resume(existing: list[Any], cells: list[Cell], keys: dict[str, str]):
+    """``(todo, kept, superseded)`` of a resume: the selected cells without a finished record of
+    their key; one record per key still in the suite, the failed tries of cells that run again
+    left out; and the records of keys the suite no longer has (older runs' records, without a
+    key, among them), which are not its results."""
+    suite_keys = set(keys.values())
+
+    def key_of(record: Any) -> str | None:
+        return record.get("cell_key") if isinstance(record, dict) else None
+
+    done = {key_of(r) for r in existing if key_of(r) in suite_keys and r.get("status") in records.FINISHED_STATUSES}
+    todo = [c for c in cells if keys[c.cell_id] not in done]
+    rerun = {keys[c.cell_id] for c in todo}
+    seen: dict[str, records.Record] = {}
+    superseded = []
+    for record in existing:
+        key = key_of(record)
+        if key not in suite_keys:
+            superseded.append(record)
+            continue
+        if key in rerun:
+            continue
+        previous = seen.get(key)
+        if previous is None or record.get("status") in records.FINISHED_STATUSES or (
+            previous.get("status") not in records.FINISHED_STATUSES
+        ):
+            seen[key] = record
+    return todo, list(seen.values()), superseded
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -540,10 +638,33 @@ class RunResult:
 
 
 _WORKER: CellRunner | None = None
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _start_worker(suite: Suite, measure: MeasureFn | None) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this worker process when ``parent`` ends, however it ends.
+
+    A killed parent (SIGKILL, the OOM killer) runs no cleanup, and a worker inside an estimate
+    reads the pool's queue, and sees it closed, only when the estimate ends: minutes later, or
+    never. On Linux the kernel kills the worker at the parent's death (``PR_SET_PDEATHSIG``);
+    elsewhere a daemon thread polls the parent's pid.
+    """
+    armed = sys.platform.startswith("linux") and ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # it died before the death signal was armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _start_worker(suite: Suite, measure: MeasureFn | None, parent: int) -> None:
     global _WORKER
+    _die_with_parent(parent)
     torch.set_num_threads(1)  # meta tensors do no arithmetic; one thread per worker process
     _WORKER = CellRunner(suite, "meta", measure)
 
@@ -582,7 +703,7 @@ def _records_in_order(plan: Plan, runner: CellRunner, jobs: int, measure: Measur
 
     context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
     pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(plan.suite, measure)
+        max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(plan.suite, measure, os.getpid())
     )
     try:
         futures = [(group, pool.submit(_estimate_in_worker, group)) for group in _model_groups(plan.todo)]
@@ -602,19 +723,35 @@ def run_suite(
     cuda); CPU runs of ``auto`` still run one at a time here, but share the CPU with the workers,
     so their throughput is then pessimistic. Memory figures are the same either way.
 
+    The output directory is locked for the whole run (``output_lock``); RunInputError, before
+    anything is written, when another run holds it or changed it since ``plan_run``.
+
     A KeyboardInterrupt stops after the cell in progress is dropped; every finished record is
-    already on disk and ``results.csv`` is rewritten on the way out.
+    already on disk, and so is its row of ``results.csv``.
     """
     observer = observer or Observer()
-    runner = CellRunner(plan.suite, plan.device, measure)
     out_dir = plan.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / SUITE_JSON, json.dumps(plan.suite.to_json(), indent=2, sort_keys=True) + "\n")
-    results_path = plan.results_path
-    if plan.resume and results_path.exists():
-        _atomic_write(results_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in plan.kept))
-    else:
-        _atomic_write(results_path, "")
+    with output_lock(out_dir):
+        if _stamp(out_dir) != plan.stamp:
+            raise RunInputError([f"{plan.results_path}: changed since this run was planned (by another run?); "
+                                 "start this one again"])
+        return _run_locked(plan, observer, measure, jobs)
+
+
+def _run_locked(plan: Plan, observer: Observer, measure: MeasureFn | None, jobs: int) -> RunResult:
+    out_dir, results_path = plan.out_dir, plan.results_path
+    runner = CellRunner(plan.suite, plan.device, measure)
+    suite_json = {**plan.suite.to_json(), "cell_keys": plan.keys}
+    _atomic_write(out_dir / SUITE_JSON, json.dumps(suite_json, indent=2, sort_keys=True) + "\n")
+    kept = plan.kept if plan.resume else []
+    if plan.superseded:  # set aside before results.jsonl drops them: a kill in between loses nothing
+        for record in plan.superseded:
+            records.append_record(out_dir / SUPERSEDED, record)
+    elif not plan.resume:
+        (out_dir / SUPERSEDED).unlink(missing_ok=True)  # --overwrite discards every result
+    _atomic_write(results_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    csv_file = records.CsvFile(out_dir / CSV, kept)
     statuses: dict[str, int] = {}
     observer.started(plan)
     ran = 0
@@ -622,21 +759,15 @@ def run_suite(
         if plan.todo:
             observer.cell_started(plan.todo[0], 0)
         for index, (cell, record) in enumerate(_records_in_order(plan, runner, jobs, measure)):
+            record["cell_key"] = plan.keys[cell.cell_id]
             records.append_record(results_path, record)
+            csv_file.append(record)
             ran += 1
             statuses[record["status"]] = statuses.get(record["status"], 0) + 1
             observer.cell_finished(cell, record)
-            _write_csv(results_path, out_dir / CSV)
             if index + 1 < len(plan.todo):
                 observer.cell_started(plan.todo[index + 1], index + 1)
     finally:
         runner.close()
-        _write_csv(results_path, out_dir / CSV)
     return RunResult(out_dir=out_dir, results_path=results_path, ran=ran, statuses=statuses)
-
-
-def _write_csv(results_path: Path, csv_path: Path) -> None:
-    rows = records.read_records(results_path)
-    if rows:
-        records.write_csv(rows, csv_path)
 

@@ -111,3 +111,14 @@ def write_suite(tmp_path: Path):
 
     write.path = tmp_path / "suite.yaml"
     return write
+
+
+def sleeping_measure(*args, **kwargs):
+    """A measurement that never ends: writes this process's pid into ``$PROFILER_TEST_PIDS``
+    and sleeps (worker-process tests kill its parent and look for it)."""
+    import os
+
+    pids = Path(os.environ["PROFILER_TEST_PIDS"])
+    (pids / str(os.getpid())).touch()
+    time.sleep(600)
+    raise AssertionError("slept for 10 minutes")

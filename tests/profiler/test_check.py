@@ -187,3 +187,90 @@ def test_cli_update_baseline_takes_a_tolerance(results, capsys):
     capsys.readouterr()
     assert cli.main(["check", str(results), "--baseline", str(path), "--tolerance", "0.02"]) == 2
     assert "--tolerance applies with --update-baseline only" in capsys.readouterr().err
+
+
+# --- NaN ratios and figure kinds ---------------------------------------------------------------
+
+
+def _set_peak(results: Path, method: str, value: float, **where) -> None:
+    rows = read_records(results)
+    for row in rows:
+        if row["params"]["method"] == method and all(row["params"][k] == v for k, v in where.items()):
+            row["memory"]["peak_bytes"] = value
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json writes NaN as NaN
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_ratio_that_is_not_a_number_regresses_and_says_why(results, tmp_path, value):
+    path = tmp_path / "b.json"
+    write_baseline(path, baseline_from_results(load_results(results)))
+    set_checks(results, [])
+    at = {"model": "t5-base", "batch_size": 16, "seq_len": 128}
+    _set_peak(results, "wtacrs@0.3", value, **at)
+    if value == float("inf"):
+        _set_peak(results, "full", value, **at)  # inf / inf
+    code, out = check(results, baseline=path)
+    # inf: every method's ratio over full's infinite peak at that point is a number no more
+    assert code == 1 and f"{1 if value != value else 5} regressed" in out
+    (row,) = [line for line in out.splitlines()
+              if "regressed" in line and "÷ wtacrs@0.3 · t5-base B=16 S=128" in line]
+    assert "not a finite ratio" in row
+    set_checks(results, [{"metric": "peak_bytes", "denominator": "wtacrs@0.3", "min": 1.0, "where": at}])
+    code, out = check(results)
+    assert code == 1 and "0 held, 1 regressed" in out and "t5-base B=16 S=128: not a finite ratio" in out
+
+
+def test_a_baseline_records_the_kind_of_each_figure(results):
+    doc = baseline_from_results(load_results(results))
+    kinds = {(e["cell"]["model"], e["figures"]) for e in doc["ratios"]}
+    # t5-small was measured on the CPU, t5-base estimated on meta for cuda kernels
+    assert kinds == {("t5-small", "measured (cpu)"), ("t5-base", "estimated (meta → cuda)")}
+
+
+def _as_meta_estimates(results: Path, model: str, peak_scale: float) -> None:
+    rows = read_records(results)
+    for row in rows:
+        if row["params"]["model"] == model and row["status"] == "ok":
+            row.update(status="estimated", device="meta", models_device="cuda", throughput=None)
+            if row["params"]["method"] != "full":
+                row["memory"]["peak_bytes"] = int(row["memory"]["peak_bytes"] * peak_scale)
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_figures_of_another_kind_are_a_kind_mismatch_not_a_regression(results, tmp_path):
+    path = tmp_path / "b.json"
+    write_baseline(path, baseline_from_results(load_results(results)))
+    set_checks(results, [])
+    _as_meta_estimates(results, "t5-small", peak_scale=1.18)  # a meta run of the CPU cells: 15% "lower" ratios
+    code, out = check(results, baseline=path)
+    assert code == 0, out  # the estimated t5-base ratios were compared like with like and held
+    assert "regressed" not in out.replace("0 regressed", "")
+    assert "20 held, 0 regressed, 1 kind mismatch" in out
+    assert "baseline measured (cpu), results estimated (meta → cuda): 19 ratio(s) not compared" in out
+
+
+def test_a_baseline_of_another_kind_only_exits_2_with_one_line(results, tmp_path):
+    path = tmp_path / "b.json"
+    doc = baseline_from_results(load_results(results))
+    doc["ratios"] = [e for e in doc["ratios"] if e["cell"]["model"] == "t5-small"]
+    write_baseline(path, doc)
+    set_checks(results, [])
+    _as_meta_estimates(results, "t5-small", peak_scale=1.18)
+    code, out = check(results, baseline=path)
+    assert code == 2 and one_error_line(out), out
+    assert "its ratios are measured (cpu) figures, these results estimated (meta → cuda) ones" in out
+
+
+def test_a_baseline_without_figure_kinds_is_refused(results, tmp_path):
+    path = tmp_path / "b.json"
+    doc = baseline_from_results(load_results(results))
+    doc["format"] = 1
+    for entry in doc["ratios"]:
+        del entry["figures"]
+    path.write_text(json.dumps(doc))
+    code, out = check(results, baseline=path)
+    assert code == 2 and one_error_line(out)
+    assert "records no figure kinds; regenerate it with --update-baseline" in out
+    # --update-baseline rewrites it, keeping its tolerance
+    assert check(results, baseline=path, update_baseline=True)[0] == 0
+    assert read_baseline(path)["format"] == 2

@@ -275,3 +275,289 @@ def test_every_family_estimates_on_meta(preset):
     sampled_operators = {a["operator"] for a in sampled if a["category"] == "sampled" and a["bytes"] > 0}
     assert {"Linear-O", "Linear-U", "Linear-D", "TensorMul-1"} <= sampled_operators, sampled_operators
     assert 0 < sum(a["bytes"] for a in sampled) < sum(a["bytes"] for a in full)
+
+
+# --- a cell's identity: --resume and results outside the suite ------------------------------
+
+
+CONFIG_SUITE = """\
+name: layers
+model: [{family: bert, preset: bert-tiny, config: {num_hidden_layers: 2}}]
+grid: {batch_size: [2, 3], seq_len: [8]}
+methods: [full, lora]
+training: {warmup_steps: 1, timed_steps: 1}
+device: meta
+"""
+
+
+def test_resume_after_a_config_change_runs_every_cell_again(write_suite, tmp_path, fake_measure):
+    out = tmp_path / "out"
+    run(write_suite(CONFIG_SUITE), out, fake_measure)
+    counting = CountingMeasure(fake_measure)
+    plan, _ = run(write_suite(CONFIG_SUITE.replace("num_hidden_layers: 2", "num_hidden_layers: 4")), out, counting,
+                  resume=True)
+    assert len(plan.todo) == len(plan.cells) == 4 and len(counting.calls) == 4
+    rows = records.read_records(out / "results.jsonl")
+    assert len(rows) == 4 and {r["params"]["n_layers"] for r in rows} == {4}
+    assert len(records.read_records(out / runner.SUPERSEDED)) == 4  # the 2-layer records, set aside
+
+
+@pytest.mark.parametrize("change", [
+    ("num_hidden_layers: 2", "num_hidden_layers: 2, hidden_dropout_prob: 0.0"),  # config, not in params
+    ("timed_steps: 1}", "timed_steps: 1, dtype: bfloat16}"),
+    ("timed_steps: 1}", "timed_steps: 1, seed: 1}"),
+    ("timed_steps: 1}", "timed_steps: 1, pad_fraction: 0.25}"),
+    ("timed_steps: 1}", "timed_steps: 1, threads: 1}"),
+    ("timed_steps: 1}", "timed_steps: 1, attn_implementation: sdpa}"),
+    ("device: meta", "device: meta\nmodels_device: cpu"),
+    ("device: meta", "device: cpu"),
+    ("name: layers", "name: layers2"),
+])
+def test_every_setting_that_changes_figures_is_part_of_the_cell_identity(write_suite, tmp_path, fake_measure,
+                                                                          change):
+    out = tmp_path / "out"
+    run(write_suite(CONFIG_SUITE), out, fake_measure)
+    again = runner.plan_run(load_suite(write_suite(CONFIG_SUITE)), out, resume=True)
+    assert again.todo == []  # the same suite, loaded again: every cell is finished
+    changed = runner.plan_run(load_suite(write_suite(CONFIG_SUITE.replace(*change))), out, resume=True)
+    assert len(changed.todo) == 4, change
+
+
+def test_auto_budgets_are_part_of_the_cell_identity(write_suite, tmp_path, fake_measure, monkeypatch):
+    monkeypatch.setattr(runner, "available_memory_bytes", lambda: 1000)  # every cell keeps its estimate
+    text = CONFIG_SUITE.replace("device: meta", "device: auto")
+    out = tmp_path / "out"
+    run(write_suite(text), out, fake_measure)
+    assert runner.plan_run(load_suite(write_suite(text)), out, resume=True).todo == []
+    changed = text + "budgets: {memory_fraction: 0.5}\n"
+    assert len(runner.plan_run(load_suite(write_suite(changed)), out, resume=True).todo) == 4
+    report_only = text + "budgets: {memory_gib: [16]}\n"  # the report's sizes change no figure
+    assert runner.plan_run(load_suite(write_suite(report_only)), out, resume=True).todo == []
+
+
+def test_results_of_removed_grid_values_and_methods_are_not_the_suites(write_suite, tmp_path, fake_measure):
+    from profiler.report import load_results
+
+    out = tmp_path / "out"
+    run(write_suite(), out, fake_measure)
+    smaller = (write_suite().read_text().replace("batch_size: [2, 3]", "batch_size: [3]")
+               .replace("methods: [full, lora]", "methods: [full]").split("checks:")[0])
+    counting = CountingMeasure(fake_measure)
+    plan, _ = run(write_suite(smaller), out, counting, resume=True)
+    assert counting.calls == [] and len(plan.cells) == 2
+    loaded = load_results(out / "results.jsonl")
+    assert sorted(r["cell_id"] for r in loaded.records) == sorted(c.cell_id for c in plan.cells)
+    assert len(pd.read_csv(out / "results.csv")) == 2
+    assert len(plan.superseded) == 6 and plan.superseded_note().startswith("6 record(s) of ")
+    assert len(records.read_records(out / runner.SUPERSEDED)) == 6
+
+
+def test_report_and_check_read_only_the_records_of_the_suite(write_suite, tmp_path, fake_measure):
+    import io
+
+    from rich.console import Console
+
+    from profiler.check import run_check
+    from profiler.report import load_results
+
+    def check() -> tuple[int, str]:
+        buffer = io.StringIO()
+        return run_check(out / "results.jsonl", console=Console(file=buffer, width=200)), buffer.getvalue()
+
+    out = tmp_path / "out"
+    run(write_suite(), out, fake_measure)
+    code, _ = check()
+    rows = records.read_records(out / "results.jsonl")
+    # a record of the same cell id from another version of the suite (4 layers), appended later
+    stray = json.loads(json.dumps(rows[0]))
+    stray["params"]["n_layers"], stray["cell_key"] = 4, "0" * 16
+    stray["memory"]["peak_bytes"] *= 2
+    records.append_record(out / "results.jsonl", stray)
+    loaded = load_results(out / "results.jsonl")
+    (mine,) = [r for r in loaded.records if r["cell_id"] == rows[0]["cell_id"]]
+    assert mine == rows[0] and len(loaded.records) == 8
+    assert loaded.outside == 1
+    again, text = check()
+    assert again == code and "1 record(s) of results.jsonl are not cells of suite.json: ignored" in text
+
+
+# --- one run per output directory --------------------------------------------------------------
+
+
+HOLDER = """\
+import pathlib, sys, time
+from profiler import cli, runner
+from tests.profiler.conftest import fake_measure_training_step
+
+gate, calls = pathlib.Path(sys.argv[3]), []
+
+def measure(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # one cell is on disk: wait in the second until the test says go
+        (gate / "waiting").touch()
+        while not (gate / "go").exists():
+            time.sleep(0.05)
+    return fake_measure_training_step(*args, **kwargs)
+
+runner._default_measure = lambda: measure
+sys.exit(cli.main(["run", sys.argv[1], "--out", sys.argv[2], "--quiet", "--no-report"]))
+"""
+
+
+def _wait_for(condition, process, seconds: float = 240) -> None:
+    """Poll ``condition`` while ``process`` lives (a safety limit, not a timing assertion)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.05)
+
+
+def test_a_second_run_on_a_busy_out_dir_exits_2_and_writes_nothing(write_suite, tmp_path, capsys, monkeypatch,
+                                                                   fake_measure):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from profiler import cli
+
+    root = Path(__file__).resolve().parents[2]
+    suite, out, gate = write_suite(), tmp_path / "out", tmp_path / "gate"
+    gate.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(suite), str(out), str(gate)], cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (gate / "waiting").exists(), first)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        monkeypatch.setattr(runner, "_default_measure", lambda: fake_measure)
+        for flags in (["--overwrite"], ["--resume"], []):
+            code = cli.main(["run", str(suite), "--out", str(out), "--quiet", "--no-report", *flags])
+            captured = capsys.readouterr()
+            assert code == 2 and captured.out == "", flags
+            assert captured.err == f"{out}: another run is writing to this output directory; wait for it to end " \
+                                   "or choose another --out\n", flags
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before, flags
+        (gate / "go").touch()
+        stdout, stderr = first.communicate(timeout=240)
+        assert first.returncode == 0, stdout + stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    rows = records.read_records(out / "results.jsonl")
+    assert len(rows) == 8 and len({r["cell_id"] for r in rows}) == 8
+
+
+def test_a_run_locked_out_after_planning_writes_nothing(write_suite, tmp_path, fake_measure):
+    out = tmp_path / "out"
+    plan = runner.plan_run(load_suite(write_suite()), out)  # out does not exist yet: nothing to lock
+    out.mkdir()
+    with runner.output_lock(out):  # another run started in between
+        with pytest.raises(runner.RunInputError, match="another run is writing to this output directory"):
+            runner.run_suite(plan, measure=fake_measure)
+    assert list(out.iterdir()) == []
+
+
+def test_a_run_planned_before_another_run_wrote_refuses(write_suite, tmp_path, fake_measure):
+    out = tmp_path / "out"
+    late = runner.plan_run(load_suite(write_suite()), out)
+    run(write_suite(), out, fake_measure, only="t5-tiny/full/B2")  # another run came and went
+    before = (out / "results.jsonl").read_text()
+    with pytest.raises(runner.RunInputError, match="changed since this run was planned"):
+        runner.run_suite(late, measure=fake_measure)
+    assert (out / "results.jsonl").read_text() == before
+
+
+# --- cost --------------------------------------------------------------------------------------
+
+
+def test_results_csv_grows_by_one_row_per_cell(write_suite, tmp_path, fake_measure, monkeypatch):
+    reads = []
+    real = records.iter_records
+
+    def counted(path):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(records, "iter_records", counted)
+    calls, inodes = [], []
+    csv_path = tmp_path / "out" / "results.csv"
+
+    def measure(*args, **kwargs):
+        result = fake_measure(*args, **kwargs)
+        calls.append(1)
+        inodes.append(csv_path.stat().st_ino if csv_path.exists() else None)
+        if len(calls) >= 5:  # a new operator from the fifth cell on: the column set grows once
+            result.activations.append({"operator": "Softmax", "category": "uncompressed", "bytes": len(calls)})
+        return result
+
+    _, result = run(write_suite(), tmp_path / "out", measure)
+    assert reads == []  # results.jsonl is never read back to write the CSV
+    # appended in place, but for the one rewrite (a new file) when the fifth cell widened the header
+    assert inodes[0] is None and len(set(inodes[1:5])) == 1 and len(set(inodes[5:])) == 1
+    assert inodes[4] != inodes[5]
+    monkeypatch.setattr(records, "iter_records", real)
+    rows = records.read_records(result.results_path)
+    expected = pd.DataFrame([records.flatten(r) for r in rows])
+    written = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(written.columns) == list(expected.columns)
+    assert written["act[Softmax|uncompressed]_bytes"].tolist()[4:] == [5, 6, 7, 8]
+    assert written["act[Softmax|uncompressed]_bytes"].isna().tolist()[:4] == [True] * 4
+    pd.testing.assert_frame_equal(written, pd.read_csv(__import__("io").StringIO(expected.to_csv(index=False))))
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped by its new parent, is dead)."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+PARENT = """\
+import sys
+from profiler import runner
+from profiler.suite import load_suite
+from tests.profiler.conftest import sleeping_measure
+
+plan = runner.plan_run(load_suite(sys.argv[1]), sys.argv[2])
+runner.run_suite(plan, measure=sleeping_measure, jobs=2)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_a_killed_parent(write_suite, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(write_suite()), str(tmp_path / "out")], cwd=root,
+                              env={**os.environ, "PROFILER_TEST_PIDS": str(pids)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        _wait_for(lambda: len(list(pids.iterdir())) == 2, parent)  # both workers are measuring
+        workers = [int(p.name) for p in pids.iterdir()]
+        parent.send_signal(signal.SIGKILL)  # no cleanup of any kind runs
+        parent.wait()
+        deadline = time.monotonic() + 60  # a safety limit: PR_SET_PDEATHSIG acts at once
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if _alive(pid)]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
