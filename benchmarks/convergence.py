@@ -17,8 +17,9 @@ Methods (``name@ratio``; see ``METHODS``):
 * ``wtacrs-storev``: the same with V stored (exact dP);
 * ``wtacrs-tm2only``: TensorMul-1 exact, V stored (attention gradients exact);
 * ``wtacrs-linear``: only the linears sampled (attention untouched);
-* ``wtacrs-actp``: ``wtacrs`` with TensorMul-1/V-column probabilities from activation norms only
-  (the first version, for comparison).
+* ``wtacrs-actp``: ``wtacrs`` with ``probability="activation"``: TensorMul-1/V-column
+  probabilities from activation norms only (the first version, for comparison; the linears'
+  probabilities are the same here, whose batches have no padding).
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ import wtacrs
 VOCAB, NOISE = 64, 0.1
 PERMUTATION = torch.cat([torch.arange(2), 2 + torch.randperm(VOCAB - 2, generator=torch.Generator().manual_seed(0))])
 
-# name -> (WTACRSConfig options, AttentionSettings.probabilities); None: full fine-tuning
-METHODS: dict[str, tuple[dict, str] | None] = {
+# name -> WTACRSConfig options; None: full fine-tuning
+METHODS: dict[str, dict | None] = {
     "full": None,
-    "wtacrs": ({}, "attention"),
-    "wtacrs-storev": ({"tm2_v": "store"}, "attention"),
-    "wtacrs-tm2only": ({"tm1": False, "tm2_v": "store"}, "attention"),
-    "wtacrs-linear": ({"tm1": False, "tm2": False}, "attention"),
-    "wtacrs-actp": ({}, "activation"),
+    "wtacrs": {},
+    "wtacrs-storev": {"tm2_v": "store"},
+    "wtacrs-tm2only": {"tm1": False, "tm2_v": "store"},
+    "wtacrs-linear": {"tm1": False, "tm2": False},
+    "wtacrs-actp": {"probability": "activation"},
 }
 
 
@@ -64,11 +65,7 @@ def make_model(method: str) -> torch.nn.Module:
     if name not in METHODS or (METHODS[name] is not None and not ratio):
         raise SystemExit(f"unknown method {method!r}; expected one of {', '.join(METHODS)} (with @ratio except full)")
     if METHODS[name] is not None:
-        options, probabilities = METHODS[name]
-        wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=float(ratio), seed=0, **options))
-        for module in model.modules():
-            if hasattr(module, "wtacrs_attention"):
-                module.wtacrs_attention.probabilities = probabilities
+        wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=float(ratio), seed=0, **METHODS[name]))
     return model
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import wtacrs
-from wtacrs import lossless
+from wtacrs import WTACRSConfig, lossless
 from wtacrs.attention import (
     AttentionSettings,
     disable,
@@ -109,9 +109,14 @@ def make_batch(family, pad=True, device="cpu"):
     return {k: v.to(device) for k, v in kw.items()}
 
 
-def convert(model, **settings):
+def settings(*, generator=None, query_stream=None, **config):
+    """AttentionSettings from a WTACRSConfig with ``config``'s fields (its defaults otherwise)."""
+    return AttentionSettings(WTACRSConfig(**config), generator=generator, query_stream=query_stream)
+
+
+def convert(model, **config):
     converted = copy.deepcopy(model)
-    enable(converted, lambda name, module: AttentionSettings(**settings))
+    enable(converted, lambda name, module: settings(**config))
     return converted
 
 
@@ -161,7 +166,7 @@ def test_set_attn_implementation_reaches_t5_stacks():
 
 def test_enable_disable_roundtrip():
     model = make_model("bert", impl="sdpa")
-    changed = enable(model, lambda name, module: AttentionSettings(ratio=0.5))
+    changed = enable(model, lambda name, module: settings(ratio=0.5))
     assert len(changed) == 2 and all(m.wtacrs_attention.fallback == "sdpa" for m in changed)
     assert model.config._attn_implementation == "wtacrs"
     disable(model)
@@ -169,13 +174,20 @@ def test_enable_disable_roundtrip():
     assert not any(hasattr(m, "wtacrs_attention") for m in model.modules())
 
 
-def test_settings_validation():
-    with pytest.raises(ValueError):
-        AttentionSettings(ratio=0)
-    with pytest.raises(ValueError):
-        AttentionSettings(fallback="flash_attention_2")
-    with pytest.raises(ValueError):
-        AttentionSettings(tm2_v="maybe")
+def test_settings_derive_from_the_one_config():
+    config = WTACRSConfig(ratio=0.25, tm2_v="store", probability="activation")
+    s = AttentionSettings(config)
+    assert s.config is config and not s.p_aware and s.fallback == "eager"
+    assert AttentionSettings(WTACRSConfig()).config.tm2_v == WTACRSConfig().tm2_v  # one default
+    assert AttentionSettings(WTACRSConfig()).p_aware  # probability="auto": P-aware attention rows
+    with pytest.raises(ValueError, match="ratio"):  # validated once, by the config
+        WTACRSConfig(ratio=0)
+    with pytest.raises(TypeError, match="ratio"):  # no settings of its own
+        AttentionSettings(ratio=0.3)
+    with pytest.raises(TypeError, match="WTACRSConfig"):
+        AttentionSettings({"ratio": 0.3})
+    with pytest.raises(ValueError, match="fallback"):
+        AttentionSettings(config, fallback="flash_attention_2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +233,11 @@ def test_train_forward_equals_eager_and_full_ratio_gradients_match(family, impl)
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("tm2_v", ["store", "sample"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sampled_training_step(family):
+def test_sampled_training_step(family, tm2_v):
     eager = make_model(family)
-    converted = convert(eager, ratio=0.3)
+    converted = convert(eager, ratio=0.3, tm2_v=tm2_v)
     batch = make_batch(family)
     eager.train(), converted.train()
     torch.manual_seed(5)
@@ -236,7 +249,7 @@ def test_sampled_training_step(family):
     n_attention = {"t5": 6, "t5-gated-gelu": 6}.get(family, 2)  # T5: encoder, decoder and cross-attention
     assert names.count("SampledScoresSoftmaxBackward") == n_attention
     assert "SoftmaxBackward0" not in names  # the fused node keeps P (the loss uses log_softmax)
-    assert names.count("ReusedPVBackward") == n_attention
+    assert names.count({"store": "ReusedPVBackward", "sample": "SampledPVBackward"}[tm2_v]) == n_attention
     assert names.count("PackedDropoutBackward") >= n_attention
     out.loss.backward()
     for name, p in converted.named_parameters():
@@ -338,11 +351,11 @@ def saved(fn):
 @pytest.mark.parametrize("tm2_v", ["store", "sample"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_saved_bytes_match_hand_count(tm2_v, dropout):
-    settings = AttentionSettings(ratio=0.3, tm2_v=tm2_v, generator=torch.Generator().manual_seed(0))
-    module = Attention(settings).train()
+    s = settings(ratio=0.3, tm2_v=tm2_v, generator=torch.Generator().manual_seed(0))
+    module = Attention(s).train()
     q, k, v = (t.requires_grad_() for t in qkv(batch=2, heads=4, q_len=16, kv_len=24, head_dim=8))
     (out, _), storages, calls = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=0.5, dropout=dropout))
-    expected = saved_bytes_per_call(2, 4, 16, 24, 8, settings=settings, dropout=dropout)
+    expected = saved_bytes_per_call(2, 4, 16, 24, 8, config=s.config, dropout=dropout)
     assert sum(s[2] for s in storages.values()) == sum(expected.values())
     # P is saved twice (softmax and TensorMul-2) into one storage; so is the packed mask
     p_keys = [key for key, s in storages.items() if s[0] == (2, 4, 16, 24)]
@@ -355,11 +368,11 @@ def test_saved_bytes_match_hand_count(tm2_v, dropout):
 
 
 def test_gqa_stores_value_before_repeat_kv():
-    settings = AttentionSettings(ratio=0.5, generator=torch.Generator().manual_seed(0))
-    module = Attention(settings, is_causal=True, num_key_value_groups=2).train()
+    s = settings(ratio=0.5, tm2_v="store", generator=torch.Generator().manual_seed(0))
+    module = Attention(s, is_causal=True, num_key_value_groups=2).train()
     q, k, v = (t.requires_grad_() for t in qkv(batch=2, heads=4, kv_heads=2, q_len=12, kv_len=12, head_dim=8))
     (out, _), storages, _ = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=0.3, dropout=0.1))
-    expected = saved_bytes_per_call(2, 4, 12, 12, 8, settings=settings, dropout=0.1, kv_heads=2)
+    expected = saved_bytes_per_call(2, 4, 12, 12, 8, config=s.config, dropout=0.1, kv_heads=2)
     assert sum(s[2] for s in storages.values()) == sum(expected.values())
     assert v.untyped_storage()._cdata in storages
     out.sum().backward()
@@ -372,7 +385,7 @@ def test_ratio_one_matches_eager_with_masks_bias_and_gqa():
     mask_float = torch.where(mask_bool, 0.0, torch.finfo(torch.float32).min)
     bias = torch.randn(1, 4, 10, 10, generator=torch.Generator().manual_seed(3))
     for mask in (mask_bool, mask_float):
-        module = Attention(AttentionSettings(ratio=1.0), num_key_value_groups=2).train()
+        module = Attention(settings(ratio=1.0), num_key_value_groups=2).train()
         inputs = qkv(batch=2, heads=4, kv_heads=2, q_len=10, kv_len=10, head_dim=8)
         grads = []
         for fn in ("eager", "wtacrs"):
@@ -398,8 +411,8 @@ def test_softcap_forward_is_eager_and_its_gradient_exact(tm1):
     mask = torch.ones(2, 1, 12, 12, dtype=torch.bool).tril()
     inputs = qkv(batch=2, heads=4, q_len=12, kv_len=12)  # scores ~ N(0, 2): tanh(s / 1.5) bends
     for ratio in (1.0, 0.3):
-        settings = AttentionSettings(ratio=ratio, tm1=tm1, generator=torch.Generator().manual_seed(0))
-        module = Attention(settings, is_causal=True).train()
+        call = settings(ratio=ratio, tm1=tm1, generator=torch.Generator().manual_seed(0))
+        module = Attention(call, is_causal=True).train()
         results = []
         for fn in ("eager", "wtacrs"):
             q, k, v = (t.clone().requires_grad_() for t in inputs)
@@ -418,14 +431,14 @@ def test_softcap_forward_is_eager_and_its_gradient_exact(tm1):
         if ratio == 1.0:
             for a, b in zip(ref_grads, grads):
                 torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
-        expected = saved_bytes_per_call(2, 4, 12, 12, 8, settings=settings, dropout=0.1, softcap=True)
+        expected = saved_bytes_per_call(2, 4, 12, 12, 8, config=call.config, dropout=0.1, softcap=True)
         assert expected["softcap"] == 2 * 4 * 12 * 12 * 4
         assert sum(s[2] for s in storages.values()) == sum(expected.values())
 
 
 def test_position_bias_gradient_is_exact_with_sampled_tm1():
     """dP and the softmax backward are exact when V is stored, so T5's relative bias is too."""
-    module = Attention(AttentionSettings(ratio=0.25, generator=torch.Generator().manual_seed(1))).train()
+    module = Attention(settings(ratio=0.25, tm2_v="store", generator=torch.Generator().manual_seed(1))).train()
     inputs = qkv(batch=2, heads=4, q_len=12, kv_len=12)
     bias = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(3))
     results = []
@@ -444,7 +457,7 @@ def test_position_bias_gradient_is_exact_with_sampled_tm1():
     assert not torch.allclose(results[1][2], results[0][2])  # dQ: sampled
 
 
-def unbiasedness_statistic(settings: AttentionSettings, softcap: float | None = None, copies: int = 1500):
+def unbiasedness_statistic(attention_settings: AttentionSettings, softcap: float | None = None, copies: int = 1500):
     """(statistic, statistic of a 10% biased estimator) of the sampled q/k/v gradients against
     eager's: about 1 for an unbiased estimator, growing like the copy count for a biased one.
 
@@ -468,7 +481,7 @@ def unbiasedness_statistic(settings: AttentionSettings, softcap: float | None = 
         return torch.cat([g.reshape(copies, -1) for g in (q.grad, k.grad, v.grad)], dim=1)
 
     exact = grads(lambda q, k, v: eager_attention(q, k, v, mask_float, 0.4, 0.1, softcap=softcap))
-    module = Attention(settings).train()
+    module = Attention(attention_settings).train()
     sampled = grads(lambda q, k, v: wtacrs_attention_forward(module, q, k, v, mask, scaling=0.4, dropout=0.1, softcap=softcap))
     err = sampled - exact
     noise = err.var(0).sum() / copies
@@ -477,21 +490,19 @@ def unbiasedness_statistic(settings: AttentionSettings, softcap: float | None = 
     return float(err.mean(0).pow(2).sum() / noise), float(biased.mean(0).pow(2).sum() / (biased.var(0).sum() / copies))
 
 
-@pytest.mark.parametrize("probabilities", ["attention", "activation"])
+@pytest.mark.parametrize("probability", ["auto", "activation"])
 @pytest.mark.parametrize("tm2_v", ["store", "sample"])
-def test_sampled_gradients_are_unbiased(tm2_v, probabilities):
+def test_sampled_gradients_are_unbiased(tm2_v, probability):
     """The mean of many sampled gradients converges to eager's gradient (the bound leaves room
     for the statistic's spread; the same test catches a 10% bias)."""
-    settings = AttentionSettings(ratio=0.3, tm2_v=tm2_v, probabilities=probabilities, generator=torch.Generator().manual_seed(0))
-    stat, biased = unbiasedness_statistic(settings)
+    stat, biased = unbiasedness_statistic(settings(ratio=0.3, tm2_v=tm2_v, probability=probability, generator=torch.Generator().manual_seed(0)))
     assert stat < 2.0 and biased > 2.0, (stat, biased)
 
 
 def test_softcapped_gradients_are_unbiased():
     """Gemma 2's softcap: the capped score gradient's rows do not sum to 0, so K is kept
     uncentered (centering it biased dQ). Scores: std 1.9, 39% of them beyond the cap of 1."""
-    settings = AttentionSettings(ratio=0.3, generator=torch.Generator().manual_seed(0))
-    stat, biased = unbiasedness_statistic(settings, softcap=1.0)
+    stat, biased = unbiasedness_statistic(settings(ratio=0.3, generator=torch.Generator().manual_seed(0)), softcap=1.0)
     assert stat < 2.0 and biased > 2.0, (stat, biased)
 
 
@@ -546,52 +557,60 @@ def test_attention_probabilities_cut_the_tm1_variance():
 
     exact = grads(lambda q, k, v: eager_attention(q, k, v, None, 0.5))
     errors = {}
-    for probabilities in ("activation", "attention"):
-        settings = AttentionSettings(ratio=0.3, tm2_v="store", probabilities=probabilities, generator=torch.Generator())
-        module = Attention(settings).train()
+    for probability in ("activation", "auto"):
+        s = settings(ratio=0.3, tm2_v="store", probability=probability, generator=torch.Generator())
+        module = Attention(s).train()
         err = torch.zeros(2)
         for seed in range(40):
-            settings.generator.manual_seed(seed)
+            s.generator.manual_seed(seed)
             got = grads(lambda q, k, v, m=module: wtacrs_attention_forward(m, q, k, v, None, scaling=0.5, dropout=0.0))
             err += torch.stack([(a - b).pow(2).sum() / b.pow(2).sum() for a, b in zip(got, exact)]) / 40
-        errors[probabilities] = err
-    ratio = errors["attention"] / errors["activation"]
+        errors[probability] = err
+    ratio = errors["auto"] / errors["activation"]
     assert bool((ratio < 0.75).all()), (errors, ratio)
 
 
-def test_padded_keys_are_never_sampled():
-    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
-    mask[0, ..., 5:] = False
-    module = Attention(AttentionSettings(ratio=0.25, generator=torch.Generator().manual_seed(0))).train()
-    q, k, v = (t.requires_grad_() for t in qkv(batch=2, heads=4, q_len=16, kv_len=16))
-    out, _ = wtacrs_attention_forward(module, q, k, v, mask, scaling=1.0, dropout=0.0)
+def _tm1_saved(out):
     node = out.grad_fn
     while node.name() != "SampledScoresSoftmaxBackward":
         node = node.next_functions[0][0]
-    _, _, _, key_rows, key_idx = node.saved_tensors
+    return node.saved_tensors  # P, q_rows, q_weights, q_idx, k_rows, k_weights, k_idx
+
+
+def test_padded_keys_are_never_sampled():
+    """A key every query's mask hides has P[:, j] == 0, so dS[:, j] == 0 exactly: probability 0."""
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    mask[0, ..., 5:] = False
+    module = Attention(settings(ratio=0.25, generator=torch.Generator().manual_seed(0))).train()
+    q, k, v = (t.requires_grad_() for t in qkv(batch=2, heads=4, q_len=16, kv_len=16))
+    out, _ = wtacrs_attention_forward(module, q, k, v, mask, scaling=1.0, dropout=0.0)
+    *_, key_weights, key_idx = _tm1_saved(out)
     picked = torch.gather(mask[:, 0, 0].expand(2, 16)[:, None, :].expand(2, 4, 16), -1, key_idx.long())
-    weights = key_rows.abs().sum(-1)
-    assert bool(((weights == 0) | picked).all())
+    assert bool(((key_weights == 0) | picked).all())
 
 
-def test_query_token_mask_is_used():
-    module = Attention(AttentionSettings(ratio=0.25, query_stream="default", generator=torch.Generator().manual_seed(0))).train()
+def test_query_token_mask_lowers_but_never_zeroes_pad_queries():
+    """Pad queries get the floor: drawn less often than without the mask, but drawn (a pooler
+    may read a pad query's output, so its dS row can be nonzero)."""
     q, k, v = (t.requires_grad_() for t in qkv(batch=2, heads=2, q_len=16, kv_len=16))
     tokens = torch.ones(2, 16, dtype=torch.bool)
     tokens[1, 4:] = False
-    with wtacrs.token_mask(tokens):
-        out, _ = wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.0)
-    node = out.grad_fn
-    while node.name() != "SampledScoresSoftmaxBackward":
-        node = node.next_functions[0][0]
-    _, q_rows, q_idx, _, _ = node.saved_tensors
-    assert q_rows.shape[-2] == q_idx.shape[-1] + 1  # k - 1 centered rows and their mean
-    real = q_rows[1, :, : q_idx.shape[-1]].abs().sum(-1) > 0
-    assert bool((q_idx[1][real] < 4).all())
+    pad_draws = {}
+    for stream in (None, "default"):
+        module = Attention(settings(ratio=0.25, query_stream=stream, generator=torch.Generator().manual_seed(0))).train()
+        count = 0
+        for _ in range(20):
+            with wtacrs.token_mask(tokens):
+                out, _ = wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.0)
+            _, q_rows, q_weights, q_idx, *_ = _tm1_saved(out)
+            assert q_rows.shape[-2] == q_idx.shape[-1] + 1  # k - 1 centered rows and their mean
+            count += int(((q_idx[1] >= 4) & (q_weights[1] > 0)).sum())
+        pad_draws[stream] = count
+    assert 0 < pad_draws["default"] < pad_draws[None], pad_draws
 
 
 def test_sampling_does_not_touch_the_global_rng():
-    module = Attention(AttentionSettings(ratio=0.3)).train()
+    module = Attention(settings(ratio=0.3)).train()
     q, k, v = (t.requires_grad_() for t in qkv())
     torch.manual_seed(0)
     wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.0)
@@ -601,10 +620,10 @@ def test_sampling_does_not_touch_the_global_rng():
 
 
 def test_single_call_on_meta_and_fake_saves_the_same_shapes():
-    settings = AttentionSettings(ratio=0.3, generator=torch.Generator().manual_seed(0))
+    cpu_settings = settings(ratio=0.3, generator=torch.Generator().manual_seed(0))
 
     def run(device):
-        module = Attention(settings if device == "cpu" else AttentionSettings(ratio=0.3)).train()
+        module = Attention(cpu_settings if device == "cpu" else settings(ratio=0.3)).train()
         q, k, v = (t.requires_grad_() for t in qkv(device=device))
         (out, _), storages, _ = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.1))
         out.sum().backward()
@@ -613,7 +632,7 @@ def test_single_call_on_meta_and_fake_saves_the_same_shapes():
     cpu = run("cpu")
     assert run("meta") == cpu
     with FakeTensorMode():
-        module = Attention(AttentionSettings(ratio=0.3)).train()
+        module = Attention(settings(ratio=0.3)).train()
         q, k, v = (torch.empty(2, 4, 16, 8, requires_grad=True) for _ in range(3))
         (out, _), storages, _ = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.1))
         out.sum().backward()
@@ -622,7 +641,7 @@ def test_single_call_on_meta_and_fake_saves_the_same_shapes():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_forward_is_exact(dtype):
-    module = Attention(AttentionSettings(ratio=0.5, generator=torch.Generator().manual_seed(0))).train()
+    module = Attention(settings(ratio=0.5, generator=torch.Generator().manual_seed(0))).train()
     inputs = qkv(dtype=dtype)
     q, k, v = (t.clone().requires_grad_() for t in inputs)
     torch.manual_seed(0)
@@ -634,9 +653,72 @@ def test_half_precision_forward_is_exact(dtype):
     assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
 
 
+LARGE = {torch.float16: 2.5e4, torch.bfloat16: 1e18}  # times sample weights of ~n/k: past fp16's 65504
+
+
+def _bounded(shape, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (0.25 + 0.75 * torch.rand(shape, generator=g)) * torch.randn(shape, generator=g).sign() * scale
+
+
+@pytest.mark.parametrize("large", ["query", "value"])
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_attention_gradients_do_not_overflow(dtype, ratio, large):
+    """Large Q rows (small K and ``scaling`` keep ``Q K^T`` finite and the scores moderate, so
+    ``dK = scaling dS^T Q`` is small) or large V columns (a small ``dO`` keeps ``dP`` moderate):
+    the sampled rows times their weights pass fp16's range, the gradients do not. They stay
+    finite, and with the same sample (activation probabilities: the same norms, the same draws)
+    they match the fp32 estimate as closely as eager fp16 matches eager fp32 on the same inputs."""
+    big = LARGE[dtype]
+    shape = (2, 4, 16, 64)
+    scales = {"query": big, "key": 0.05, "value": 1.0} if large == "query" else {"query": 1.0, "key": 1.0, "value": big}
+    q, k, v = (_bounded(shape, scales[name], seed) for seed, name in enumerate(("query", "key", "value")))
+    scaling = 1 / (0.2 * big) if large == "query" else 0.125
+    dout = _bounded((2, 16, 4, 64), 1e-3 if large == "query" else 2.5 / big, seed=3)
+
+    def grads(dtype_, fn):
+        """Gradients of Q, K, V, and the sampled (rows, weights, indices) of the large operand."""
+        qq, kk, vv = (t.to(dtype).to(dtype_).requires_grad_() for t in (q, k, v))
+        out, _ = fn(qq, kk, vv)
+        sample = None
+        if fn is not eager:
+            node, name = out.grad_fn, "SampledScoresSoftmaxBackward" if large == "query" else "SampledPVBackward"
+            while node.name() != name:
+                node = node.next_functions[0][0]
+            saved = node.saved_tensors
+            sample = saved[1:4] if large == "query" else saved[2:5]
+        out.backward(dout.to(dtype).to(dtype_))
+        return [t.grad for t in (qq, kk, vv)], sample
+
+    def sampled(probability):
+        def fn(qq, kk, vv):
+            module = Attention(settings(ratio=ratio, probability=probability, generator=torch.Generator().manual_seed(0))).train()
+            return wtacrs_attention_forward(module, qq, kk, vv, None, scaling=scaling, dropout=0.0)
+        return fn
+
+    def eager(qq, kk, vv):
+        return eager_attention(qq, kk, vv, None, scaling)
+
+    exact, _ = grads(dtype, eager)
+    exact32, _ = grads(torch.float32, eager)
+    assert all(torch.isfinite(g).all() for g in exact)
+    for probability in ("auto", "activation"):
+        got, (rows, weights, indices) = grads(dtype, sampled(probability))
+        assert all(g.dtype == dtype and torch.isfinite(g).all() for g in got), probability
+    reference, (_, _, ref_indices) = grads(torch.float32, sampled("activation"))
+    assert torch.equal(indices, ref_indices)  # the same sample
+    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
+    for i in (1,) if large == "query" else (0, 1, 2):  # dQ = scaling dS K is subnormal in fp16 with large Q
+        tolerance = 4 * max(rel(exact[i], exact32[i]), torch.finfo(dtype).eps)
+        assert rel(got[i], reference[i]) <= tolerance, (i, rel(got[i], reference[i]), tolerance)
+    if dtype == torch.float16:  # folding the weights into the stored rows (the old storage) overflows
+        folded = rows[..., : weights.shape[-1], :].float() * weights.unsqueeze(-1)
+        assert torch.isinf(folded.to(dtype)).any()
+
+
 def test_lossless_dropout_off_stores_dropped_probabilities():
-    settings = AttentionSettings(ratio=0.5, lossless_dropout=False, generator=torch.Generator().manual_seed(0))
-    module = Attention(settings).train()
+    module = Attention(settings(ratio=0.5, lossless=False, generator=torch.Generator().manual_seed(0))).train()
     q, k, v = (t.requires_grad_() for t in qkv())
     torch.manual_seed(0)
     (out, p), storages, _ = saved(lambda: wtacrs_attention_forward(module, q, k, v, None, scaling=1.0, dropout=0.1))

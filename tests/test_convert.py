@@ -1,5 +1,6 @@
 """wtacrs.convert on every family of the table, with tiny random models on CPU."""
 
+import copy
 import math
 
 import pytest
@@ -236,8 +237,8 @@ def test_gradients_average_to_the_exact_gradient(family):
 
 
 def test_token_masks_reach_the_layers_when_the_model_is_called_as_usual():
-    """The batch's pad tokens reach every sampled layer's probabilities (grad_norm = 0 there)."""
-    from wtacrs.gradnorm import resolve_grad_norm
+    """The batch's pad tokens reach every sampled layer's probabilities (grad_norm = the floor there)."""
+    from wtacrs.gradnorm import GRAD_NORM_FLOOR, resolve_grad_norm
 
     model = build("t5", dropout=False).train()
     wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3, seed=0))
@@ -256,10 +257,12 @@ def test_token_masks_reach_the_layers_when_the_model_is_called_as_usual():
     for name, module in [("enc", enc_wi), ("dec", dec_wi), ("cross_k", cross_k)]:
         module.register_forward_pre_hook(spy(name))
     model(**b).loss.backward()
-    assert torch.equal(seen["enc"], b["attention_mask"].reshape(-1).float())
-    assert torch.equal(seen["cross_k"], b["attention_mask"].reshape(-1).float())
-    # decoder position t has a zero gradient once every label from t on is -100
-    assert torch.equal(seen["dec"], torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 0]))
+    f = GRAD_NORM_FLOOR
+    encoder = torch.where(b["attention_mask"].reshape(-1) > 0, 1.0, f)
+    assert torch.equal(seen["enc"], encoder)
+    assert torch.equal(seen["cross_k"], encoder)
+    # decoder position t reaches the standard loss only while some label from t on is not -100
+    assert torch.equal(seen["dec"], torch.tensor([1.0, 1, 1, 1, 1, 1, 1, f]))
     # outside a training forward no mask is active
     assert resolve_grad_norm("x", "encoder", 12, torch.device("cpu"))[0] is None
 
@@ -297,9 +300,9 @@ def test_frozen_base_layers_store_no_input():
         q(x)
     params = {id(p.untyped_storage()) for p in peft_model.parameters()}
     act = [t for t in saved if id(t.untyped_storage()) not in params]
-    # lora_A's k = 6 sampled rows of 16 features + 6 int32 indices; lora_B's input (r = 4 wide) exact
+    # lora_A's k = 6 sampled rows of 16 features + 6 fp32 weights + 6 int32 indices; lora_B's input (r = 4 wide) exact
     nbytes = sorted(t.untyped_storage().nbytes() for t in {id(t.untyped_storage()): t for t in act}.values())
-    assert nbytes == sorted([6 * 16 * 4, 6 * 4, 12 * 4 * 4])
+    assert nbytes == sorted([6 * 16 * 4, 6 * 4, 6 * 4, 12 * 4 * 4])
 
 
 def test_unsupported_model_names_the_supported_families():
@@ -347,12 +350,12 @@ def test_saved_bytes_of_a_t5_encoder_block_by_operator_match_a_hand_count():
     sample = k * 4 + k * 4  # fp32 sample weights + int32 indices; the rows are rebuilt in backward
     expected = {
         ("Linear-Q", "sampled"): sample,  # Q, K and V share one sample of the norm's output
-        ("Linear-O", "sampled"): k * d * 4 + k * 4,  # its input (attention output) has no row source
+        ("Linear-O", "sampled"): k * d * 4 + sample,  # its input (attention output) has no row source
         ("Linear-U", "sampled"): sample,  # rows rebuilt from the norm's saved input
         ("Linear-D", "sampled"): sample,  # rows rebuilt from norm input, wi, ReLU and the dropout mask
-        # Q is kept as kq - 1 centred sampled rows plus its mean row, so kq - 1 query indices
-        ("TensorMul-1", "sampled"): B * H * ((kq + kk) * d_kv * 4 + (kq - 1 + kk) * 4),
-        ("TensorMul-2", "sampled"): B * H * kv * (S * 4 + 4),  # P reused from the softmax, V columns sampled
+        # Q is kept as kq - 1 centred sampled rows plus its mean row, so kq - 1 query weights and indices
+        ("TensorMul-1", "sampled"): B * H * ((kq + kk) * d_kv * 4 + (kq - 1 + kk) * 8),
+        ("TensorMul-2", "sampled"): B * H * kv * (S * 4 + 8),  # P reused from the softmax, V columns sampled
         ("Softmax", "uncompressed"): B * H * S * S * 4,
         ("Dropout", "lossless"): 4 * (n * d // 8) + n * d_ff // 8 + B * H * S * S // 8,  # 1 bit per element
         ("Activation", "lossless"): n * d_ff // 8,  # ReLU: 1 bit per element
@@ -360,3 +363,131 @@ def test_saved_bytes_of_a_t5_encoder_block_by_operator_match_a_hand_count():
         ("Embedding", "uncompressed"): n * 8 + S * S * 8,  # token ids + relative-position buckets
     }
     assert got == expected
+
+
+# -- padding: pads read by a head must keep a nonzero sampling probability ------------------------
+
+
+def _pooled_bert(hidden=32, intermediate=64, vocab=64):
+    cfg = tf.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=intermediate, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return tf.BertModel._from_config(cfg, attn_implementation="eager").train()
+
+
+def _padding(side, B=2, S=8):
+    mask = torch.ones(B, S, dtype=torch.long)
+    if side == "left":
+        mask[:, :3] = 0
+    else:
+        mask[0, 5:], mask[1, 6:] = 0, 0
+    return mask
+
+
+# case -> (padding side, what the loss reads); BERT's pooler reads position 0
+PAD_CASES = {
+    "left-pooler": ("left", lambda out: out.pooler_output),  # position 0 is a pad
+    "right-pooler": ("right", lambda out: out.pooler_output),
+    "right-last-token": ("right", lambda out: out.last_hidden_state[:, -1]),  # the last position is a pad
+}
+
+
+def _pad_case_excess(case, copies=64, draws=30):
+    """Largest excess of ``|mean - exact|`` over its bound, over every entry of every Linear weight
+    of the encoder, for the mean of ``draws`` sampled gradients (default config, ratio 0.3).
+
+    Each draw runs ``copies`` copies of the 2-sequence padded batch at once and divides by
+    ``copies``: one draw then averages many independent row draws, so its distribution is close
+    to normal and ``draws`` of them estimate the spread well. Bound per entry: 6 standard errors
+    of the mean (measured), plus the float noise of the exact product (as in
+    ``test_gradients_average_to_the_exact_gradient``).
+    """
+    side, read = PAD_CASES[case]
+    model = _pooled_bert()
+    mask = _padding(side)
+    ids = torch.randint(1, 64, mask.shape, generator=torch.Generator().manual_seed(1))
+    head = torch.randn(32, generator=torch.Generator().manual_seed(2))
+
+    def weight_grads(reps):
+        model.zero_grad()
+        out = model(input_ids=ids.repeat(reps, 1), attention_mask=mask.repeat(reps, 1))
+        (read(out) @ head).sum().backward()
+        linears = ("dense.weight", "query.weight", "key.weight", "value.weight")
+        return {n: p.grad / reps for n, p in model.named_parameters() if n.startswith("encoder") and n.endswith(linears)}
+
+    exact = weight_grads(1)
+    wtacrs.convert(model, wtacrs.WTACRSConfig(seed=0))
+    samples = [weight_grads(copies) for _ in range(draws)]
+    excess = -math.inf
+    for name, g in exact.items():
+        est = torch.stack([s[name] for s in samples]).double()
+        bound = 6 * est.std(0) / math.sqrt(draws) + 1e-5 + 1e-4 * g.abs().max()
+        excess = max(excess, float(((est.mean(0) - g).abs() - bound).max()))
+    return excess
+
+
+@pytest.mark.parametrize("case", list(PAD_CASES))
+def test_padded_batches_average_to_the_exact_gradient(case):
+    """Left and right padding, and heads that read a pad (the pooler under left padding, a last
+    token head under right padding): unbiased, because pads get a floor, never probability 0."""
+    assert _pad_case_excess(case) <= 0
+
+
+@pytest.mark.parametrize("case", ["left-pooler", "right-last-token"])
+def test_zero_pad_probability_is_caught_by_the_same_test(case, monkeypatch):
+    """Power check: with the pads' floor at 0 (the old token mask) the rows the head reads are
+    never drawn, and the same statistic flags the bias."""
+    from wtacrs import gradnorm
+
+    monkeypatch.setattr(gradnorm, "GRAD_NORM_FLOOR", 0.0)
+    assert _pad_case_excess(case, draws=10) > 0
+
+
+def test_left_padded_pooler_gradient_is_not_always_zero():
+    """The issue's repro: bert-tiny shape, dropout 0, ``mask[:, :3] = 0``, ratio 0.5. The last
+    layer's ``output.dense`` gradient comes only from position 0, a pad; it was exactly 0 on
+    every seed. Pads are now drawn with a small probability (about 1 draw in 10 here)."""
+    model = _pooled_bert(hidden=128, intermediate=512, vocab=100)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[:, :3] = 0
+    ids = torch.randint(1, 100, mask.shape, generator=torch.Generator().manual_seed(1))
+    weight = model.encoder.layer[-1].output.dense.weight
+    model(input_ids=ids, attention_mask=mask).pooler_output.sum().backward()
+    assert weight.grad.norm() > 0  # the exact gradient
+    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.5, seed=0))
+    nonzero = 0
+    for _ in range(40):  # P(all 40 zero) is about 0.9^40 = 1.5% if a draw is nonzero 1 time in 10
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask).pooler_output.sum().backward()
+        nonzero += bool(weight.grad.norm() > 0)
+    assert nonzero > 0
+
+
+def test_t5_in_fp16_with_large_wo_inputs_keeps_finite_gradients_at_ratio_0_1():
+    """``wi`` scaled so Linear-D's (``wo``) inputs reach about 1e4: the exact fp16 gradients are
+    finite, and so are the sampled ones (measured: with the weights folded into the fp16 rows,
+    ``wo.weight.grad`` was inf on 3 of these 5 seeds)."""
+    cls, cfg = _t5("relu", dropout_rate=0.0)
+    torch.manual_seed(0)
+    model = cls._from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "T5DenseActDense":
+                module.wi.weight.mul_(3000)
+    model = model.half().train()
+    g = torch.Generator().manual_seed(1)
+    b = dict(input_ids=torch.randint(1, 64, (4, 16), generator=g), labels=torch.randint(1, 64, (4, 8), generator=g))
+    wo_inputs = []
+    hook = model.encoder.block[0].layer[1].DenseReluDense.wo.register_forward_pre_hook(lambda m, a: wo_inputs.append(float(a[0].detach().abs().max())))
+    model(**b).loss.backward()
+    hook.remove()
+    assert wo_inputs[0] > 8e3
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    for seed in range(5):
+        converted = copy.deepcopy(model)
+        converted.zero_grad()
+        wtacrs.convert(converted, wtacrs.WTACRSConfig(ratio=0.1, seed=seed))
+        converted(**b).loss.backward()
+        for name, p in converted.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), (seed, name)

@@ -144,8 +144,9 @@ def test_nan_and_inf_rows_are_kept_and_propagate():
 
 def test_batched_problems_sample_independently():
     x = torch.randn(3, 2, 30, 4)
-    rows, idx = sample_rows(x, 6, generator=torch.Generator().manual_seed(0))
+    rows, weights, idx = sample_rows(x, 6, generator=torch.Generator().manual_seed(0))
     assert rows.shape == (3, 2, 6, 4) and idx.shape == (3, 2, 6) and idx.dtype == torch.int32
+    assert weights.shape == (3, 2, 6) and weights.dtype == torch.float32
     assert not torch.equal(idx[0, 0], idx[1, 1])
 
 
@@ -153,14 +154,14 @@ def test_same_seed_same_sample():
     x = torch.randn(100, 8)
     a = sample_rows(x, 20, generator=torch.Generator().manual_seed(7))
     b = sample_rows(x, 20, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs_sample_in_their_dtype(dtype):
     x = torch.randn(64, 8).to(dtype)
-    rows, idx = sample_rows(x, 10, generator=torch.Generator().manual_seed(0))
-    assert rows.dtype == dtype and torch.isfinite(rows).all()
+    rows, weights, idx = sample_rows(x, 10, generator=torch.Generator().manual_seed(0))
+    assert rows.dtype == dtype and torch.isfinite(rows).all() and weights.dtype == torch.float32
 
 
 def test_crs_sample_weights_are_inverse_probabilities():

@@ -93,12 +93,12 @@ def test_grad_weight_is_unbiased():
     assert ((est.mean(0) - exact).abs() <= bound).all()
 
 
-def test_saved_bytes_are_k_rows_plus_int32_indices():
+def test_saved_bytes_are_k_rows_plus_fp32_weights_and_int32_indices():
     x, w, b, _ = _linear_case((4, 32, 12))
     w.requires_grad_()
     out, saved = saved_tensors(lambda: wf.linear(x, w, b, ratio=0.3, generator=torch.Generator().manual_seed(0)))
     k = budget(4 * 32, 0.3)
-    assert activation_bytes(saved, params=[w]) == k * 12 * 4 + k * 4
+    assert activation_bytes(saved, params=[w]) == k * 12 * 4 + k * 4 + k * 4
 
 
 def test_frozen_weight_stores_nothing_for_its_gradient():
@@ -115,7 +115,7 @@ def test_shared_sample_is_stored_once():
     sample = wf.sample_input(x, ratio=0.3, generator=torch.Generator().manual_seed(0))
     _, saved = saved_tensors(lambda: (wf.linear(x, w, b, ratio=0.3, sample=sample), wf.linear(x, w2, b, ratio=0.3, sample=sample)))
     k = budget(128, 0.3)
-    assert activation_bytes(saved, params=[w, w2]) == k * 12 * 4 + k * 4
+    assert activation_bytes(saved, params=[w, w2]) == k * 12 * 4 + k * 4 + k * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -123,6 +123,115 @@ def test_low_precision_linear(dtype):
     x, w, b, dz = _linear_case(dtype=dtype)
     got = _grads(lambda *a: wf.linear(*a, ratio=0.3, generator=torch.Generator().manual_seed(0)), x, w, b, dz)
     assert all(t.dtype == dtype and torch.isfinite(t).all() for t in got)
+
+
+# -- half precision: the sample weights (about n / k) must not overflow fp16 rows ---------------
+
+# Entries of "large" rows: fp16 rows times weights of about n / k pass 65504 while the exact
+# product stays finite; bf16 has fp32's range (its rows overflow only where their fp32 norms do,
+# and those rows are kept exactly), so its large rows check the same path at the same precision.
+LARGE = {torch.float16: 2.5e4, torch.bfloat16: 1e18}
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _large(shape, dtype, seed, scale=None):
+    """Entries of magnitude in [0.25, 1] * ``scale`` (``LARGE[dtype]`` by default), random signs."""
+    g = torch.Generator().manual_seed(seed)
+    magnitude = (0.25 + 0.75 * torch.rand(shape, generator=g)) * (LARGE[dtype] if scale is None else scale)
+    return (magnitude * torch.randn(shape, generator=g).sign()).to(dtype)
+
+
+def _assert_close_in(dtype, got, expected):
+    """``got`` equals ``expected`` (fp64) to a few roundings of ``dtype``: rows, weighted rows and
+    the result are each rounded once, relative to the largest entry of the result."""
+    eps = torch.finfo(dtype).eps
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got.double(), expected, rtol=4 * eps, atol=4 * eps * scale)
+
+
+def _folding_overflows(rows, weights, dtype):
+    """Whether folding the weights into the rows in ``dtype`` (the old storage) gives inf."""
+    return bool(torch.isinf((rows.float() * weights.unsqueeze(-1)).to(dtype)).any())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_weighted_product_applies_the_weights_in_fp32(dtype):
+    from wtacrs.estimator import weighted_product
+
+    rows = _large((8, 6), dtype, seed=0)
+    grads = _large((8, 5), dtype, seed=1, scale=1e-3)
+    weights = torch.linspace(3.0, 20.0, 8)
+    got = weighted_product(grads, rows, weights, dtype)
+    expected = (grads.double() * weights.double()[:, None]).T @ rows.double()
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    _assert_close_in(dtype, got, expected)
+    assert _folding_overflows(rows, weights, dtype) == (dtype == torch.float16)
+
+
+@pytest.mark.parametrize("path", ["rows", "row_source"])
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_linear_weight_gradient_is_finite_and_matches_fp32(dtype, ratio, path):
+    """fp16 rows of 2.5e4 with an upstream gradient of 1e-4: the exact dW is about 40, finite; the
+    estimate from the same sample, computed in fp64, is finite too, and so must be the op's."""
+    from wtacrs.rowsource import RowSource
+
+    x = _large((4, 16, 8), dtype, seed=0)
+    dz = _large((4, 16, 6), dtype, seed=1, scale=1e-4)
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(2)).to(dtype).requires_grad_()
+    source = RowSource((x,), lambda ts, idx: ts[0].reshape(-1, 8).index_select(0, idx)) if path == "row_source" else None
+    sample = wf.sample_input(x, ratio=ratio, generator=torch.Generator().manual_seed(3), row_source=source)
+    _, weights, indices = sample
+    wf.linear(x, w, ratio=ratio, sample=sample, row_source=source).backward(dz)
+
+    rows = x.reshape(-1, 8)[indices.long()]
+    estimate = (dz.reshape(-1, 6)[indices.long()].double() * weights.double()[:, None]).T @ rows.double()
+    exact = dz.reshape(-1, 6).double().T @ x.reshape(-1, 8).double()
+    limit = torch.finfo(dtype).max
+    assert exact.abs().max() < limit and estimate.abs().max() < limit
+    assert w.grad.dtype == dtype and torch.isfinite(w.grad).all()
+    _assert_close_in(dtype, w.grad, estimate)
+    if dtype == torch.float16:  # the case is one where the old storage overflowed
+        assert _folding_overflows(rows, weights, dtype)
+
+
+def test_half_precision_repro_from_the_issue():
+    x = torch.full((2, 8, 8), 2.5e4).half().requires_grad_()
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).half().requires_grad_()
+    y = wf.linear(x, w, ratio=0.3, generator=torch.Generator().manual_seed(0))
+    y.backward(torch.full_like(y, 1e-4))
+    exact = F.linear(x.detach().float(), w.detach().float())  # dW = 16 rows * 2.5e4 * 1e-4 = 40
+    assert torch.isfinite(w.grad).all()
+    torch.testing.assert_close(w.grad.float(), torch.full((4, 8), 40.0), rtol=1e-3, atol=0)
+    assert exact.isfinite().all()
+
+
+@pytest.mark.parametrize("large", ["a", "b"])
+@pytest.mark.parametrize("ratio", [0.1, 0.3])
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_matmul_gradients_are_finite_and_match_fp32(dtype, ratio, large):
+    big, small = LARGE[dtype], 1e-3 * 2.5e4 / LARGE[dtype]  # a @ b stays about 1e2
+    a = _large((2, 3, 20, 8), dtype, seed=0, scale=big if large == "a" else small).requires_grad_()
+    b = _large((2, 3, 8, 16), dtype, seed=1, scale=big if large == "b" else small).requires_grad_()
+    dc = _large((2, 3, 20, 16), dtype, seed=2, scale=1e-4)
+    out = wf.matmul(a, b, ratio=ratio, generator=torch.Generator().manual_seed(3))
+    a_rows, a_w, a_idx, b_cols, b_w, b_idx = out.grad_fn.saved_tensors
+    out.backward(dc)
+
+    def estimate(rows, weights, idx, grad):  # sum_t w_t rows_t^T grad[idx_t], fp64
+        g = torch.gather(grad.double(), -2, idx.long().unsqueeze(-1).expand(*idx.shape, grad.shape[-1]))
+        return rows.double().transpose(-1, -2) @ (g * weights.double().unsqueeze(-1))
+
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    # the gradient estimated from the large operand's rows (the other one is tiny: subnormal in fp16)
+    if large == "a":
+        got, expected, rows, weights = b.grad, estimate(a_rows, a_w, a_idx, dc), a_rows, a_w  # [..., K, N]
+    else:
+        got, expected, rows, weights = a.grad, estimate(b_cols, b_w, b_idx, dc.transpose(-1, -2)).transpose(-1, -2), b_cols, b_w
+    assert expected.abs().max() < torch.finfo(dtype).max
+    _assert_close_in(dtype, got, expected)
+    if dtype == torch.float16:
+        assert _folding_overflows(rows, weights, dtype)
 
 
 def test_single_token_and_pad_only_batches():
@@ -162,7 +271,7 @@ def _saved_shapes(device_ctx, make):
         x, w, b = make()
         out, saved = saved_tensors(lambda: wf.linear(x, w, b, ratio=0.3))
         out.sum().backward()
-        return sorted((tuple(t.shape), t.dtype) for t in saved if t is not w)
+        return sorted((tuple(t.shape), str(t.dtype)) for t in saved if t is not w)
 
 
 @pytest.mark.parametrize("shapes_only", [True, False])
@@ -177,7 +286,8 @@ def test_linear_runs_on_meta_and_fake_tensors_with_cpu_shapes(shapes_only, monke
     with FakeTensorMode():
         fake = _saved_shapes(torch.device("cpu"), make)
     assert cpu == meta == fake
-    assert ((budget(128, 0.3), 12), torch.float32) in cpu
+    k = budget(128, 0.3)
+    assert cpu == sorted([((k, 12), "torch.float32"), ((k,), "torch.float32"), ((k,), "torch.int32")])
 
 
 # -- matmul -------------------------------------------------------------------------------------
@@ -229,7 +339,7 @@ def test_matmul_saved_bytes_per_batch_and_head():
     a.requires_grad_(), b.requires_grad_()
     _, saved = saved_tensors(lambda: wf.matmul(a, b, ratio=0.3, generator=torch.Generator().manual_seed(0)))
     km, kn = budget(20, 0.3), budget(16, 0.3)
-    assert activation_bytes(saved) == 2 * 3 * (km * 8 * 4 + km * 4 + kn * 8 * 4 + kn * 4)
+    assert activation_bytes(saved) == 2 * 3 * (km * 8 * 4 + km * 8 + kn * 8 * 4 + kn * 8)  # rows, weights, indices
 
 
 def test_matmul_stores_nothing_for_a_frozen_operand():
@@ -237,7 +347,7 @@ def test_matmul_stores_nothing_for_a_frozen_operand():
     a.requires_grad_()
     _, saved = saved_tensors(lambda: wf.matmul(a, b, ratio=0.3))
     kn = budget(16, 0.3)
-    assert activation_bytes(saved) == 2 * 3 * (kn * 8 * 4 + kn * 4)
+    assert activation_bytes(saved) == 2 * 3 * (kn * 8 * 4 + kn * 8)
 
 
 def test_matmul_on_meta():
@@ -265,19 +375,27 @@ def test_module_shares_parameters_and_is_exact_in_eval_and_no_grad():
     assert mod.to_linear().weight is lin.weight
 
 
-def test_token_mask_keeps_pad_tokens_out_of_the_sample():
-    lin = wtacrs.WTACRSLinear(nn.Linear(12, 7), ratio=0.5)
-    x = torch.randn(2, 10, 12)
+def test_token_mask_gives_pad_tokens_the_floor_not_zero():
+    from wtacrs.gradnorm import GRAD_NORM_FLOOR, resolve_grad_norm
+
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0, 6:] = False
     mask[1, 3:] = False
     with wtacrs.token_mask(mask):
-        _, saved = saved_tensors(lambda: lin(x))
-    indices = next(t for t in saved if t.dtype == torch.int32)
-    rows = next(t for t in saved if t.shape == (indices.numel(), 12))
-    kept = rows.abs().sum(-1) > 0
-    # 9 real tokens, k = 10: every real token is a winner and the spare slot has weight 0
-    assert sorted(indices[kept].tolist()) == [0, 1, 2, 3, 4, 5, 10, 11, 12]
+        g, _, _ = resolve_grad_norm("layer", "default", 20, torch.device("cpu"))
+    assert torch.equal(g, torch.where(mask.reshape(-1), 1.0, GRAD_NORM_FLOOR))
+    # pads are drawn (rarely, with large weights): their gradient may be read by a pooler
+    lin = wtacrs.WTACRSLinear(nn.Linear(12, 7), ratio=0.3, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 10, 12, generator=torch.Generator().manual_seed(1))
+    real = mask.reshape(-1)
+    pad_weights = []
+    for _ in range(20):
+        with wtacrs.token_mask(mask):
+            _, saved = saved_tensors(lambda: lin(x))
+        indices = next(t for t in saved if t.dtype == torch.int32).long()
+        weights = next(t for t in saved if t.dtype == torch.float32 and t.shape == indices.shape)
+        pad_weights += weights[~real[indices]].tolist()
+    assert pad_weights and min(pad_weights) > 0
 
 
 def test_gradient_norm_cache_feeds_the_next_pass_and_stays_unbiased():

@@ -5,12 +5,14 @@
 it once every config its attention modules read says ``_attn_implementation == "wtacrs"``
 (``model.set_attn_implementation("wtacrs")`` does that for every sub-config; assigning
 ``model.config._attn_implementation`` alone does not reach T5's encoder/decoder copies) and each
-attention module carries ``module.wtacrs_attention = AttentionSettings(...)``. :func:`enable` and
+attention module carries ``module.wtacrs_attention = AttentionSettings(config, ...)``, whose
+settings all come from the conversion's :class:`~wtacrs.WTACRSConfig`. :func:`enable` and
 :func:`disable` do both.
 
 What it computes
 ----------------
-With grad enabled, ``module.training`` and ``tm1 or tm2``, the forward is the family's eager
+With grad enabled, ``module.training`` and ``tm1 or tm2`` (fields of the config, like
+``ratio``, ``min_k``, ``tm2_v``, ``lossless`` and ``probability`` below), the forward is the family's eager
 attention, bit for bit under the same dropout seed; only what is saved for backward changes:
 
 * **TensorMul-1 and Softmax** run as one op, :class:`SampledScoresSoftmax`: its forward is
@@ -18,15 +20,16 @@ attention, bit for bit under the same dropout seed; only what is saved for backw
   softmax, GPT-2's cast), and it stores ``P`` (as eager's softmax does) plus, per (batch, head),
   ``k = budget(S, ratio, min_k)`` rows of Q (for ``dK``) and of K (for ``dQ``). The rows are drawn
   *after* the softmax, so their probabilities follow the score gradient ``dS = J(P) dP``
-  (``probabilities="attention"``, the default; :func:`score_gradient_proxies`): a key no query
-  attends to has ``dS[:, j] = 0`` and is never drawn, a key drawing all the attention mass gets
-  most of the budget. Two exact identities lower the variance further at no cost: rows of ``dS``
+  (``probability="auto"``, the default; :func:`score_gradient_proxies`; the queries' token mask
+  gives pad queries the small proxy :data:`~wtacrs.gradnorm.GRAD_NORM_FLOOR`, never 0, since a
+  pooler may read them): a key no query attends to has ``dS[:, j] = 0`` exactly and is never
+  drawn, a key drawing all the attention mass gets most of the budget. Two exact identities lower the variance further at no cost: rows of ``dS``
   sum to 0, so ``dQ = dS (K - 1 kbar^T)`` for any mean key ``kbar`` (K is stored centered); and
   ``dK = dS^T (Q - 1 qbar^T) + colsum(dS)^T qbar`` (Q is stored centered, ``k - 1`` sampled rows
   plus ``qbar`` in the k-th row: the same bytes). Backward computes ``dS`` exactly from ``P``
   (so T5's relative position bias gets its exact gradient) and ``dQ``, ``dK`` from the rows.
-  ``probabilities="activation"`` is the first version: activation norms times the mask's key
-  visibility (:func:`key_visibility`) and the queries' token mask, no centering.
+  ``probability="activation"`` is the first version: activation norms times the mask's key
+  visibility (:func:`key_visibility`), no centering.
 * **Logit softcapping** (Gemma 2's ``softcap``) runs inside the same op, in eager's ops
   (:func:`soft_cap`); it keeps the ``tanh`` output, as eager does, for the exact ``dS``. The
   capped score gradient ``(1 - t^2) dS`` has rows that do not sum to 0, so K is stored
@@ -36,15 +39,20 @@ attention, bit for bit under the same dropout seed; only what is saved for backw
   the softmax's own output ``P`` (the same storage, so byte accounting counts it once) and the
   dropout's packed mask (the same storage as the dropout node's), and rebuilds ``dropout(P)``
   bitwise in backward for ``dV = dropout(P)^T dO`` (exact). For ``dP = dO V^T`` it stores V
-  (``tm2_v="store"``, the default: exact) or ``k`` sampled head-dim columns of V
-  (``tm2_v="sample"``: unbiased; with ``probabilities="attention"`` drawn by how much each
-  column moves ``dS``, :func:`value_column_scores`). For GQA models V is stored before
+  (``tm2_v="store"``: exact) or ``k`` sampled head-dim columns of V (``tm2_v="sample"``, the
+  :class:`~wtacrs.WTACRSConfig` default: unbiased; with ``probability="auto"`` drawn by how much
+  each column moves ``dS``, :func:`value_column_scores`). For GQA models V is stored before
   ``repeat_kv``.
+
+Sampled rows (of Q, K and V's columns) are stored as they are, with their fp32 weights beside
+them; backward applies the weights in fp32 (:func:`wtacrs.estimator.weighted_product`), so
+half-precision rows cannot overflow.
 
 ``python benchmarks/attention_tm2.py`` measures the options on one attention call of BERT-Base
 shape (B=4, 12 heads, S=128, head dim 64, dropout 0.1) and on the real activations of the tiny
 T5 of ``benchmarks/convergence.py`` (S=16, head dim 16), ratio 0.3, 20 seeds (relative MSE of
-the gradients; eager saves 13.5 MiB per BERT call; "act" = ``probabilities="activation"``):
+the gradients; eager saves 13.5 MiB per BERT call; "act" = ``probability="activation"``; saved
+MiB from :func:`saved_bytes_per_call`, rows plus their fp32 weights and int32 indices):
 
 ================  =================  =========  ============  ============  ============  ============
 TensorMul-1       TensorMul-2        saved MiB  BERT dQ       BERT dK       tiny T5 dQ    tiny T5 dK
@@ -52,10 +60,10 @@ TensorMul-1       TensorMul-2        saved MiB  BERT dQ       BERT dK       tiny
 exact             V stored           7.59       0             0             0             0
 exact             V sampled, act     6.57       2.86          3.32          2.07          2.12
 exact             V sampled, P-aware 6.57       2.76          3.33          1.95          2.03
-sampled, act      V stored           5.52       0.95          1.68          4.80          3.31
-sampled, P-aware  V stored           5.52       0.46          1.29          1.32          1.92
-sampled, act      V sampled, act     4.49       6.94          10.4          16.3          11.8
-sampled, P-aware  V sampled, P-aware 4.49       4.67          8.36          6.25          8.12
+sampled, act      V stored           5.54       0.95          1.68          4.80          3.31
+sampled, P-aware  V stored           5.54       0.46          1.29          1.32          1.92
+sampled, act      V sampled, act     4.51       6.94          10.4          16.3          11.8
+sampled, P-aware  V sampled, P-aware 4.51       4.67          8.36          6.25          8.12
 ================  =================  =========  ============  ============  ============  ============
 
 P-aware probabilities with centering cut the TensorMul-1 error 2-3.6x on the trained model
@@ -83,7 +91,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,47 +105,43 @@ from wtacrs.estimator import (
     row_probabilities,
     wtacrs_sample,
 )
+from wtacrs.config import WTACRSConfig
+from wtacrs.estimator import weighted_product
 from wtacrs.functional import _gather_rows
+from wtacrs.gradnorm import token_grad_norm
 from wtacrs.modules import Generators
 
 NAME = "wtacrs"
-Tm2Mode = Literal["store", "sample"]
-ProbabilitySource = Literal["attention", "activation"]
-DEFAULT_TM2_V: Tm2Mode = "store"
+FALLBACKS = ("eager", "sdpa")
 
 
 @dataclass
 class AttentionSettings:
-    """Per-attention-module settings of the ``"wtacrs"`` attention function.
+    """What the ``"wtacrs"`` attention function needs for one attention module.
 
-    Attach as ``module.wtacrs_attention``. An attention module without it runs the family's
-    eager attention (on the ``"wtacrs"`` mask), exactly as an unconverted eager model.
+    Attach as ``module.wtacrs_attention``. Every setting comes from ``config``, the conversion's
+    :class:`~wtacrs.WTACRSConfig` (validated there; its ``tm1``, ``tm2``, ``tm2_v``, ``ratio``,
+    ``min_k``, ``lossless`` and ``probability`` apply here); the other fields are facts about
+    the module and the conversion. An attention module without settings runs the family's eager
+    attention (on the ``"wtacrs"`` mask), exactly as an unconverted eager model.
     """
 
-    ratio: float = field(default=0.3, metadata={"help": "Fraction of query/key positions (and V columns when sampled) kept per (batch, head): k = max(min_k, ceil(ratio * n))."})
-    min_k: int = field(default=1, metadata={"help": "Lower bound on the number of kept rows per (batch, head)."})
-    tm1: bool = field(default=True, metadata={"help": "Sample TensorMul-1 (Q K^T): store k query rows and k key rows per (batch, head) instead of Q and K."})
-    tm2: bool = field(default=True, metadata={"help": "TensorMul-2 (P V) reuses the softmax's P and the dropout mask instead of storing dropout(P); V per tm2_v."})
-    lossless_dropout: bool = field(default=True, metadata={"help": "Attention dropout keeps a 1-bit packed mask (wtacrs.lossless.dropout), same output bits as F.dropout."})
+    config: WTACRSConfig
     fallback: str = field(default="eager", metadata={"help": "The implementation the model used before conversion ('eager' or 'sdpa'); used in eval / no_grad and when tm1 and tm2 are both off."})
     generator: torch.Generator | Generators | None = field(default=None, metadata={"help": "Generator (or per-device wtacrs.modules.Generators pool) for the row sampling, not for dropout, which uses torch's default generator like eager. None: a private per-device pool, so sampling never shifts the global RNG stream."})
-    tm2_v: Tm2Mode = field(default=DEFAULT_TM2_V, metadata={"help": "'store': keep V for dP = dO V^T (exact); 'sample': keep k sampled head-dim columns of V (unbiased)."})
-    dropout_mode: lossless.DropoutMode | None = field(default=None, metadata={"help": "'packed' or 'regenerate' (see wtacrs.lossless); None: the library default."})
-    probabilities: ProbabilitySource = field(default="attention", metadata={"help": "'attention': TensorMul-1 rows (and sampled V columns) are drawn after the softmax, with probabilities from P (the expected score-gradient norms), keys and queries centered; 'activation': activation norms only (times mask_aware / query_stream)."})
-    mask_aware: bool = field(default=True, metadata={"help": "With probabilities='activation': key sampling probabilities are 0 for keys no query can see, sqrt(#queries) otherwise."})
-    query_stream: str | None = field(default=None, metadata={"help": "Token-mask stream of the queries (wtacrs.token_mask): pad queries, whose output gradient is 0, get sampling probability 0 for dK. None: not used. T5 cross-attention queries are 'decoder' tokens."})
+    query_stream: str | None = field(default=None, metadata={"help": "Token-mask stream of the queries (wtacrs.token_mask), read when config.probability is 'auto': pad queries get a small gradient-norm proxy (wtacrs.gradnorm.GRAD_NORM_FLOOR). None: no mask. T5 cross-attention queries are 'decoder' tokens."})
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
-        if self.min_k < 1:
-            raise ValueError(f"min_k must be >= 1, got {self.min_k}")
-        if self.fallback not in ("eager", "sdpa"):
-            raise ValueError(f"fallback must be 'eager' or 'sdpa', got {self.fallback!r}")
-        if self.tm2_v not in ("store", "sample"):
-            raise ValueError(f"tm2_v must be 'store' or 'sample', got {self.tm2_v!r}")
-        if self.probabilities not in ("attention", "activation"):
-            raise ValueError(f"probabilities must be 'attention' or 'activation', got {self.probabilities!r}")
+        if not isinstance(self.config, WTACRSConfig):
+            raise TypeError(f"AttentionSettings.config must be a WTACRSConfig, got {type(self.config).__name__}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"AttentionSettings.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+
+    @property
+    def p_aware(self) -> bool:
+        """TensorMul-1 rows and V columns drawn from ``P`` (``probability="auto"``), not from
+        activation norms alone (``"activation"``)."""
+        return self.config.probability == "auto"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,16 +330,14 @@ def _autocast_dtype(t: Tensor) -> torch.dtype | None:
 
 
 def _query_norm(stream: str | None, query: Tensor) -> Tensor | None:
-    """``[B, 1, q]`` 0/1 from the token mask of ``stream`` (0: pad query, exactly zero gradient)."""
+    """``[B, 1, q]`` fp32 proxies of the queries' output-gradient norms from the token mask of
+    ``stream``: 1 for real tokens, :data:`~wtacrs.gradnorm.GRAD_NORM_FLOOR` for pads (a pooler
+    or a user loss can read a pad query's output, so its rows must stay drawable)."""
     if stream is None:
         return None
-    from wtacrs.gradnorm import current_token_mask
-
     b, _, q, _ = query.shape
-    mask, _ = current_token_mask(stream, b * q)
-    if mask is None:
-        return None
-    return mask.to(device=query.device, dtype=torch.float32).reshape(b, 1, q)
+    g, _ = token_grad_norm(stream, b * q, query.device)
+    return None if g is None else g.reshape(b, 1, q)
 
 
 _PRIVATE_GENERATORS: Generators | None = None
@@ -375,7 +377,7 @@ def score_gradient_proxies(
     dO_i . v_j`` is noise of variance ``||dO_i||^2 a_j`` (``a_j = ||v_j||^2``), then
     ``E dS_ij^2 = ||dO_i||^2 P_ij^2 ((1 - 2 P_ij) a_j + sum_l P_il^2 a_l)``. ``probs``
     ``[..., q, kv]``; ``value_sq_norms`` ``[..., kv]`` (None: ``a = 1``); ``query_weights``
-    ``[..., q]`` estimates of ``||dO_i||`` (0 for pad queries; None: 1). Returns fp32
+    ``[..., q]`` estimates of ``||dO_i||`` (small for pad queries; None: 1). Returns fp32
     ``(rows [..., q], columns [..., kv])``: square roots of the row and column sums. A key no query
     attends to gets exactly 0, as its gradient.
     """
@@ -389,8 +391,8 @@ def score_gradient_proxies(
     return w.sum(dim=-1).sqrt(), w.sum(dim=-2).sqrt()
 
 
-def _draw_rows(x: Tensor, score: Tensor | None, support: Tensor | None, k: int, generator) -> tuple[Tensor, Tensor]:
-    """WTA-CRS draw of ``k`` rows of ``x`` ``[..., n, d]``, weights folded in: ``(rows, int32 idx)``.
+def _draw_rows(x: Tensor, score: Tensor | None, support: Tensor | None, k: int, generator) -> tuple[Tensor, Tensor, Tensor]:
+    """WTA-CRS draw of ``k`` rows of ``x`` ``[..., n, d]``: ``(rows, fp32 weights, int32 idx)``.
 
     ``p ∝ (1 - s) ||x_i|| score_i + s ||x_i|| support_i`` (each part normalised, ``s =``
     :data:`DEFENSIVE_SHARE`); ``support`` must be nonzero wherever the gradient row can be.
@@ -402,9 +404,7 @@ def _draw_rows(x: Tensor, score: Tensor | None, support: Tensor | None, k: int, 
     if support is not score:
         p = p.mul_(1 - DEFENSIVE_SHARE).add_(row_probabilities(x, support, norms=norms), alpha=DEFENSIVE_SHARE)
     sample = wtacrs_sample(p, k, generator, forced=~torch.isfinite(norms))
-    rows = _gather_rows(x, sample.indices)
-    rows.mul_(sample.weights.unsqueeze(-1).to(x.dtype))
-    return rows, sample.indices.to(index_dtype(n))
+    return _gather_rows(x, sample.indices), sample.weights, sample.indices.to(index_dtype(n))
 
 
 def _weighted_mean(x: Tensor, weight: Tensor) -> Tensor:
@@ -426,68 +426,75 @@ def query_sample_shapes(n: int, k: int) -> tuple[int, int]:
 
 @dataclass
 class _TM1Sampler:
-    """Draws TensorMul-1's stored rows once ``P`` is known (called inside the forward)."""
+    """Draws TensorMul-1's stored rows once ``P`` is known (called inside the forward).
+
+    Returns ``(q_rows, q_weights, q_idx, k_rows, k_weights, k_idx)``: rows in the input dtype,
+    fp32 weights, int32 indices; ``(Q or K, None, None)`` where kept whole, all None where not
+    needed.
+    """
 
     settings: AttentionSettings
     generator: torch.Generator | None
     need_query_rows: bool  # K requires grad: dK = dS^T Q needs rows of Q
     need_key_rows: bool  # Q requires grad: dQ = dS K needs rows of K
-    value_states: Tensor | None  # [B, H, kv, d]: ||v_j||^2 scales dP's column j (attention probabilities)
-    query_weights: Tensor | None  # [B, 1|H, q] token mask of the queries
+    value_states: Tensor | None  # [B, H, kv, d]: ||v_j||^2 scales dP's column j (P-aware probabilities)
+    query_weights: Tensor | None  # [B, 1|H, q] token-mask proxies of the queries' gradient norms
     key_visibility: Tensor | None  # [B|1, 1|H, kv] (activation probabilities)
     center_keys: bool = True  # rows of dS sum to 0 -- not after a softcap: (1 - t^2) dS
 
     def __call__(self, probs: Tensor, query: Tensor, key: Tensor):
         s = self.settings
-        q_rows = q_idx = k_rows = k_idx = None
+        cfg = s.config
+        q_sample = k_sample = (None, None, None)
         n_q, n_k = query.shape[-2], key.shape[-2]
-        kq, kk = budget(n_q, s.ratio, s.min_k), budget(n_k, s.ratio, s.min_k)
+        kq, kk = budget(n_q, cfg.ratio, cfg.min_k), budget(n_k, cfg.ratio, cfg.min_k)
         lead = probs.shape[:-2]
         if query.device.type == "meta" and estimator.META_SHAPES_ONLY:
             if self.need_query_rows:
-                rows, idx = query_sample_shapes(n_q, kq)
-                q_rows, q_idx = (query, None) if kq >= n_q else self._empty(query, lead, rows, idx, n_q)
+                rows, idx = query_sample_shapes(n_q, kq) if s.p_aware else (kq, kq)
+                q_sample = (query, None, None) if kq >= n_q else self._empty(query, lead, rows, idx, n_q)
             if self.need_key_rows:
-                k_rows, k_idx = (key, None) if kk >= n_k else self._empty(key, lead, kk, kk, n_k)
-            return q_rows, q_idx, k_rows, k_idx
-        if s.probabilities == "attention":
+                k_sample = (key, None, None) if kk >= n_k else self._empty(key, lead, kk, kk, n_k)
+            return *q_sample, *k_sample
+        if s.p_aware:
             a = None if self.value_states is None else row_norms(self.value_states).square()
             g_query, g_key = score_gradient_proxies(probs, a, self._query_weights(lead, n_q))
-            key_support = probs.float()
-            if self.query_weights is not None:
-                key_support = key_support * self.query_weights.float().unsqueeze(-1)
-            key_support = (key_support.sum(dim=-2) > 0).float()
+            # a key column of P that is exactly 0 (masked for every query) has dS[:, j] == 0 exactly
+            key_support = (probs.float().sum(dim=-2) > 0).float()
             query_support = self._query_weights(lead, n_q)
         else:
             g_key = key_support = None if self.key_visibility is None else self.key_visibility.expand(*lead, n_k)
-            g_query = query_support = self._query_weights(lead, n_q)
-        center = s.probabilities == "attention"
+            g_query = query_support = None
         if self.need_query_rows:
             if kq >= n_q:
-                q_rows = query
-            elif kq >= 2 and center:
+                q_sample = (query, None, None)
+            elif kq >= 2 and s.p_aware:
                 # dK = dS^T (Q - 1 qbar) + colsum(dS)^T qbar: the mean row is stored with the samples
                 qbar = _weighted_mean(query, g_query)
-                rows, q_idx = _draw_rows(query - qbar, g_query, query_support, kq - 1, self.generator)
-                q_rows = torch.cat([rows, qbar], dim=-2)
+                rows, weights, idx = _draw_rows(query - qbar, g_query, query_support, kq - 1, self.generator)
+                q_sample = (torch.cat([rows, qbar], dim=-2), weights, idx)
             else:
-                q_rows, q_idx = _draw_rows(query.expand(*lead, *query.shape[-2:]), g_query, query_support, kq, self.generator)
+                q_sample = _draw_rows(query.expand(*lead, *query.shape[-2:]), g_query, query_support, kq, self.generator)
         if self.need_key_rows:
             if kk >= n_k:
-                k_rows = key
+                k_sample = (key, None, None)
             else:
                 # rows of dS sum to 0, so dQ = dS (K - 1 kbar) exactly for any kbar: nothing extra stored
-                centered = center and self.center_keys
+                centered = s.p_aware and self.center_keys
                 kc = key - _weighted_mean(key, g_key) if centered else key.expand(*lead, *key.shape[-2:])
-                k_rows, k_idx = _draw_rows(kc, g_key, key_support, kk, self.generator)
-        return q_rows, q_idx, k_rows, k_idx
+                k_sample = _draw_rows(kc, g_key, key_support, kk, self.generator)
+        return *q_sample, *k_sample
 
     def _query_weights(self, lead, n_q):
         return None if self.query_weights is None else self.query_weights.expand(*lead, n_q)
 
     @staticmethod
     def _empty(x, lead, rows, idx, n):
-        return x.new_empty(*lead, rows, x.shape[-1]), torch.empty(*lead, idx, dtype=index_dtype(n), device=x.device)
+        return (
+            x.new_empty(*lead, rows, x.shape[-1]),
+            torch.empty(*lead, idx, dtype=torch.float32, device=x.device),
+            torch.empty(*lead, idx, dtype=index_dtype(n), device=x.device),
+        )
 
 
 def soft_cap(scores: Tensor, softcap: float | None) -> Tensor:
@@ -505,9 +512,11 @@ class SampledScoresSoftmax(torch.autograd.Function):
     The forward runs eager's ops in eager's order (so ``P`` is bitwise eager's, autocast
     included), then draws the rows TensorMul-1 keeps *after* the softmax, so their probabilities
     can follow ``P`` (see :class:`_TM1Sampler`). Saved, in this order: ``P`` (the softmax output
-    eager keeps; TensorMul-2 reuses this storage), query rows ``[..., kq, d]`` and indices, key
-    rows ``[..., kk, d]`` and indices (Q or K themselves when not sampled; None when not needed),
-    then, only with ``softcap``, the ``tanh`` output ``t`` (what eager's tanh saves).
+    eager keeps; TensorMul-2 reuses this storage), query rows ``[..., kq, d]``, their fp32 weights
+    and indices, key rows ``[..., kk, d]``, weights and indices (Q or K themselves and two None
+    when not sampled; None when not needed), then, only with ``softcap``, the ``tanh`` output
+    ``t`` (what eager's tanh saves). The weights are applied in backward, in fp32
+    (:func:`wtacrs.estimator.weighted_product`).
 
     Backward: ``dS`` exactly from ``P`` and ``dP`` (eager's softmax backward), the bias and mask
     gradients ``dS`` (reduced to their shapes by autograd), through the cap exactly
@@ -529,14 +538,13 @@ class SampledScoresSoftmax(torch.autograd.Function):
         if mask is not None:
             scores = scores + mask
         probs = F.softmax(scores, dim=-1, dtype=softmax_dtype)
-        q_rows, q_idx, k_rows, k_idx = sampler(probs, query.detach(), key.detach())
-        ctx.save_for_backward(probs, q_rows, q_idx, k_rows, k_idx, *(() if capped is None else (capped,)))
+        ctx.save_for_backward(probs, *sampler(probs, query.detach(), key.detach()), *(() if capped is None else (capped,)))
         ctx.scaling, ctx.softcap, ctx.mm_dtype, ctx.scores_dtype = scaling, softcap, mm_dtype, scores.dtype
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs):
-        probs, q_rows, q_idx, k_rows, k_idx, *capped = ctx.saved_tensors
+        probs, q_rows, q_weights, q_idx, k_rows, k_weights, k_idx, *capped = ctx.saved_tensors
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).to(ctx.scores_dtype)
         grad_bias = grad_scores if ctx.needs_input_grad[2] else None
         grad_mask = grad_scores if ctx.needs_input_grad[3] else None
@@ -544,19 +552,20 @@ class SampledScoresSoftmax(torch.autograd.Function):
         if capped:  # autograd's chain for eager's tanh(s / c) * c
             g = torch.ops.aten.tanh_backward(g * ctx.softcap, capped[0]) / ctx.softcap
         g = g * ctx.scaling
+        dtype = g.dtype
         grad_q = grad_k = None
         if ctx.needs_input_grad[0]:
             if k_idx is None:  # k_rows is K itself
                 grad_q = torch.matmul(g, k_rows)
             else:
                 grad_cols = _gather_rows(g.transpose(-1, -2), k_idx)  # [..., kk, q]
-                grad_q = torch.matmul(grad_cols.transpose(-1, -2), k_rows)
+                grad_q = weighted_product(grad_cols, k_rows, k_weights, dtype)
         if ctx.needs_input_grad[1]:
             if q_idx is None:  # q_rows is Q itself
                 grad_kt = torch.matmul(q_rows.transpose(-1, -2), g)
             else:
                 n_s = q_idx.shape[-1]
-                grad_kt = torch.matmul(q_rows[..., :n_s, :].transpose(-1, -2), _gather_rows(g, q_idx))
+                grad_kt = weighted_product(q_rows[..., :n_s, :], _gather_rows(g, q_idx), q_weights, dtype)
                 if q_rows.shape[-2] > n_s:  # the centering mean: + qbar^T colsum(dS)
                     grad_kt = grad_kt + q_rows[..., n_s:, :].transpose(-1, -2) * g.sum(dim=-2, keepdim=True)
             grad_k = grad_kt.transpose(-1, -2)
@@ -590,22 +599,22 @@ class ReusedPV(torch.autograd.Function):
 
     Inputs: ``pd`` (the dropped probabilities the forward multiplies, as eager does), ``v``
     (``repeat_kv``-ed V), then ``p_src`` (the softmax output, detached: the same storage the
-    softmax saved), ``mask_saved`` (the dropout node's saved tensor or None), ``v_store`` and
-    ``v_idx`` (V before ``repeat_kv`` and None, or sampled head-dim columns of V as rows
-    ``[..., k, kv]`` and their indices ``[..., k]``). ``meta`` carries the cast dtype, the
-    :class:`~wtacrs.lossless.DropoutMask` and the ``repeat_kv`` factor.
+    softmax saved), ``mask_saved`` (the dropout node's saved tensor or None), ``v_store``,
+    ``v_weights`` and ``v_idx`` (V before ``repeat_kv`` and two None, or sampled head-dim columns
+    of V as rows ``[..., k, kv]``, their fp32 weights and indices ``[..., k]``). ``meta`` carries
+    the cast dtype, the :class:`~wtacrs.lossless.DropoutMask` and the ``repeat_kv`` factor.
     """
 
     @staticmethod
-    def forward(ctx, pd, v, p_src, mask_saved, v_store, v_idx, meta):
+    def forward(ctx, pd, v, p_src, mask_saved, v_store, v_weights, v_idx, meta):
         ctx.meta = meta
         ctx.dtypes = (pd.dtype, v.dtype)
-        ctx.save_for_backward(p_src, mask_saved, v_store, v_idx)
+        ctx.save_for_backward(p_src, mask_saved, v_store, v_weights, v_idx)
         return torch.matmul(pd, v)  # under autocast this runs in the autocast dtype, as eager's
 
     @staticmethod
     def backward(ctx, grad):
-        p_src, mask_saved, v_store, v_idx = ctx.saved_tensors
+        p_src, mask_saved, v_store, v_weights, v_idx = ctx.saved_tensors
         meta = ctx.meta
         pd_dtype, v_dtype = ctx.dtypes
         compute = grad.dtype  # the forward's matmul dtype (differs from the inputs' under autocast)
@@ -619,11 +628,11 @@ class ReusedPV(torch.autograd.Function):
             if v_idx is None:
                 v_full = repeat_kv(v_store, meta.n_rep).to(compute)
                 grad_pd = torch.matmul(grad, v_full.transpose(-1, -2))
-            else:  # dP = dO V^T over k sampled head-dim columns (weights folded into v_store)
+            else:  # dP = dO V^T over k sampled head-dim columns
                 grad_cols = _gather_rows(grad.transpose(-1, -2), v_idx)  # [..., k, q]
-                grad_pd = torch.matmul(grad_cols.transpose(-1, -2), v_store.to(compute))
+                grad_pd = weighted_product(grad_cols, v_store, v_weights, compute)
             grad_pd = grad_pd.to(pd_dtype)
-        return grad_pd, grad_v, None, None, None, None, None
+        return grad_pd, grad_v, None, None, None, None, None, None
 
 
 class SampledPV(ReusedPV):
@@ -677,7 +686,7 @@ def wtacrs_attention_forward(
     fallback = settings.fallback if settings is not None else "eager"
     if (
         settings is None
-        or not (settings.tm1 or settings.tm2)
+        or not (settings.config.tm1 or settings.config.tm2)
         or not module.training
         or not torch.is_grad_enabled()
         or not (query.requires_grad or key.requires_grad or value.requires_grad)
@@ -687,6 +696,7 @@ def wtacrs_attention_forward(
 
 
 def _sampled_forward(module, settings, query, key, value, attention_mask, scaling, dropout, kwargs):
+    cfg = settings.config
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     position_bias = kwargs.get("position_bias")
@@ -700,8 +710,8 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
     # TensorMul-1 and the softmax (in the family's dtype handling): exact P
     softmax_dtype = torch.float32 if policy == "fp32" else None
     mask = additive_mask(attention_mask, module, query, key_states, kwargs)
-    query_norm = _query_norm(settings.query_stream, query)
-    if settings.tm1:
+    query_norm = _query_norm(settings.query_stream, query) if settings.p_aware else None
+    if cfg.tm1:
         q_in, k_in = query, key_states
         mm_cast = _autocast_dtype(query)
         if mm_cast is not None:  # what autocast does to matmul's inputs; the stored rows are cast rows
@@ -711,13 +721,9 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
             generator,
             need_query_rows=k_in.requires_grad,
             need_key_rows=q_in.requires_grad,
-            value_states=value_states.detach() if settings.probabilities == "attention" else None,
+            value_states=value_states.detach() if settings.p_aware else None,
             query_weights=query_norm,
-            key_visibility=(
-                key_visibility(attention_mask, module, query, key_states, kwargs)
-                if settings.probabilities == "activation" and settings.mask_aware
-                else None
-            ),
+            key_visibility=None if settings.p_aware else key_visibility(attention_mask, module, query, key_states, kwargs),
             center_keys=softcap is None,
         )
         probs = SampledScoresSoftmax.apply(q_in, k_in, position_bias, mask, scaling, softmax_dtype, sampler, softcap)
@@ -737,27 +743,25 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
     probs_cast = probs if cast is None else probs.to(cast)
 
     # Dropout: 1-bit mask
-    if settings.lossless_dropout:
-        dropped, drop_mask, drop_saved = lossless.dropout_with_mask(
-            probs_cast, dropout, module.training, mode=settings.dropout_mode
-        )
+    if cfg.lossless:
+        dropped, drop_mask, drop_saved = lossless.dropout_with_mask(probs_cast, dropout, module.training)
     else:
         dropped = F.dropout(probs_cast, p=dropout, training=module.training)
         drop_mask = drop_saved = None
 
     # TensorMul-2
     reusable = dropout == 0.0 or not module.training or drop_mask is not None
-    if settings.tm2 and reusable:
+    if cfg.tm2 and reusable:
         if not value_states.requires_grad and not dropped.requires_grad:
             out = torch.matmul(dropped, value_states)
         else:
-            v_store, v_idx = _tm2_value(settings, value, value_states, n_rep, generator, dropped.requires_grad, probs, query_norm)
+            v_sample = _tm2_value(settings, value, value_states, generator, dropped.requires_grad, probs, query_norm)
             meta = _PVMeta(cast, drop_mask, n_rep)
-            out = _pv_op(v_idx).apply(dropped, value_states, probs.detach(), drop_saved, v_store, v_idx, meta)
-    elif settings.tm2:  # non-lossless dropout: dropout(P) cannot be rebuilt from P, store it
-        v_store, v_idx = _tm2_value(settings, value, value_states, n_rep, generator, dropped.requires_grad, probs, query_norm)
+            out = _pv_op(v_sample[2]).apply(dropped, value_states, probs.detach(), drop_saved, *v_sample, meta)
+    elif cfg.tm2:  # non-lossless dropout: dropout(P) cannot be rebuilt from P, store it
+        v_sample = _tm2_value(settings, value, value_states, generator, dropped.requires_grad, probs, query_norm)
         meta = _PVMeta(None, None, n_rep)
-        out = _pv_op(v_idx).apply(dropped, value_states, dropped.detach(), None, v_store, v_idx, meta)
+        out = _pv_op(v_sample[2]).apply(dropped, value_states, dropped.detach(), None, *v_sample, meta)
     else:
         out = torch.matmul(dropped, value_states)
 
@@ -767,25 +771,26 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
     return out, dropped
 
 
-def _tm2_value(settings, value, value_states, n_rep, generator, need_grad_p, probs, query_weights):
-    """What TensorMul-2 keeps of V for ``dP = dO V^T``: V itself (before ``repeat_kv``) or k
-    sampled head-dim columns (as rows ``[..., k, kv]``, weights folded in) with their indices.
-    Column probabilities: :func:`value_column_scores` of ``P`` (``probabilities="attention"``)
-    or the column norms."""
+def _tm2_value(settings, value, value_states, generator, need_grad_p, probs, query_weights):
+    """What TensorMul-2 keeps of V for ``dP = dO V^T``: ``(V, None, None)`` (V before
+    ``repeat_kv``) or k sampled head-dim columns as rows ``[..., k, kv]``, their fp32 weights and
+    indices. Column probabilities: :func:`value_column_scores` of ``P`` (P-aware) or the column
+    norms."""
     if not need_grad_p:
-        return None, None
-    if settings.tm2_v == "store":
-        return value.detach(), None
+        return None, None, None
+    cfg = settings.config
+    if cfg.tm2_v == "store":
+        return value.detach(), None, None
     d = value_states.shape[-1]
-    k = budget(d, settings.ratio, settings.min_k)
+    k = budget(d, cfg.ratio, cfg.min_k)
     if k >= d:
-        return value.detach(), None
+        return value.detach(), None, None
     columns = value_states.detach().transpose(-1, -2)  # [B, H, d, kv]
     if columns.device.type == "meta" and estimator.META_SHAPES_ONLY:
         return _TM1Sampler._empty(columns, columns.shape[:-2], k, k, d)
     with torch.no_grad():
         score = None
-        if settings.probabilities == "attention":
+        if settings.p_aware:
             weights = None if query_weights is None else query_weights.expand(*probs.shape[:-1])
             score = value_column_scores(probs.detach(), value_states.detach(), weights)
         return _draw_rows(columns, score, None, k, generator)
@@ -798,14 +803,16 @@ def saved_bytes_per_call(
     kv_len: int,
     head_dim: int,
     *,
-    settings: AttentionSettings,
+    config: WTACRSConfig,
     dropout: float,
     itemsize: int = 4,
     kv_heads: int | None = None,
     probs_itemsize: int | None = None,
     softcap: bool = False,
 ) -> dict[str, int]:
-    """Bytes one sampled attention call saves, by part (a hand count the tests check).
+    """Bytes one sampled attention call under ``config`` saves, by part (a hand count the tests
+    check). A sampled operand keeps its rows, 4 bytes of fp32 weight and 4 of int32 index per
+    sampled row.
 
     Assumes Q, K and V require grad and no mask-induced zero rows. ``softcap``: the call caps
     its logits (Gemma 2), which keeps the ``tanh`` output as eager does.
@@ -814,25 +821,28 @@ def saved_bytes_per_call(
     probs_itemsize = itemsize if probs_itemsize is None else probs_itemsize
     parts: dict[str, int] = {}
     bh = batch * heads
-    if settings.tm1:
-        kq, kk = budget(q_len, settings.ratio, settings.min_k), budget(kv_len, settings.ratio, settings.min_k)
-        rows, idx = query_sample_shapes(q_len, kq) if settings.probabilities == "attention" else (kq, kq if kq < q_len else 0)
-        parts["tm1_query"] = bh * rows * head_dim * itemsize + bh * idx * 4
-        parts["tm1_key"] = bh * kk * head_dim * itemsize + (bh * kk * 4 if kk < kv_len else 0)
+    if config.tm1:
+        kq, kk = budget(q_len, config.ratio, config.min_k), budget(kv_len, config.ratio, config.min_k)
+        if kq >= q_len:
+            rows, idx = q_len, 0
+        else:
+            rows, idx = query_sample_shapes(q_len, kq) if config.probability == "auto" else (kq, kq)
+        parts["tm1_query"] = bh * rows * head_dim * itemsize + bh * idx * 8
+        parts["tm1_key"] = bh * kk * head_dim * itemsize + (bh * kk * 8 if kk < kv_len else 0)
     else:
         parts["tm1_query"] = bh * q_len * head_dim * itemsize
         parts["tm1_key"] = bh * kv_len * head_dim * itemsize
     parts["softmax"] = bh * q_len * kv_len * probs_itemsize
     if softcap:
         parts["softcap"] = bh * q_len * kv_len * itemsize
-    if dropout > 0 and settings.lossless_dropout:
+    if dropout > 0 and config.lossless:
         parts["dropout"] = lossless.packed_numel(bh * q_len * kv_len)
-    if settings.tm2:
-        if settings.tm2_v == "store":
+    if config.tm2:
+        kd = budget(head_dim, config.ratio, config.min_k)
+        if config.tm2_v == "store" or kd >= head_dim:
             parts["tm2_value"] = batch * kv_heads * kv_len * head_dim * itemsize
         else:
-            kd = budget(head_dim, settings.ratio, settings.min_k)
-            parts["tm2_value"] = bh * kd * kv_len * itemsize + (bh * kd * 4 if kd < head_dim else 0)
+            parts["tm2_value"] = bh * kd * kv_len * itemsize + bh * kd * 8
     else:
         parts["tm2_value"] = batch * heads * kv_len * head_dim * itemsize
         parts["tm2_probs"] = bh * q_len * kv_len * itemsize if dropout > 0 else 0

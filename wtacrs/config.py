@@ -40,7 +40,9 @@ class WTACRSConfig:
         default="auto",
         metadata={
             "help": "Gradient-norm source of the sampling probabilities: 'auto' uses a GradNormCache when one is "
-            "active, else the batch's token mask, else 1; 'activation' uses activation norms only."
+            "active, else the batch's token mask (pad tokens get wtacrs.gradnorm.GRAD_NORM_FLOOR, never 0), else 1, "
+            "and draws attention rows from P (the expected score-gradient norms); 'activation' uses activation "
+            "norms only (attention: times which keys any query can see)."
         },
     )
     seed: int | None = field(

@@ -10,9 +10,10 @@ What gets replaced is decided by the per-family table in :mod:`wtacrs.taxonomy`:
 - with ``lossless=True``, ``nn.Dropout`` keeps 1-bit masks and activations keep a 1-bit mask
   (ReLU) or only their input (GeLU, SiLU);
 - two forward hooks on the model (module-level functions, no closure over the instance) make
-  the batch's token masks reach the sampling probabilities (padding tokens get probability 0)
-  while the user calls the model as usual, and take the sample ids that
-  :meth:`wtacrs.GradNormCache.collator` puts in the batch.
+  the batch's token masks reach the sampling probabilities (padding tokens get the small
+  gradient-norm proxy :data:`~wtacrs.gradnorm.GRAD_NORM_FLOOR`, never 0) while the user calls
+  the model as usual, and take the sample ids that :meth:`wtacrs.GradNormCache.collator` puts
+  in the batch.
 
 Parameters are never copied: state-dict keys, optimizer state and ``requires_grad`` flags are
 unchanged. The model gets its own copies of the config objects its modules read, so converting
@@ -205,27 +206,23 @@ def _enable_attention(state: _ConversionState, hf_model: nn.Module) -> None:
         if implementation == attention.NAME:  # not converted: the "wtacrs" function runs eager for it
             implementation = "eager"
         return attention.AttentionSettings(
-            ratio=config.ratio,
-            min_k=config.min_k,
-            tm1=config.tm1,
-            tm2=config.tm2,
-            tm2_v=config.tm2_v,
-            lossless_dropout=config.lossless,
+            config,
             fallback=implementation,
             generator=state.generators,
-            query_stream=None if not config.probability == "auto" else _stream(family, f"{name}.q"),
-            probabilities="attention" if config.probability == "auto" else "activation",
+            query_stream=_stream(family, f"{name}.q"),
         )
 
     state.attention_modules = attention.enable(hf_model, settings_for)
 
 
 def _token_masks(family: Family, kwargs: dict) -> dict[str, torch.Tensor | None]:
-    """Per-stream masks of the tokens whose output gradient can be nonzero.
+    """Per-stream masks of the tokens that are not padding (the pads get a small, nonzero
+    gradient-norm proxy from :func:`wtacrs.gradnorm.token_grad_norm`).
 
     Encoder / decoder-only tokens: the attention mask (padding keys are masked, so a pad token
-    reaches the loss only through its own output, which standard collators label -100).
-    T5 decoder tokens: position t has a zero gradient when every label from t on is -100.
+    reaches the loss only through its own output: through a pooler or a last-token head, or
+    not at all where collators label it -100). T5 decoder tokens: position t reaches the
+    standard loss only when some label from t on is not -100.
     """
     attention_mask = kwargs.get("attention_mask")
     if family.decoder is None:

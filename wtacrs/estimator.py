@@ -179,15 +179,22 @@ def sample_rows(
     grad_norm: Tensor | None = None,
     generator: torch.Generator | None = None,
     method: str = "wtacrs",
-) -> tuple[Tensor, Tensor]:
-    """Sample ``k`` rows of ``x`` ``[..., n, d]`` and fold their weights in.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample ``k`` rows of ``x`` ``[..., n, d]``: what a sampled op stores.
 
-    Returns ``(rows, indices)``: ``rows`` ``[..., k, d]`` in ``x.dtype`` (weight folded in),
-    ``indices`` ``[..., k]`` int32 (int64 when n >= 2^31). These are what a sampled op stores.
+    Returns ``(rows, weights, indices)``: ``rows`` ``[..., k, d]`` in ``x.dtype``, as they are
+    (no weight folded in, so half-precision rows cannot overflow); ``weights`` ``[..., k]`` fp32;
+    ``indices`` ``[..., k]`` int32 (int64 when n >= 2^31). :func:`weighted_product` applies the
+    weights in backward.
     """
     n = x.shape[-2]
     if x.device.type == "meta" and META_SHAPES_ONLY:
-        return x.new_empty(*x.shape[:-2], k, x.shape[-1]), torch.empty(*x.shape[:-2], k, dtype=index_dtype(n), device="meta")
+        lead = x.shape[:-2]
+        return (
+            x.new_empty(*lead, k, x.shape[-1]),
+            torch.empty(*lead, k, dtype=torch.float32, device="meta"),
+            torch.empty(*lead, k, dtype=index_dtype(n), device="meta"),
+        )
     norms = row_norms(x)
     p = row_probabilities(x, grad_norm, norms=norms)
     if method == "wtacrs":
@@ -199,8 +206,30 @@ def sample_rows(
         rows = x.index_select(0, sample.indices)
     else:
         rows = torch.gather(x, -2, sample.indices.unsqueeze(-1).expand(*sample.indices.shape, x.shape[-1]))
-    rows.mul_(sample.weights.unsqueeze(-1).to(x.dtype))
-    return rows, sample.indices.to(index_dtype(n))
+    return rows, sample.weights, sample.indices.to(index_dtype(n))
+
+
+def weighted_product(lhs: Tensor, rhs: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """``sum_t weights[t] lhs[t]^T rhs[t]`` in ``dtype``: ``[..., k, a]``, ``[..., k, b]`` -> ``[..., a, b]``.
+
+    ``weights`` ``[..., k]`` fp32 (about ``n / k``, more for rarely drawn rows). In fp32 and fp64
+    the weights scale ``rhs`` and one matmul follows, as folding them into stored rows would. In a
+    half type the weighted rows can overflow where the product does not (rows of 2.5e4 times
+    weight 3 are inf in fp16; the gradient is not), so ``rhs * weights`` is formed in fp32 and
+    divided by a power of two (exact) that brings each problem's largest entry within the
+    dtype's range, the half-precision matmul runs (it accumulates in fp32), and the product is
+    multiplied back in fp32. The result is finite wherever the estimate fits ``dtype``.
+    """
+    w = weights.unsqueeze(-1)
+    lhs_t = lhs.to(dtype).transpose(-1, -2)
+    if torch.finfo(dtype).bits >= 32:
+        return lhs_t @ (rhs.to(dtype) * w.to(dtype))
+    peak = rhs.abs().amax(dim=-1, keepdim=True).float() * w  # [..., k, 1]: largest entry of each weighted row
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)).amax(dim=-2, keepdim=True)  # NaN/Inf rows propagate as they are
+    limit = 2.0 ** math.floor(math.log2(torch.finfo(dtype).max))
+    scale = torch.exp2(torch.log2(peak / limit).ceil_().clamp_min_(0))  # [..., 1, 1], 1 unless it would overflow
+    product = lhs_t @ (rhs.float() * (w / scale)).to(dtype)
+    return (product.float() * scale).to(dtype)
 
 
 def estimate_product(
@@ -213,6 +242,6 @@ def estimate_product(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Estimate ``x^T y`` (``[..., n, a]`` and ``[..., n, b]`` -> ``[..., a, b]``) from k rows."""
-    rows, indices = sample_rows(x, k, grad_norm=grad_norm, generator=generator, method=method)
+    rows, weights, indices = sample_rows(x, k, grad_norm=grad_norm, generator=generator, method=method)
     y_rows = torch.gather(y, -2, indices.long().unsqueeze(-1).expand(*indices.shape, y.shape[-1]))
-    return rows.transpose(-1, -2) @ y_rows
+    return weighted_product(rows, y_rows, weights, torch.promote_types(x.dtype, y.dtype))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wtacrs import estimator
-from wtacrs.estimator import budget, index_dtype, row_norms, row_probabilities, sample_rows, wtacrs_sample
+from wtacrs.estimator import budget, index_dtype, row_norms, row_probabilities, sample_rows, weighted_product, wtacrs_sample
 from wtacrs.rowsource import RowSource
 
 GradNormSink = Callable[[Tensor], None]
@@ -30,21 +30,25 @@ class SampledLinear(torch.autograd.Function):
 
     Saved, after the ``weight`` (a parameter, for grad_input), one of:
 
-    - ``rows`` ``[k, in]`` (sample weights folded in, input dtype) and ``indices`` ``[k]`` int32;
-    - the input itself when ``k >= n`` (exact gradient);
-    - ``sample_weights`` ``[k]`` fp32, ``indices`` and the tensors of a
+    - ``rows`` ``[k, in]`` (input dtype, as they are), the fp32 sample weights ``[k]`` and
+      ``indices`` ``[k]`` int32;
+    - the fp32 sample weights, ``indices`` and the tensors of a
       :class:`~wtacrs.rowsource.RowSource`, which rebuilds the rows in backward (those tensors are
       saved by other ops already, so only ``8 k`` bytes are new);
+    - the input itself when ``k >= n`` (exact gradient);
     - nothing when the weight does not require grad.
+
+    The weights are applied in backward by :func:`wtacrs.estimator.weighted_product`, in fp32, so
+    fp16 rows times weights of about ``n / k`` cannot overflow.
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, rows, indices, grad_norm_sink, row_source, *source_tensors):
+    def forward(ctx, input, weight, bias, rows, weights, indices, grad_norm_sink, row_source, *source_tensors):
         ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
         ctx.has_bias = bias is not None
         ctx.grad_norm_sink = grad_norm_sink
         ctx.row_source = row_source
-        saved = [t for t in (weight, rows, indices) if t is not None]
+        saved = [t for t in (weight, rows, weights, indices) if t is not None]
         ctx.save_for_backward(*saved, *source_tensors)
         ctx.n_saved = len(saved)
         return F.linear(input, weight, bias)
@@ -64,14 +68,16 @@ class SampledLinear(torch.autograd.Function):
             if len(stored) == 1:  # k >= n: the exact product
                 grad_weight = grad_2d.t().mm(stored[0].reshape(-1, stored[0].shape[-1]).to(dtype))
             else:
-                rows, indices = stored
-                if ctx.row_source is not None:  # rows holds the sample weights
-                    rows = ctx.row_source.rows(source_tensors, indices).to(dtype) * rows.unsqueeze(-1).to(dtype)
-                grad_weight = grad_2d.index_select(0, indices).t().mm(rows.to(dtype))
+                *rows, weights, indices = stored
+                rows = ctx.row_source.rows(source_tensors, indices) if ctx.row_source is not None else rows[0]
+                grad_weight = weighted_product(grad_2d.index_select(0, indices), rows, weights, dtype)
             grad_weight = grad_weight.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0).to(weight.dtype)
-        return (grad_input, grad_weight, grad_bias, None, None, None, None) + (None,) * len(source_tensors)
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None) + (None,) * len(source_tensors)
+
+
+Sample = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
 def linear(
@@ -83,7 +89,7 @@ def linear(
     min_k: int = 1,
     grad_norm: Tensor | None = None,
     generator: torch.Generator | None = None,
-    sample: tuple[Tensor, Tensor | None] | None = None,
+    sample: Sample | None = None,
     grad_norm_sink: GradNormSink | None = None,
     row_source: RowSource | None = None,
 ) -> Tensor:
@@ -92,26 +98,27 @@ def linear(
     ``input`` ``[..., in]`` (2D or 3D), ``weight`` ``[out, in]``. The n = ``input.numel() / in``
     token rows are sampled with ``p_i ∝ ||h_i|| * grad_norm_i``; ``k = budget(n, ratio, min_k)``
     rows are stored. ``grad_norm`` (``[n]`` or ``input.shape[:-1]``) estimates the output-gradient
-    row norms (0 for pad tokens); None means 1. ``sample`` is a precomputed result of
-    :func:`sample_input` (with the same ``row_source``) to share one sample between layers that
-    read the same input. ``grad_norm_sink`` receives the fp32 output-gradient row norms ``[n]``
-    during backward (the per-sample gradient-norm cache uses it). ``row_source`` says how to
-    rebuild input rows from tensors saved elsewhere; then only indices and weights are stored.
+    row norms (small but nonzero for pad tokens, see :mod:`wtacrs.gradnorm`); None means 1.
+    ``sample`` is a precomputed result of :func:`sample_input` (with the same ``row_source``) to
+    share one sample between layers that read the same input. ``grad_norm_sink`` receives the
+    fp32 output-gradient row norms ``[n]`` during backward (the per-sample gradient-norm cache
+    uses it). ``row_source`` says how to rebuild input rows from tensors saved elsewhere; then
+    only indices and weights are stored.
     """
     source_tensors: tuple[Tensor, ...] = ()
     if not weight.requires_grad:
-        rows = indices = row_source = None
+        rows = weights = indices = row_source = None
     else:
         if sample is None:
             sample = sample_input(
                 input, ratio=ratio, min_k=min_k, grad_norm=grad_norm, generator=generator, row_source=row_source
             )
-        rows, indices = sample
+        rows, weights, indices = sample
         if indices is None:  # k >= n: exact
             row_source = None
         elif row_source is not None:
             source_tensors = row_source.tensors
-    return SampledLinear.apply(input, weight, bias, rows, indices, grad_norm_sink, row_source, *source_tensors)
+    return SampledLinear.apply(input, weight, bias, rows, weights, indices, grad_norm_sink, row_source, *source_tensors)
 
 
 def sample_input(
@@ -122,50 +129,52 @@ def sample_input(
     grad_norm: Tensor | None = None,
     generator: torch.Generator | None = None,
     row_source: RowSource | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """What a sampled linear stores for ``input`` ``[..., in]``: ``(rows, indices)``.
+) -> Sample:
+    """What a sampled linear stores for ``input`` ``[..., in]``: ``(rows, weights, indices)``.
 
-    ``rows`` ``[k, in]`` carry the sample weights; with a ``row_source`` they are replaced by the
-    fp32 sample weights ``[k]`` alone. When ``k >= n`` it is ``(input, None)``: the input itself is
-    kept and the gradient is exact.
+    ``rows`` ``[k, in]`` in the input's dtype (None with a ``row_source``: rebuilt in backward),
+    ``weights`` ``[k]`` fp32, ``indices`` ``[k]`` int32. When ``k >= n`` it is
+    ``(input, None, None)``: the input itself is kept and the gradient is exact.
     """
     x = input.detach().reshape(-1, input.shape[-1])
     n = x.shape[0]
     k = budget(n, ratio, min_k)
     if k >= n:
-        return input.detach(), None
+        return input.detach(), None, None
     if grad_norm is not None:
         grad_norm = grad_norm.reshape(n)
     with torch.no_grad():
         if row_source is None:
             return sample_rows(x, k, grad_norm=grad_norm, generator=generator)
         if x.device.type == "meta" and estimator.META_SHAPES_ONLY:
-            return torch.empty(k, dtype=torch.float32, device="meta"), torch.empty(k, dtype=index_dtype(n), device="meta")
+            return None, torch.empty(k, dtype=torch.float32, device="meta"), torch.empty(k, dtype=index_dtype(n), device="meta")
         norms = row_norms(x)
         p = row_probabilities(x, grad_norm, norms=norms)
         sample = wtacrs_sample(p, k, generator, forced=~torch.isfinite(norms))
-        return sample.weights, sample.indices.to(index_dtype(n))
+        return None, sample.weights, sample.indices.to(index_dtype(n))
 
 
 class SampledMatmul(torch.autograd.Function):
     """``a @ b`` (``[..., M, K] @ [..., K, N]``) with both operand gradients estimated.
 
-    For ``grad_b = a^T grad`` it stores rows of ``a`` sampled along M (``[..., kM, K]`` + indices),
-    or ``a`` itself; for ``grad_a = grad b^T`` it stores columns of ``b`` sampled along N, kept as
-    rows of ``b^T`` (``[..., kN, K]`` + indices), or ``b`` itself. The four slots are saved in the
-    fixed order ``a_rows, a_idx, b_cols, b_idx``; unused slots are None.
+    For ``grad_b = a^T grad`` it stores rows of ``a`` sampled along M (``[..., kM, K]``, their
+    fp32 weights ``[..., kM]`` and indices), or ``a`` itself; for ``grad_a = grad b^T`` it stores
+    columns of ``b`` sampled along N, kept as rows of ``b^T`` (``[..., kN, K]``, weights and
+    indices), or ``b`` itself. The six slots are saved in the fixed order ``a_rows, a_weights,
+    a_idx, b_cols, b_weights, b_idx``; unused slots are None. The weights are applied in backward
+    (:func:`wtacrs.estimator.weighted_product`).
     """
 
     @staticmethod
-    def forward(ctx, a, b, a_rows, a_idx, b_cols, b_idx):
+    def forward(ctx, a, b, a_rows, a_weights, a_idx, b_cols, b_weights, b_idx):
         ctx.a_shape, ctx.b_shape = a.shape, b.shape
         ctx.a_dtype, ctx.b_dtype = a.dtype, b.dtype
-        ctx.save_for_backward(a_rows, a_idx, b_cols, b_idx)
+        ctx.save_for_backward(a_rows, a_weights, a_idx, b_cols, b_weights, b_idx)
         return torch.matmul(a, b)
 
     @staticmethod
     def backward(ctx, grad):
-        a_rows, a_idx, b_cols, b_idx = ctx.saved_tensors
+        a_rows, a_weights, a_idx, b_cols, b_weights, b_idx = ctx.saved_tensors
         grad_a = grad_b = None
         dtype = grad.dtype  # differs from the saved tensors' under autocast
         if ctx.needs_input_grad[0]:
@@ -173,16 +182,16 @@ class SampledMatmul(torch.autograd.Function):
                 grad_a = torch.matmul(grad, b_cols.transpose(-1, -2).to(dtype))
             else:
                 grad_cols = _gather_rows(grad.transpose(-1, -2), b_idx)  # [..., kN, M]
-                grad_a = torch.matmul(grad_cols.transpose(-1, -2), b_cols.to(dtype))
+                grad_a = weighted_product(grad_cols, b_cols, b_weights, dtype)
             grad_a = grad_a.sum_to_size(ctx.a_shape).to(ctx.a_dtype)
         if ctx.needs_input_grad[1]:
             if a_idx is None:  # a_rows is a itself
                 grad_b = torch.matmul(a_rows.transpose(-1, -2).to(dtype), grad)
             else:
                 grad_rows = _gather_rows(grad, a_idx)  # [..., kM, N]
-                grad_b = torch.matmul(a_rows.transpose(-1, -2).to(dtype), grad_rows)
+                grad_b = weighted_product(a_rows, grad_rows, a_weights, dtype)
             grad_b = grad_b.sum_to_size(ctx.b_shape).to(ctx.b_dtype)
-        return grad_a, grad_b, None, None, None, None
+        return grad_a, grad_b, None, None, None, None, None, None
 
 
 def matmul(
@@ -205,23 +214,23 @@ def matmul(
     if a.dim() < 2 or b.dim() < 2:
         raise ValueError(f"matmul needs operands of at least 2 dims, got {tuple(a.shape)} and {tuple(b.shape)}")
     lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a_rows = a_idx = b_cols = b_idx = None
+    a_sample = b_sample = (None, None, None)
     with torch.no_grad():
         if b.requires_grad:
-            a_rows, a_idx = _operand_sample(a.detach(), lead, ratio, min_k, sample_a, generator)
+            a_sample = _operand_sample(a.detach(), lead, ratio, min_k, sample_a, generator)
         if a.requires_grad:
-            b_t = b.detach().transpose(-1, -2)
-            b_cols, b_idx = _operand_sample(b_t, lead, ratio, min_k, sample_b, generator)
-            if b_idx is None:
-                b_cols = b.detach()
-    return SampledMatmul.apply(a, b, a_rows, a_idx, b_cols, b_idx)
+            b_sample = _operand_sample(b.detach().transpose(-1, -2), lead, ratio, min_k, sample_b, generator)
+            if b_sample[2] is None:
+                b_sample = (b.detach(), None, None)
+    return SampledMatmul.apply(a, b, *a_sample, *b_sample)
 
 
 def _operand_sample(x, lead, ratio, min_k, sample, generator):
-    """Sampled rows of ``x`` ``[..., n, d]`` (broadcast to ``lead``), or ``(x, None)`` if kept whole."""
+    """``(rows, weights, indices)`` of ``x`` ``[..., n, d]`` (broadcast to ``lead``), or
+    ``(x, None, None)`` if kept whole."""
     n = x.shape[-2]
     k = budget(n, ratio, min_k)
     if not sample or k >= n:
-        return x, None
+        return x, None, None
     x = x.expand(*lead, *x.shape[-2:])
     return sample_rows(x, k, generator=generator)

@@ -4,8 +4,13 @@ During the forward pass ``||dZ_i||`` is unknown. In order of preference (SPEC se
 
 1. :class:`GradNormCache` -- the norms seen for the same samples in an earlier backward pass,
    when the training loop says which samples are in the batch (``with cache.batch(sample_ids)``);
-2. :func:`token_mask` -- 0 for padding tokens, whose gradient is exactly zero, else 1;
+2. :func:`token_mask` -- 1 for real tokens, :data:`GRAD_NORM_FLOOR` for padding tokens;
 3. otherwise 1 (probabilities from the activation norms alone).
+
+No source gives 0: a probability may be small, but a row drawn with probability 0 never enters
+the estimate, which is then biased wherever that row's gradient is not 0. A pad's gradient is 0
+only when nothing reads its output, and poolers (BERT's reads position 0, a pad under left
+padding), last-token heads and user losses do read pads.
 
 Both are context managers around the forward pass; they are context variables, so threads and
 nested calls do not see each other's batches. A model converted by :func:`wtacrs.convert` opens
@@ -25,6 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+GRAD_NORM_FLOOR = 0.1
+"""The smallest gradient-norm proxy, relative to a typical token: pad tokens get it (real tokens
+1), and cached norms are floored at it times their mean. Small, so pads take little of the
+budget; not 0, so the estimate stays unbiased. A pad whose gradient turns out as large as a
+real token's adds about ``1 / GRAD_NORM_FLOOR`` = 10 times the variance that token adds."""
+
 _token_masks: contextvars.ContextVar[dict[str, Tensor]] = contextvars.ContextVar("wtacrs_token_masks", default={})
 _active_cache: contextvars.ContextVar[tuple["GradNormCache", tuple] | None] = contextvars.ContextVar(
     "wtacrs_grad_norm_cache", default=None
@@ -38,7 +49,7 @@ def token_mask(mask: Tensor | None = None, **streams: Tensor | None) -> Iterator
     ``mask`` ``[B, S]`` (bool or 0/1) is the token mask of the default stream; keyword arguments
     name other streams, e.g. ``token_mask(encoder=enc_mask, decoder=dec_mask)`` for an
     encoder-decoder model. A sampled layer uses the mask of its stream when its token count
-    ``n`` equals ``mask.numel()``; otherwise it falls back to 1.
+    ``n`` equals ``mask.numel()`` (:func:`token_grad_norm`); otherwise it falls back to 1.
     """
     masks = dict(_token_masks.get())
     if mask is not None:
@@ -51,13 +62,18 @@ def token_mask(mask: Tensor | None = None, **streams: Tensor | None) -> Iterator
         _token_masks.reset(token)
 
 
-def current_token_mask(stream: str, n: int) -> tuple[Tensor | None, int | None]:
-    """The ``[n]`` mask of ``stream`` (or of the default stream) if it has ``n`` tokens, and its id."""
+def token_grad_norm(stream: str, n: int, device: torch.device) -> tuple[Tensor | None, int | None]:
+    """Gradient-norm proxies from the token mask of ``stream`` (or of the default stream), and
+    the mask's id; ``(None, None)`` when no mask of ``n`` tokens is active.
+
+    fp32 ``[n]`` on ``device``: 1 for real tokens, :data:`GRAD_NORM_FLOOR` for padding tokens.
+    """
     masks = _token_masks.get()
     mask = masks.get(stream, masks.get("default"))
     if mask is None or mask.numel() != n:
         return None, None
-    return mask.reshape(n), id(mask)
+    real = mask.reshape(n).to(device) != 0
+    return torch.where(real, 1.0, GRAD_NORM_FLOOR).to(torch.float32), id(mask)
 
 
 SAMPLE_IDS_KEY = "wtacrs_sample_ids"
@@ -72,8 +88,8 @@ class GradNormCache:
     Keyed by ``(layer key, sample id)``; each entry is the fp32 ``[S]`` norms of that sample's
     tokens. A lookup succeeds only when every sample of the batch has an entry of the batch's
     sequence length, so a new sample or a new padding length falls back to the next source.
-    Cached norms are floored at ``floor * mean`` so a token whose gradient was 0 last time keeps a
-    nonzero probability and the estimate stays unbiased.
+    Cached norms are floored at ``floor * mean`` (:data:`GRAD_NORM_FLOOR` by default) so a token
+    whose gradient was 0 last time keeps a nonzero probability and the estimate stays unbiased.
 
     Usage::
 
@@ -87,7 +103,7 @@ class GradNormCache:
     the ids to the converted model: ``data_collator=cache.collator(base_collator, id_key="idx")``.
     """
 
-    def __init__(self, floor: float = 0.1, device: torch.device | str | None = "cpu") -> None:
+    def __init__(self, floor: float = GRAD_NORM_FLOOR, device: torch.device | str | None = "cpu") -> None:
         self.floor = floor
         self.device = device
         self._norms: dict[tuple[str, object], Tensor] = {}
@@ -197,10 +213,13 @@ def active_cache() -> tuple[GradNormCache, tuple] | None:
 def resolve_grad_norm(key: str, stream: str, n: int, device: torch.device):
     """``(grad_norm, sink, source)`` for a sampled layer's forward pass over ``n`` tokens.
 
-    ``grad_norm`` is fp32 ``[n]`` or None (meaning 1); ``sink`` receives the output-gradient row
-    norms in backward when a :class:`GradNormCache` is active; ``source`` is a hashable name of
-    where ``grad_norm`` came from, or None when it is specific to this layer (cached norms), so
-    layers reading the same input with the same ``source`` have identical probabilities.
+    ``grad_norm`` is fp32 ``[n]`` or None (meaning 1), never 0 where a gradient can be nonzero:
+    the cached norms when the cache has them (they measured every position, pads included),
+    else the token mask's proxies (:func:`token_grad_norm`). ``sink`` receives the
+    output-gradient row norms in backward when a :class:`GradNormCache` is active; ``source`` is
+    a hashable name of where ``grad_norm`` came from, or None when it is specific to this layer
+    (cached norms), so layers reading the same input with the same ``source`` have identical
+    probabilities.
     """
     active = active_cache()
     grad_norm = sink = None
@@ -213,11 +232,8 @@ def resolve_grad_norm(key: str, stream: str, n: int, device: torch.device):
             _cache.update(_key, _ids, norms)
 
         if grad_norm is not None:
-            source = None
-    mask, mask_id = current_token_mask(stream, n)
-    if mask is not None:
-        mask = mask.to(device=device, dtype=torch.float32)
-        grad_norm = mask if grad_norm is None else grad_norm * mask
-        if source is not None:
-            source = ("mask", mask_id)
+            return grad_norm, sink, None
+    mask_norm, mask_id = token_grad_norm(stream, n, device)
+    if mask_norm is not None:
+        grad_norm, source = mask_norm, ("mask", mask_id)
     return grad_norm, sink, source
