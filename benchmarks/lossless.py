@@ -116,8 +116,6 @@ def main() -> None:
     compare("dropout, FFN activations", dropouts, (4096, 3072), args.repeats, args.device)
     relus = {"torch.relu": torch.relu, "packed ReLU": lossless.relu}
     compare("ReLU, FFN activations", relus, (4096, 3072), args.repeats, args.device)
-    gelus = {"F.gelu": F.gelu, "saved-input GeLU": lossless.gelu}
-    compare("GeLU, FFN activations", gelus, (4096, 3072), args.repeats, args.device)
 
 
 if __name__ == "__main__":

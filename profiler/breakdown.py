@@ -91,7 +91,6 @@ NODE_CATEGORIES: dict[str, Category] = {
     "PackedDropoutBackward": Category.LOSSLESS,
     "RegeneratedDropoutBackward": Category.LOSSLESS,
     "PackedReLUBackward": Category.LOSSLESS,
-    "SavedInputGeLUBackward": Category.LOSSLESS,
     "SavedInputActivationBackward": Category.LOSSLESS,
     # P V from the softmax's own P and the dropout's mask (both attributed where they were saved):
     # the bytes left here are V itself, or its sampled head-dim columns
@@ -208,7 +207,6 @@ def _dropout(site: SaveSite) -> Attribution:
     "GeluBackward0",
     "SiluBackward0",
     "PackedReLUBackward",
-    "SavedInputGeLUBackward",
     "SavedInputActivationBackward",
 )
 def _activation(site: SaveSite) -> Attribution:

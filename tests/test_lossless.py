@@ -253,39 +253,6 @@ def test_relu_gradcheck_and_meta():
     assert [s[:2] for s in saved] == [((3,), torch.uint8)]
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gelu_exact_and_saves_its_input(approximate, dtype):
-    x = torch.randn(4, 9, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
-    grad = torch.randn(4, 9, generator=torch.Generator().manual_seed(1)).to(dtype)
-    ref = F.gelu(x, approximate=approximate)
-    (gref,) = torch.autograd.grad(ref, x, grad)
-    h = x * 1  # a non-leaf input, as the Linear-U output is
-    out, saved = saved_storages(lambda: L.gelu(h, approximate))
-    (got,) = torch.autograd.grad(out, x, grad)
-    assert bits_equal(out, ref) and bits_equal(got, gref)
-    assert saved == [((4, 9), dtype, h.untyped_storage().nbytes())]
-    assert out.grad_fn.name() == "SavedInputGeLUBackward"
-    rows = torch.tensor([3, 0])
-    assert bits_equal(L.gelu_forward_rows(h.detach()[rows], approximate), out.detach()[rows])
-
-
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gelu_gradcheck_gradgradcheck(approximate):
-    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: L.gelu(t, approximate), (x,))
-    assert torch.autograd.gradgradcheck(lambda t: L.gelu(t, approximate), (x,))
-
-
-def test_gelu_meta_and_bad_argument():
-    xm = torch.empty(2, 3, device="meta", requires_grad=True)
-    L.gelu(xm).sum().backward()
-    assert xm.grad.shape == (2, 3)
-    with pytest.raises(ValueError):
-        L.gelu(xm, "fast")
-
-
 def test_ops_without_grad_are_plain_torch():
     x = torch.randn(10)
     assert L.relu(x).grad_fn is None and torch.equal(L.relu(x), torch.relu(x))
-    assert torch.equal(L.gelu(x), F.gelu(x))

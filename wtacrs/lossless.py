@@ -1,4 +1,4 @@
-"""Lossless activation ops: bit-packed dropout and ReLU masks, GeLU that stores its input once.
+"""Lossless activation ops: bit-packed dropout and ReLU masks.
 
 Every op here is plain torch (no C++ extension), runs on CPU, CUDA, the meta device and under
 ``FakeTensorMode`` (all shapes are static), and stores what its backward needs with
@@ -369,7 +369,7 @@ def dropout(
 
 
 # --------------------------------------------------------------------------------------------
-# ReLU and GeLU
+# ReLU
 # --------------------------------------------------------------------------------------------
 
 
@@ -403,43 +403,6 @@ def relu(x: Tensor) -> Tensor:
     return PackedReLU.apply(x)
 
 
-class SavedInputGeLU(torch.autograd.Function):
-    """``F.gelu`` that saves its input (once) and nothing else; gradient is ``aten.gelu_backward``.
-
-    Saving the input, not the output, lets Linear-D (which reads ``gelu(x)``) recompute its
-    sampled rows from the same storage: :func:`gelu_forward_rows`.
-    """
-
-    @staticmethod
-    def forward(ctx, x, approximate):
-        ctx.approximate = approximate
-        ctx.save_for_backward(x)
-        return F.gelu(x, approximate=approximate)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        # aten.gelu_backward is itself differentiable, so create_graph works too
-        return torch.ops.aten.gelu_backward(grad, x, approximate=ctx.approximate), None
-
-
-def gelu(x: Tensor, approximate: str = "none") -> Tensor:
-    """``F.gelu(x, approximate=...)`` storing its input once, with torch's exact gradient."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return F.gelu(x, approximate=approximate)
-    return SavedInputGeLU.apply(x, approximate)
-
-
-def gelu_forward_rows(saved_input_rows: Tensor, approximate: str = "none") -> Tensor:
-    """Recompute ``gelu`` on rows gathered from the input a :class:`SavedInputGeLU` saved.
-
-    ``F.gelu`` is elementwise, so the result is bitwise the rows of the forward output.
-    """
-    return F.gelu(saved_input_rows, approximate=approximate)
-
-
 def dropout_rows(x_rows: Tensor, keep_rows: Tensor, p: float, *, fused: bool) -> Tensor:
     """``dropout`` applied to rows gathered from a dropout's input, with the gathered keep-mask.
 
@@ -457,12 +420,9 @@ __all__ = [
     "PackedDropout",
     "PackedReLU",
     "RegeneratedDropout",
-    "SavedInputGeLU",
     "dropout",
     "dropout_rows",
     "dropout_with_mask",
-    "gelu",
-    "gelu_forward_rows",
     "pack_bits",
     "packed_numel",
     "relu",
