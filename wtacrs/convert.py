@@ -158,7 +158,7 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
             child_qualified = f"{qualified}.{child_name}" if qualified else child_name
             _convert_child(state, module, child_name, child, child_qualified, sampling)
 
-    if config.tm1 or config.tm2:  # with both off the attention function would only fall back
+    if _attention_saves_memory(config, hf_model):
         _own_configs(state, hf_model)
         _enable_attention(state, hf_model)
     object.__setattr__(hf_model, _STATE, state)
@@ -207,6 +207,18 @@ def _own_configs(state: _ConversionState, hf_model: nn.Module) -> None:
         if isinstance(cfg, PretrainedConfig):
             state.configs.append((module, cfg))
             module.config = copy.deepcopy(cfg, memo)
+
+
+def _attention_saves_memory(config: WTACRSConfig, hf_model: nn.Module) -> bool:
+    """Whether the ``"wtacrs"`` attention stores less than the model's own. With both TensorMuls
+    off it would only fall back. Exact (TensorMul-1 off, V stored), it drops eager's copy of
+    ``dropout(P)`` and its dropout mask; SDPA's fused kernels store no ``P`` at all, so an SDPA
+    model keeps SDPA then."""
+    from wtacrs import attention
+
+    if not (config.tm1 or config.tm2):
+        return False
+    return config.samples_attention or attention.current_implementation(hf_model) in ("eager", attention.NAME)
 
 
 def _enable_attention(state: _ConversionState, hf_model: nn.Module) -> None:
