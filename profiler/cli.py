@@ -29,6 +29,7 @@ from rich.text import Text
 
 from profiler import records
 from profiler.methods import METHOD_NAMES_HELP
+from profiler.suite import MAX_CELLS
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATUS_STYLES = {"ok": "green", "estimated": "cyan", "oom": "yellow", "error": "bold red", "skipped": "dim"}
@@ -57,6 +58,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -65,6 +73,33 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value:g}")
     return value
+
+
+def _out_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be made the output directory, or None; creates nothing.
+
+    Walks up to the nearest existing path: it must be a directory that this process may write to
+    (``os.access``: a read-only mount or mode, as the kernel answers for this user).
+    """
+    if "\0" in str(out):
+        return f"{out!r}: --out cannot be created: it holds a NUL byte"
+    probe = out
+    while True:
+        try:
+            probe.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError) as e:  # missing, or under a file: look further up
+            if probe.parent == probe:  # a vanished working directory
+                return f"{out}: --out cannot be created: {e.strerror}"
+            probe = probe.parent
+        except OSError as e:  # a name too long, a loop of links, ...
+            return f"{out}: --out cannot be created: {e.strerror}"
+    if not probe.is_dir():
+        return f"{out}: --out is a file, not a directory" if probe == out else \
+            f"{out}: --out cannot be created: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{out}: --out cannot be created: {probe} is not writable"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the suite's device (auto: cuda if present, else CPU where the meta "
                           "estimate fits the budgets, else the estimate)")
     run.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: reports/<suite name>/)")
-    run.add_argument("--resume", action="store_true", help="keep finished cells of OUT/results.jsonl, run the rest")
-    run.add_argument("--overwrite", action="store_true", help="discard existing results in OUT")
+    existing = run.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="keep finished cells of OUT/results.jsonl, run the rest")
+    existing.add_argument("--overwrite", action="store_true", help="discard existing results in OUT")
+    run.add_argument("--max-cells", type=_positive, default=MAX_CELLS, metavar="N",
+                     help=f"run a suite of up to N cells (default {MAX_CELLS}: a larger grid is refused before "
+                          "anything is expanded, as most likely a typo)")
     run.add_argument("--only", metavar="FILTER",
                      help="run the cells whose id contains FILTER (or matches it as a glob, e.g. 't5-base/*/B64-*')")
     run.add_argument("--quiet", action="store_true", help="one plain line per cell (for CI logs) instead of the live view")
@@ -175,9 +214,10 @@ class _LiveObserver:
 
     def __init__(self, console: Console):
         self.console = console
+        # user strings (suite name, cell ids) are shown as they are, never read as rich markup
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[current]}"), console=console,
+            TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("{task.fields[current]}", markup=False), console=console,
         )
         self.rows: deque[records.Record] = deque(maxlen=self.ROWS)
         self.counts: dict[str, int] = {}
@@ -207,8 +247,8 @@ class _LiveObserver:
     def started(self, plan) -> None:
         skipped = len(plan.cells) - len(plan.todo)
         note = f" ({skipped} already finished)" if skipped else ""
-        self.console.print(f"[bold]{plan.suite.name}[/]: {len(plan.todo)} cells on {plan.device}{note} -> "
-                           f"{plan.results_path}", highlight=False, markup=True)
+        self.console.print(Text.assemble((plan.suite.name, "bold"), f": {len(plan.todo)} cells on {plan.device}"
+                                         f"{note} -> {plan.results_path}"), highlight=False, soft_wrap=True)
         self.task = self.progress.add_task(plan.suite.name, total=len(plan.todo), current="")
         self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
@@ -228,11 +268,14 @@ class _LiveObserver:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from profiler.runner import RunInputError, plan_run, run_suite
+    from profiler.runner import RunInputError, default_out_dir, plan_run, run_suite
     from profiler.suite import SuiteError, load_suite
 
     try:
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite, max_cells=args.max_cells)
+        problem = _out_dir_problem(args.out or default_out_dir(suite))
+        if problem:
+            return _bad_input([problem])
         plan = plan_run(suite, args.out, device=args.device, resume=args.resume, only=args.only,
                         overwrite=args.overwrite)
     except (SuiteError, RunInputError) as e:
@@ -282,18 +325,18 @@ def _results_problem(path: Path) -> str | None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    problem = _results_problem(args.results)
+    problem = _results_problem(args.results) or _out_dir_problem(args.out or args.results.parent)
     if problem:
         return _bad_input([problem])
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        return _bad_input([f"{args.out}: --out is a file, not a directory"])
     try:
-        from profiler.report import render_report
+        from profiler.report import ResultsError, render_report
     except ImportError as e:
         print(f"python -m profiler report: profiler.report is not available: {e}", file=sys.stderr)
         return EXIT_FAILED
     try:
         html = render_report(args.results, args.out)
+    except ResultsError as e:  # its message names the file and the problem
+        return _bad_input([str(e)])
     except (ValueError, KeyError) as e:
         return _bad_input([f"{args.results}: cannot render: {e}"])
     print(f"report: {html}")
