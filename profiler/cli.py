@@ -29,6 +29,7 @@ from rich.text import Text
 
 from profiler import records
 from profiler.methods import METHOD_NAMES_HELP
+from profiler.suite import MAX_CELLS
 from profiler.terminal import printable
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -63,6 +64,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -71,6 +79,33 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value:g}")
     return value
+
+
+def _out_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot be made the output directory, or None; creates nothing.
+
+    Walks up to the nearest existing path: it must be a directory that this process may write to
+    (``os.access``: a read-only mount or mode, as the kernel answers for this user).
+    """
+    if "\0" in str(out):
+        return f"{out!r}: --out cannot be created: it holds a NUL byte"
+    probe = out
+    while True:
+        try:
+            probe.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError) as e:  # missing, or under a file: look further up
+            if probe.parent == probe:  # a vanished working directory
+                return f"{out}: --out cannot be created: {e.strerror}"
+            probe = probe.parent
+        except OSError as e:  # a name too long, a loop of links, ...
+            return f"{out}: --out cannot be created: {e.strerror}"
+    if not probe.is_dir():
+        return f"{out}: --out is a file, not a directory" if probe == out else \
+            f"{out}: --out cannot be created: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{out}: --out cannot be created: {probe} is not writable"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,9 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the suite's device (auto: cuda if present, else CPU where the meta "
                           "estimate fits the budgets, else the estimate)")
     run.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: reports/<suite name>/)")
-    run.add_argument("--resume", action="store_true",
-                     help="keep the finished cells of OUT/results.jsonl whose settings are unchanged, run the rest")
-    run.add_argument("--overwrite", action="store_true", help="discard existing results in OUT")
+    existing = run.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="keep the finished cells of OUT/results.jsonl whose settings are unchanged, run the rest")
+    existing.add_argument("--overwrite", action="store_true", help="discard existing results in OUT")
+    run.add_argument("--max-cells", type=_positive, default=MAX_CELLS, metavar="N",
+                     help=f"run a suite of up to N cells (default {MAX_CELLS}: a larger grid is refused before "
+                          "anything is expanded, as most likely a typo)")
     run.add_argument("--only", metavar="FILTER",
                      help="run the cells whose id contains FILTER (or matches it as a glob, e.g. 't5-base/*/B64-*')")
     run.add_argument("--quiet", action="store_true", help="one plain line per cell (for CI logs) instead of the live view")
@@ -241,11 +280,14 @@ class _LiveObserver:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from profiler.runner import RunInputError, plan_run, run_suite
+    from profiler.runner import RunInputError, default_out_dir, plan_run, run_suite
     from profiler.suite import SuiteError, load_suite
 
     try:
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite, max_cells=args.max_cells)
+        problem = _out_dir_problem(args.out or default_out_dir(suite))
+        if problem:
+            return _bad_input([problem])
         plan = plan_run(suite, args.out, device=args.device, resume=args.resume, only=args.only,
                         overwrite=args.overwrite)
     except (SuiteError, RunInputError) as e:
@@ -297,18 +339,18 @@ def _results_problem(path: Path) -> str | None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    problem = _results_problem(args.results)
+    problem = _results_problem(args.results) or _out_dir_problem(args.out or args.results.parent)
     if problem:
         return _bad_input([problem])
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        return _bad_input([f"{args.out}: --out is a file, not a directory"])
     try:
-        from profiler.report import render_report
+        from profiler.report import ResultsError, render_report
     except ImportError as e:
         _say(f"python -m profiler report: profiler.report is not available: {e}", sys.stderr)
         return EXIT_FAILED
     try:
         html = render_report(args.results, args.out)
+    except ResultsError as e:  # its message names the file and the problem
+        return _bad_input([str(e)])
     except (ValueError, KeyError) as e:
         return _bad_input([f"{args.results}: cannot render: {e}"])
     _say(f"report: {html}")

@@ -4,7 +4,9 @@
 ``full``               every parameter trained, nothing changed
 ``lora``               peft LoRA (r=8, alpha=16) on peft's default target modules of the family
 ``checkpointing``      transformers' activation (gradient) checkpointing, non-reentrant
-``wtacrs@R``           ``wtacrs.convert`` at ratio R: every Linear and both attention matmuls
+``wtacrs@R``           ``wtacrs.convert(WTACRSConfig(ratio=R))``, the default: every Linear
+                       sampled; eager attention stays exact but reuses P (no copy of
+                       dropout(P), 1-bit dropout mask); SDPA attention is left alone
 ``wtacrs-linear@R``    ``wtacrs.convert`` at ratio R on the Linears only (attention left to
                        the model's eager/sdpa implementation)
 ``lora+wtacrs@R``      LoRA, then ``wtacrs.convert`` (only ``lora_A`` inputs are sampled)

@@ -78,11 +78,14 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if number == len(lines):  # the last line of a killed run: skip it
                 continue
             raise ValueError(f"{path}:{number}: not a JSON record ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("cell_id"), str):
+            raise ValueError(f"{path}:{number}: not a cell record (a JSON object with a 'cell_id')")
+        yield record
 
 
 def flatten(record: Record) -> dict[str, Any]:

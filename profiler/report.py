@@ -73,14 +73,71 @@ class Results:
         return ", ".join(sorted(map(str, names))) or self.path.stem
 
 
+_NUMBER, _INTEGER, _TEXT, _OBJECT, _LIST = "a number", "an integer", "text", "an object", "a list"
+# What the report and the check read of a record, by key path, and the JSON type each must have
+# (null allowed where the figure may be unknown). ``activations[]`` is every item of the list.
+_RECORD_FIELDS: tuple[tuple[str, str, bool], ...] = (
+    ("status", _TEXT, False),
+    ("message", _TEXT, True),
+    ("device", _TEXT, True),
+    ("models_device", _TEXT, True),
+    ("memory", _OBJECT, True),
+    ("memory.peak_bytes", _NUMBER, True),
+    ("memory.categories", _OBJECT, True),
+    *((f"memory.categories.{c}", _NUMBER, True) for c in MEMORY_CATEGORIES),
+    ("activations", _LIST, True),
+    ("activations[]", _OBJECT, False),
+    ("activations[].operator", _TEXT, False),
+    ("activations[].category", _TEXT, False),
+    ("activations[].bytes", _INTEGER, False),
+    ("throughput", _OBJECT, True),
+    *((f"throughput.{k}", _NUMBER, True) for k in ("step_time_s", "tokens_per_s", "samples_per_s")),
+    ("estimate", _OBJECT, True),
+    *((f"estimate.{k}", _NUMBER, True) for k in ("peak_bytes", "activation_bytes")),
+    ("env", _OBJECT, True),
+)
+_CHECKS = {
+    _NUMBER: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    _INTEGER: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    _TEXT: lambda v: isinstance(v, str),
+    _OBJECT: lambda v: isinstance(v, dict),
+    _LIST: lambda v: isinstance(v, list),
+}
+
+
+def _record_problem(record: Record) -> str | None:
+    """The first field of ``_RECORD_FIELDS`` that has the wrong type, as ``KEY: expected ...``."""
+    for path, kind, nullable in _RECORD_FIELDS:
+        for key, value in _values_at(record, path):
+            if value is None and nullable:
+                continue
+            if not _CHECKS[kind](value):
+                return f"{key}: expected {kind}{' or null' if nullable else ''}, got {type(value).__name__}"
+    return None
+
+
+def _values_at(record: Record, path: str) -> list[tuple[str, Any]]:
+    """(key, value) at a key path of ``_RECORD_FIELDS``, for every item at ``[]``; none where a
+    parent is missing, null or of the wrong type (that parent's own entry reports it)."""
+    found: list[tuple[str, Any]] = [("", record)]
+    for part in path.split("."):
+        name, every = part.removesuffix("[]"), part.endswith("[]")
+        found = [(f"{key}.{name}" if key else name, value[name]) for key, value in found
+                 if isinstance(value, dict) and name in value]
+        if every:
+            found = [(f"{key}[{i}]", item) for key, value in found if isinstance(value, list)
+                     for i, item in enumerate(value)]
+    return found
+
+
 def load_results(results_path: str | Path) -> Results:
     """Read ``results_path`` (JSON lines) and ``suite.json`` beside it, if present.
 
     Only the records of the suite's cells are its results (``suite_membership``); the others are
     counted in ``outside``. A later record of the same cell (a ``--resume`` retry) replaces the
     earlier one. Raises ResultsError, with a one-line message, for a missing or unreadable file, a
-    line that is not JSON, a record without ``params``/``status``, no record of the suite, or a
-    malformed suite.json.
+    line that is not JSON, a record without ``params``/``status``, a field of a record with the
+    wrong type (``_RECORD_FIELDS``), no record of the suite, or a malformed suite.json.
     """
     path = Path(results_path)
     if not path.is_file():
@@ -106,6 +163,9 @@ def load_results(results_path: str | Path) -> Results:
     for number, record in enumerate(raw, 1):
         if not isinstance(record, dict) or not isinstance(record.get("params"), dict) or "status" not in record:
             raise ResultsError(f"{path}: record {number} is not a cell record (needs 'params' and 'status')")
+        problem = _record_problem(record)
+        if problem:
+            raise ResultsError(f"{path}: record {number}: {problem}")
         if member is not None and not member(record):
             outside += 1
             continue
@@ -401,7 +461,7 @@ def memory_budgets(suite: dict[str, Any] | None) -> list[int]:
     items = raw if isinstance(raw, list) else [raw]
     budgets = []
     for item in items:
-        if isinstance(item, (int, float)) and not isinstance(item, bool) and item > 0:
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and 0 < item < math.inf:
             budgets.append(int(item * GiB))
             continue
         match = _BUDGET_RE.match(item) if isinstance(item, str) else None

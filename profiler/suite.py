@@ -1,9 +1,17 @@
 """Suites: a YAML file naming models, a grid, methods, training settings, a device and checks.
 
-``load_suite(path)`` reads the file with ``yaml.safe_load``, validates all of it and returns a
+``load_suite(path)`` reads the file with a ``yaml.SafeLoader``, validates all of it and returns a
 frozen ``Suite``; on bad input it raises ``SuiteError`` holding every problem, one line each,
 as ``FILE:LINE: KEY: reason``. ``Suite.cells()`` expands the grid into ``Cell``s, each with a
 stable ``cell_id`` and the ``params`` of its record (``profiler.records``).
+
+What a file may make the loader and the validator do is capped, so that no file can exhaust
+memory or time: at most ``MAX_SUITE_BYTES`` (64 KiB; the shipped suites are under 3 KiB), at
+most ``MAX_YAML_VALUES`` (5,000) values with every alias counted as what it expands to, at most
+``MAX_YAML_DEPTH`` (32) levels of nesting, and no key given twice in one mapping. A suite of more
+than ``MAX_CELLS`` (1,000) cells, counted from the axis lengths before anything is expanded,
+needs ``max_cells`` raised (``run --max-cells N``). Every model config is built once per distinct
+set of dimensions, on meta, so that a config no model can be built from is a validation error.
 
 A suite file::
 
@@ -33,6 +41,9 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
+import os
+import reprlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,9 +58,13 @@ from profiler.models import (
     DEFAULT_PRESETS,
     DTYPES,
     PRESETS,
+    Dims,
     DimsError,
+    build_problem,
     config_keys,
+    config_problems,
     max_positions,
+    one_line,
     resolve_dims,
 )
 
@@ -60,6 +75,15 @@ CHECK_METRICS = ("peak_bytes", "activation_bytes")
 GRID_KEYS = ("batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head")
 # keys a check's ``where`` may select on: the record params that vary across cells
 WHERE_KEYS = ("model", "family", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head")
+
+# Caps on what a file may make the loader and the validator do (module docstring).
+MAX_SUITE_BYTES = 64 * 2**10
+MAX_YAML_VALUES = 5_000
+MAX_YAML_DEPTH = 32
+MAX_CELLS = 1_000
+MAX_NAME_CHARS = 100  # a suite name is a directory name (reports/<name>), a model name part of cell ids
+MAX_SIZE = 2**31 - 1  # grid values and step counts: far beyond any real run, within a tensor's index
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 
 
 class SuiteError(Exception):
@@ -206,6 +230,11 @@ class Suite:
         so that consecutive cells share a model (the runner reuses meta models across them)."""
         return _expand(self)
 
+    @property
+    def n_cells(self) -> int:
+        """``len(self.cells())``, from the axis lengths: nothing is expanded."""
+        return _cell_count(self.models, self.grid, self.methods)
+
     def to_json(self) -> dict[str, Any]:
         """The normalised suite, as written to ``suite.json`` beside ``results.jsonl``."""
         grid = {k: list(v) for k, v in asdict(self.grid).items() if v is not None}
@@ -224,6 +253,13 @@ class Suite:
             "checks": [{**asdict(c), "where": dict(c.where)} for c in self.checks],
             "cells": [c.cell_id for c in self.cells()],
         }
+
+
+def _cell_count(models: tuple[ModelSpec, ...], grid: Grid, methods: tuple[str, ...]) -> int:
+    dims = math.prod(len(getattr(grid, axis) or (None,)) for axis in ("d_model", "n_head", "d_ff", "d_head"))
+    per_target = dims * len(methods) * len(grid.seq_len) * len(grid.batch_size)
+    targets = len(grid.target_len or (None,))  # target_len defaults to one value per seq_len
+    return sum(per_target * (targets if ARCHITECTURES[m.family].encoder_decoder else 1) for m in models)
 
 
 def _expand(suite: Suite) -> list[Cell]:
@@ -265,7 +301,8 @@ class _Problems:
     def add_key(self, key: str, reason: str) -> None:
         line = self._line(key)
         where = f"{self.path}:{line}" if line else f"{self.path}"
-        self.items.append((line or 0, where, f"{key}: {reason}" if key else reason))
+        shown = key if key.isprintable() else _shown(key)  # a key from the file must not break the line
+        self.items.append((line or 0, where, f"{shown}: {reason}" if key else reason))
 
     def _line(self, key: str) -> int | None:
         while key:
@@ -279,20 +316,104 @@ class _Problems:
         return [f"{where}: {reason}" for _, where, reason in sorted(self.items, key=lambda item: item[0])]
 
 
-def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
-    """YAML line (1-based) of every key path, e.g. ``grid.batch_size`` or ``model[1].preset``."""
+class _YAMLLimit(yaml.MarkedYAMLError):
+    """A document past one of the loader's caps; ``problem`` says which."""
+
+
+class _SuiteLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses, while composing, a document nested deeper than
+    ``MAX_YAML_DEPTH`` or holding more than ``MAX_YAML_VALUES`` values, each alias counted as the
+    size of the node it names: the composer shares aliased nodes, but every walk over the result
+    (key lines, validation, messages) meets them once per reference ("billion laughs")."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth, self.values = 0, 0
+        self.expanded: dict[int, int] = {}  # id(node) -> its values, aliases expanded
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = self.anchors.get(event.anchor)  # an undefined alias is the composer's own error
+            if node is not None:
+                if id(node) not in self.expanded:  # its anchor is still open: the alias is inside it
+                    raise _YAMLLimit(problem=f"YAML alias *{event.anchor} refers to itself", problem_mark=event.start_mark)
+                self._count(self.expanded[id(node)], event.start_mark)
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise _YAMLLimit(problem=f"YAML nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=event.start_mark)
+        before = self.values
+        self._count(1, event.start_mark)
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        self.expanded[id(node)] = self.values - before
+        return node
+
+    def _count(self, values: int, mark: yaml.Mark) -> None:
+        self.values += values
+        if self.values > MAX_YAML_VALUES:
+            raise _YAMLLimit(problem=f"more than {MAX_YAML_VALUES} YAML values once aliases are expanded",
+                             problem_mark=mark)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _key_lines(root: yaml.Node | None) -> tuple[dict[str, int], list[tuple[int, str, int]]]:
+    """The YAML line (1-based) of every key path, e.g. ``grid.batch_size`` or ``model[1].preset``,
+    and every key a mapping gives twice, as (line, key path, line of its first occurrence).
+
+    Reads the composed nodes, before construction flattens merge keys: a key after ``<<: *base``
+    overrides the merged one and is no repeat.
+    """
     lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            lines[key] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, key))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            key = f"{prefix}[{index}]"
-            lines[key] = item.start_mark.line + 1
-            lines.update(_key_lines(item, key))
-    return lines
+    repeats: dict[int, tuple[int, str, int]] = {}  # by line: an aliased mapping is walked once per path
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, Any], int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue
+                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                line = key_node.start_mark.line + 1
+                if isinstance(key_node, yaml.ScalarNode):
+                    seen = first.setdefault((key_node.tag, key_node.value), line)
+                    if seen != line:
+                        repeats.setdefault(line, (line, key, seen))
+                lines.setdefault(key, line)
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                key = f"{prefix}[{index}]"
+                lines[key] = item.start_mark.line + 1
+                walk(item, key)
+
+    if root is not None:
+        walk(root, "")
+    return lines, sorted(repeats.values())
+
+
+def _load_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
+    """``text`` loaded by ``_SuiteLoader``, and the line of every key path; SuiteError on bad YAML."""
+    loader = _SuiteLoader(text)
+    try:
+        node = loader.get_single_node()
+        lines, repeats = _key_lines(node)
+        if repeats:
+            raise SuiteError([f"{path}:{line}: {key}: repeated key (first on line {first})"
+                              for line, key, first in repeats])
+        return (loader.construct_document(node) if node is not None else None), lines
+    except _YAMLLimit as e:
+        raise SuiteError([f"{path}:{e.problem_mark.line + 1}: {e.problem}"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SuiteError([f"{where}: YAML syntax error: {problem}"]) from None
+    finally:
+        loader.dispose()
 
 
 def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -315,6 +436,24 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_shown = _REPR.repr  # values in messages: a 60 KiB string is not echoed whole
+
+
+def _bound(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot name a suite or a model (a directory name, part of cell ids), or None."""
+    if not isinstance(name, str) or not name.strip() or "/" in name or name in (".", "..") or not name.isprintable():
+        return f"expected a non-empty name of printable characters without '/', got {_shown(name)}"
+    if len(name) > MAX_NAME_CHARS:
+        return f"expected at most {MAX_NAME_CHARS} characters, got {len(name)}"
+    return None
+
+
 class _Parser:
     def __init__(self, path: Path, problems: _Problems):
         self.path, self.p = path, problems
@@ -330,18 +469,25 @@ class _Parser:
 
     def choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str | None:
         if not isinstance(value, str) or value not in choices:
-            self.p.add_key(key, f"{value!r} is not allowed; {_did_you_mean(value, choices)}")
+            self.p.add_key(key, f"{_shown(value)} is not allowed; {_did_you_mean(value, choices)}")
             return None
         return value
 
     def number(self, key: str, value: Any, *, integer: bool, low: float, low_open: bool = False,
                high: float | None = None) -> Any:
+        """A finite int (``integer``) or int/float within the bounds; integers are at most MAX_SIZE
+        unless ``high`` says otherwise."""
         if not (_is_int(value) if integer else _is_number(value)):
-            self.p.add_key(key, f"expected {'an integer' if integer else 'a number'}, got {_type_name(value)} {value!r}")
+            self.p.add_key(key, f"expected {'an integer' if integer else 'a number'}, got {_type_name(value)} "
+                                f"{_shown(value)}")
             return None
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
+            self.p.add_key(key, f"expected a finite number, got {value!r}")
+            return None
+        high = MAX_SIZE if high is None and integer else high
         if value < low or (low_open and value == low) or (high is not None and value > high):
-            bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
-            self.p.add_key(key, f"{value!r} must be {bound}")
+            bound = f"{'>' if low_open else '>='} {_bound(low)}" + (f" and <= {_bound(high)}" if high is not None else "")
+            self.p.add_key(key, f"{_shown(value)} must be {bound}")
             return None
         return value
 
@@ -415,13 +561,21 @@ def _parse_models(parser: _Parser, value: Any) -> tuple[ModelSpec, ...] | None:
         if bad:
             continue
         try:
-            ARCHITECTURES[family].config_class(**{**PRESETS[preset].config, **config})
-        except Exception as e:  # transformers validates values in the config constructor
-            p.add_key(f"{key}.config", f"{family} config rejected it: {e}")
+            problems = config_problems(family, {**PRESETS[preset].config, **config})
+        except Exception as e:  # noqa: BLE001 -- transformers validates values in the config constructor
+            p.add_key(f"{key}.config", f"{family} config rejected it: {one_line(e)}")
+            continue
+        for k, reason in problems:  # keyed where the suite set the key
+            if k in config:
+                p.add_key(f"{key}.config.{k}", reason)
+            else:
+                p.add_key(f"{key}.config", f"{entry.get('name', preset)}: {reason}" + (f" ({k})" if k else ""))
+        if problems:
             continue
         name = entry.get("name", preset)
-        if not isinstance(name, str) or not name or "/" in name:
-            p.add_key(f"{key}.name", f"expected a non-empty name without '/', got {name!r}")
+        problem = _name_problem(name)
+        if problem:
+            p.add_key(f"{key}.name", problem)
             continue
         specs.append(ModelSpec(name, family, preset, tuple(sorted(config.items()))))
     names = [s.name for s in specs]
@@ -527,22 +681,34 @@ def _parse_checks(parser: _Parser, value: Any, methods: tuple[str, ...] | None) 
     return tuple(checks) if len(checks) == len(value) else None
 
 
-def _cross_check(p: _Problems, suite: Suite) -> None:
-    """Checks that need every section: dimensions per model, sequence limits, checks' cells."""
+def _cross_check(p: _Problems, suite: Suite, model_keys: list[str]) -> None:
+    """Checks that need every section: dimensions per model, one meta build of every distinct
+    model config, sequence limits, checks' cells."""
     grid = suite.grid
     encoder_decoder = any(ARCHITECTURES[m.family].encoder_decoder for m in suite.models)
     if grid.target_len is not None and not encoder_decoder:
         p.add_key("grid.target_len", "applies to encoder-decoder models (t5) only; none is in `model`")
-    for spec in suite.models:
+    swept = grid.d_model or grid.n_head or grid.d_ff or grid.d_head
+    axis = "grid.n_head" if grid.n_head else "grid.d_model" if grid.d_model else "grid.d_head"
+    for spec, model_key in zip(suite.models, model_keys):
         overrides = dict(spec.config)
+        built: set[Dims] = set()
         for d_model, n_head, d_ff, d_head in itertools.product(
             grid.d_model or (None,), grid.n_head or (None,), grid.d_ff or (None,), grid.d_head or (None,)
         ):
             try:
-                resolve_dims(spec.preset, overrides, d_model=d_model, n_head=n_head, d_ff=d_ff, d_head=d_head)
+                dims = resolve_dims(spec.preset, overrides, d_model=d_model, n_head=n_head, d_ff=d_ff, d_head=d_head)
             except DimsError as e:
-                axis = "grid.n_head" if grid.n_head else "grid.d_model" if grid.d_model else "grid.d_head"
                 p.add_key(axis, f"{spec.name}: {e}")
+                continue
+            if dims in built:
+                continue
+            built.add(dims)
+            problem = build_problem(spec.preset, overrides, dims, suite.training.attn_implementation)
+            if problem:
+                at = f" at d_model {dims.d_model}, n_head {dims.n_head}, d_ff {dims.d_ff}, d_head {dims.d_head}"
+                p.add_key(axis if swept else f"{model_key}.config", f"{spec.name}{at if swept else ''}: {problem}")
+                break  # the model's other grid points would say the same
         limit = max_positions(spec.family, spec.preset, overrides)
         if limit is not None and max(grid.seq_len) > limit:
             p.add_key(
@@ -550,7 +716,7 @@ def _cross_check(p: _Problems, suite: Suite) -> None:
                 f"{max(grid.seq_len)} exceeds {spec.name}'s {limit} positions "
                 f"(raise {ARCHITECTURES[spec.family].max_positions} under model.config)",
             )
-    if p.items:
+    if p.items or not suite.checks:
         return
     cells = suite.cells()
     for index, check in enumerate(suite.checks):
@@ -562,27 +728,31 @@ def _cross_check(p: _Problems, suite: Suite) -> None:
             p.add_key(f"checks[{index}].where", f"no grid point matches {{{shown}}}")
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Read and validate a suite file; raise SuiteError with every problem found."""
+def load_suite(path: str | Path, *, max_cells: int = MAX_CELLS) -> Suite:
+    """Read and validate a suite file; raise SuiteError with every problem found.
+
+    A suite of more than ``max_cells`` cells is refused (counted, not expanded).
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:  # read no more than the cap: the file may be huge, or /dev/zero
+            raw = f.read(MAX_SUITE_BYTES + 1)
+            size = os.fstat(f.fileno()).st_size
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise SuiteError([f"{path}: suite file not found"]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SuiteError([f"{path}: cannot read suite file: {getattr(e, 'strerror', None) or e}"]) from None
-    try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else f"{path}"
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SuiteError([f"{where}: YAML syntax error: {problem}"]) from None
-    return parse_suite(data, path, lines)
+    if len(raw) > MAX_SUITE_BYTES:
+        shown = f"{size} bytes" if size > MAX_SUITE_BYTES else f"more than {MAX_SUITE_BYTES} bytes"
+        raise SuiteError([f"{path}: {shown}; a suite file may have at most {MAX_SUITE_BYTES // 2**10} KiB "
+                          f"({MAX_SUITE_BYTES} bytes)"])
+    data, lines = _load_yaml(path, text)
+    return parse_suite(data, path, lines, max_cells=max_cells)
 
 
-def parse_suite(data: Any, path: str | Path = "<suite>", lines: dict[str, int] | None = None) -> Suite:
+def parse_suite(data: Any, path: str | Path = "<suite>", lines: dict[str, int] | None = None, *,
+                max_cells: int = MAX_CELLS) -> Suite:
     """Validate an already-loaded suite mapping (``load_suite`` without the file)."""
     path = Path(path)
     p = _Problems(path, lines or {})
@@ -597,15 +767,16 @@ def parse_suite(data: Any, path: str | Path = "<suite>", lines: dict[str, int] |
         if required not in data:
             p.add_key(required, "missing (required)")
     name = data.get("name", path.stem)
-    if not isinstance(name, str) or not name.strip() or "/" in name or name in (".", ".."):
-        p.add_key("name", f"expected a non-empty name without '/', got {name!r}")
+    problem = _name_problem(name)
+    if problem:
+        p.add_key("name", problem)
         name = None
     models = _parse_models(parser, data["model"]) if "model" in data else None
     grid = _parse_grid(parser, data["grid"]) if "grid" in data else None
     methods = _parse_methods(parser, data["methods"]) if "methods" in data else None
 
-    def integer(low: int) -> Callable[[str, Any], Any]:
-        return lambda key, v: parser.number(key, v, integer=True, low=low)
+    def integer(low: int, high: int | None = None) -> Callable[[str, Any], Any]:
+        return lambda key, v: parser.number(key, v, integer=True, low=low, high=high)
 
     training = _parse_section(parser, "training", data.get("training", {}), Training, {
         "dtype": lambda key, v: parser.choice(key, v, tuple(DTYPES)),
@@ -614,7 +785,7 @@ def parse_suite(data: Any, path: str | Path = "<suite>", lines: dict[str, int] |
         "timed_steps": integer(1),
         "attn_implementation": lambda key, v: parser.choice(key, v, ATTN_IMPLEMENTATIONS),
         "pad_fraction": lambda key, v: parser.number(key, v, integer=False, low=0, high=0.99),
-        "seed": integer(0),
+        "seed": integer(0, MAX_SEED),
         "threads": integer(1),
     })
     budgets = _parse_section(parser, "budgets", data.get("budgets", {}), Budgets, {
@@ -629,13 +800,16 @@ def parse_suite(data: Any, path: str | Path = "<suite>", lines: dict[str, int] |
     if description is not None and not isinstance(description, str):
         p.add_key("description", f"expected text, got {_type_name(description)}")
     checks = _parse_checks(parser, data.get("checks") or [], methods)
+    if None not in (models, grid, methods) and (n_cells := _cell_count(models, grid, methods)) > max_cells:
+        p.add_key("grid", f"{n_cells} cells, more than the limit of {max_cells} (raise it with --max-cells)")
     if p.items or None in (name, models, grid, methods, training, budgets, device, models_device, checks):
         raise SuiteError(p.result() or [f"{path}: invalid suite"])
     suite = Suite(
         name=name, source=str(path), models=models, grid=grid, methods=methods, training=training,
         device=device, models_device=models_device, budgets=budgets, checks=checks,
     )
-    _cross_check(p, suite)
+    model_keys = [f"model[{i}]" for i in range(len(models))] if isinstance(data["model"], list) else ["model"]
+    _cross_check(p, suite, model_keys)
     if p.items:
         raise SuiteError(p.result())
     return suite

@@ -158,3 +158,175 @@ def test_smoke_suite_end_to_end(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "0 regressed" in stdout and "have no cells" not in stdout  # every baseline ratio was checked
+
+
+# --- hostile input: one line on stderr, exit 2, no traceback, nothing written -----------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def files_under(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a directory): what "nothing written" compares."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def read_only_dir(path: Path, monkeypatch) -> Path:
+    """A directory nobody may write to. Root writes through a 0o555 mode, so where the tests run as
+    root, os.access answers for it what it answers any other user (access(2) is what the CLI asks)."""
+    path.mkdir(exist_ok=True)
+    path.chmod(0o555)
+    if os.access(path, os.W_OK):
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if Path(p) == path and mode & os.W_OK
+                            else real(p, mode, *a, **k))
+    return path
+
+
+def results_dir(tmp_path: Path, edit=None, suite_edit=None) -> Path:
+    """The report fixture's results and suite.json in tmp_path/res, the first record changed by ``edit``."""
+    out = tmp_path / "res"
+    out.mkdir()
+    rows = records.read_records(FIXTURES / "results.jsonl")
+    if edit is not None:
+        edit(rows[0])
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suite = json.loads((FIXTURES / "suite.json").read_text())
+    if suite_edit is not None:
+        suite_edit(suite)
+    (out / "suite.json").write_text(json.dumps(suite))
+    return out / "results.jsonl"
+
+
+def _suite(tmp_path: Path, extra: str = "", text: str = BASE) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(text + extra)
+    return path
+
+
+def _resume_on(content: str):
+    def case(tmp_path, monkeypatch):
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "results.jsonl").write_text(content)
+        return ["run", _suite(tmp_path), "--out", out, "--resume"], f"{out / 'results.jsonl'}:1: not a cell record"
+    return case
+
+
+def _report_of(edit, reason: str, suite_edit=None):
+    def case(tmp_path, monkeypatch):
+        results = results_dir(tmp_path, edit, suite_edit)
+        return ["report", results], f"{results}: {reason}" if edit else reason
+    return case
+
+
+HOSTILE = {
+    "zero heads": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path, text=BASE.replace("model: t5-tiny", "model: {preset: bert-tiny, config: "
+                                                   "{num_attention_heads: 0}}"))],
+        "model.config.num_attention_heads: 0 must be a positive integer"),
+    "NaN memory fraction": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path, "budgets: {memory_fraction: .nan}\n")],
+        "budgets.memory_fraction: expected a finite number, got nan"),
+    "infinite memory size": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path, "budgets: {memory_gib: [.inf]}\n")],
+        "budgets.memory_gib[0]: expected a finite number, got inf"),
+    "NUL in the name": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path, 'name: "a\\0b"\n')], "name: expected a non-empty name of printable characters"),
+    "300-character name": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path, f"name: {'n' * 300}\n")], "name: expected at most 100 characters, got 300"),
+    "run --out under a file": lambda tmp_path, mp: (
+        (tmp_path / "f").write_text("x") and ["run", _suite(tmp_path), "--out", tmp_path / "f" / "out"],
+        f"{tmp_path / 'f' / 'out'}: --out cannot be created: {tmp_path / 'f'} is a file"),
+    "run --out in a read-only directory": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path), "--out", read_only_dir(tmp_path / "ro", mp) / "out"],
+        f"{tmp_path / 'ro' / 'out'}: --out cannot be created: {tmp_path / 'ro'} is not writable"),
+    "run --out with a name too long": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path), "--out", tmp_path / ("o" * 300)],
+        f"{tmp_path / ('o' * 300)}: --out cannot be created: File name too long"),
+    "report --out under a file": lambda tmp_path, mp: (
+        (tmp_path / "f").write_text("x") and ["report", results_dir(tmp_path), "--out", tmp_path / "f" / "out"],
+        f"{tmp_path / 'f' / 'out'}: --out cannot be created: {tmp_path / 'f'} is a file"),
+    "report --out in a read-only directory": lambda tmp_path, mp: (
+        ["report", results_dir(tmp_path), "--out", read_only_dir(tmp_path / "ro", mp)],
+        f"{tmp_path / 'ro'}: --out cannot be created: {tmp_path / 'ro'} is not writable"),
+    "report beside results in a read-only directory": lambda tmp_path, mp: (
+        ["report", read_only_dir(results_dir(tmp_path).parent, mp) / "results.jsonl"],
+        f"{tmp_path / 'res'}: --out cannot be created: {tmp_path / 'res'} is not writable"),
+    "resume on {}": _resume_on("{}\n"),
+    "resume on [1]": _resume_on("[1]\n"),
+    "resume --overwrite": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path), "--resume", "--overwrite"],
+        "argument --overwrite: not allowed with argument --resume"),
+    "memory of the wrong type": _report_of(lambda r: r.update(memory=[1]),
+                                           "record 1: memory: expected an object or null, got list"),
+    "peak of the wrong type": _report_of(lambda r: r["memory"].update(peak_bytes="big"),
+                                         "record 1: memory.peak_bytes: expected a number or null, got str"),
+    "categories of the wrong type": _report_of(lambda r: r["memory"].update(categories=[3]),
+                                               "record 1: memory.categories: expected an object or null, got list"),
+    "throughput of the wrong type": _report_of(lambda r: r.update(throughput=5),
+                                               "record 1: throughput: expected an object or null, got int"),
+    "tokens/s of the wrong type": _report_of(lambda r: r.update(throughput={"tokens_per_s": [1]}),
+                                             "record 1: throughput.tokens_per_s: expected a number or null, got list"),
+    "activations of the wrong type": _report_of(lambda r: r.update(activations={"Linear-Q": 1}),
+                                                "record 1: activations: expected a list or null, got dict"),
+    "an activation item of the wrong type": _report_of(
+        lambda r: r.update(activations=[1]), "record 1: activations[0]: expected an object, got int"),
+    "activation bytes of the wrong type": _report_of(
+        lambda r: r.update(activations=[{"operator": "Softmax", "category": "uncompressed", "bytes": "9"}]),
+        "record 1: activations[0].bytes: expected an integer, got str"),
+    "an infinite budget in suite.json": _report_of(
+        None, "suite.json: memory budget inf is not a memory size",
+        lambda s: s["budgets"].update(memory_gib=[float("inf")])),
+    "grid beyond the cell limit": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path, text=BASE.replace("[2]", str(list(range(1, 1002)))))],
+        "grid: 1001 cells, more than the limit of 1000 (raise it with --max-cells)"),
+    "a cell limit below the grid": lambda tmp_path, mp: (
+        ["run", _suite(tmp_path, text=BASE.replace("[2]", "[1, 2]")), "--max-cells", "1"],
+        "grid: 2 cells, more than the limit of 1 (raise it with --max-cells)"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_input_exits_2_with_one_line_and_writes_nothing(case, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the default --out, reports/<name>, would land here
+    argv, reason = HOSTILE[case](work, monkeypatch)
+    before = files_under(tmp_path)
+    try:
+        code, out, err = run_cli(argv, capsys)
+    except SystemExit as e:  # argparse's usage errors
+        code, (out, err) = e.code, capsys.readouterr()
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and reason in lines[0], err
+    assert out == ""
+    assert files_under(tmp_path) == before
+
+
+def test_rich_markup_in_out_is_printed_literally(write_suite, tmp_path, capsys, monkeypatch, fake_measure):
+    import profiler.runner as runner
+
+    monkeypatch.setattr(runner, "_default_measure", lambda: fake_measure)
+    out = tmp_path / "a[/]b[bold]"
+    code, stdout, err = run_cli(["run", write_suite(), "--out", out, "--only", "t5-tiny/full/B2", "--no-report"],
+                                capsys)  # the live view, not --quiet
+    assert code == 0, err
+    assert f"-> {out / 'results.jsonl'}" in stdout and f"results in {out / 'results.jsonl'}" in stdout
+    assert len(records.read_records(out / "results.jsonl")) == 1
+    code, stdout, err = run_cli(["report", out / "results.jsonl", "--out", tmp_path / "[red]r[/]"], capsys)
+    assert code == 0 and stdout == f"report: {tmp_path / '[red]r[/]' / 'report.html'}\n", err
+
+
+def test_max_cells_lets_a_larger_grid_run(write_suite, tmp_path, capsys, monkeypatch, fake_measure):
+    import profiler.runner as runner
+
+    monkeypatch.setattr(runner, "_default_measure", lambda: fake_measure)
+    args = ["run", write_suite(), "--out", tmp_path / "out", "--quiet", "--no-report"]
+    code, _, err = run_cli(args + ["--max-cells", "7"], capsys)
+    assert code == 2 and "grid: 8 cells, more than the limit of 7 (raise it with --max-cells)" in err
+    code, stdout, _ = run_cli(args + ["--max-cells", "8"], capsys)
+    assert code == 0 and "8 cells on meta" in stdout
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in args] + ["--max-cells", "0"])
+    assert info.value.code == 2 and "argument --max-cells: expected 1 or more, got 0" in capsys.readouterr().err

@@ -163,6 +163,31 @@ def test_budgets_come_from_the_suite_in_binary_units():
         memory_budgets({"memory_budgets": ["80GB"]})
 
 
+@pytest.mark.parametrize("budget", [math.inf, math.nan])
+def test_a_memory_budget_must_be_a_finite_size(budget):
+    with pytest.raises(ResultsError, match=f"memory budget {budget} is not a memory size"):
+        memory_budgets({"budgets": {"memory_gib": [80, budget]}})
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("memory", "80 GiB", "memory: expected an object or null, got str"),
+    ("throughput", [1.0], "throughput: expected an object or null, got list"),
+    ("activations", 12, "activations: expected a list or null, got int"),
+    ("activations", [{"operator": "Softmax", "category": "uncompressed", "bytes": 1.5}],
+     "activations[0].bytes: expected an integer, got float"),
+    ("estimate", {"peak_bytes": "1"}, "estimate.peak_bytes: expected a number or null, got str"),
+])
+def test_a_record_field_of_the_wrong_type_is_bad_input_and_writes_nothing(tmp_path, field, value, reason):
+    results = copy_fixture(tmp_path)
+    records = read_records(results)
+    records[3][field] = value
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ResultsError) as info:
+        render_report(results, tmp_path / "out")
+    assert str(info.value) == f"{results}: record 4: {reason}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_results_file_is_bad_input_and_writes_nothing(tmp_path):
     with pytest.raises(ResultsError, match="no such results file"):
         render_report(tmp_path / "absent.jsonl", tmp_path / "out")

@@ -176,6 +176,83 @@ BAD_SUITES = {
     "bad YAML": ("model: t5-tiny\ngrid: {batch_size: [2, seq_len: [8]}\nmethods: [full\n",
                  ["suite.yaml:2: YAML syntax error: expected ',' or ']', but got '}'"]),
     "not a mapping": ("- just\n- a list\n", ["suite.yaml: expected a mapping, got list"]),
+    # numbers that would crash or silently disable something later
+    "NaN pad fraction": (BASE + "training: {pad_fraction: .nan}\n",
+                         ["suite.yaml:4: training.pad_fraction: expected a finite number, got nan"]),
+    "NaN memory fraction": (BASE + "budgets: {memory_fraction: .nan}\n",
+                            ["suite.yaml:4: budgets.memory_fraction: expected a finite number, got nan"]),
+    "NaN time budget": (BASE + "budgets: {cell_seconds: .nan}\n",
+                        ["suite.yaml:4: budgets.cell_seconds: expected a finite number, got nan"]),
+    "infinite suite budget": (BASE + "budgets: {suite_seconds: .inf}\n",
+                              ["suite.yaml:4: budgets.suite_seconds: expected a finite number, got inf"]),
+    "infinite memory size": (BASE + "budgets: {memory_gib: [.inf]}\n",
+                             ["suite.yaml:4: budgets.memory_gib[0]: expected a finite number, got inf"]),
+    "NaN check bound": ("model: t5-tiny\ngrid: {batch_size: [2], seq_len: [8]}\nmethods: [full, lora]\n"
+                        "checks: [{metric: peak_bytes, denominator: lora, min: .nan}]\n",
+                        ["suite.yaml:4: checks[0].min: expected a finite number, got nan"]),
+    "seed beyond a generator's": (BASE + "training: {seed: 18446744073709551616}\n",
+                                  ["suite.yaml:4: training.seed: 18446744073709551616 must be >= 0 and <= "
+                                   "18446744073709551615"]),
+    "batch size beyond a tensor's": ("model: t5-tiny\ngrid: {batch_size: [1000000000000000000000000000000], "
+                                     "seq_len: [8]}\nmethods: [full]\n",
+                                     ["suite.yaml:2: grid.batch_size[0]: 1000000000000000000000000000000 must be "
+                                      ">= 1 and <= 2147483647"]),
+    "name with a NUL byte": (BASE + 'name: "a\\0b"\n',
+                             ["suite.yaml:4: name: expected a non-empty name of printable characters without '/', got 'a\\x00b'"]),
+    "name of 300 characters": (BASE + f"name: {'n' * 300}\n",
+                               ["suite.yaml:4: name: expected at most 100 characters, got 300"]),
+    "unknown key with a newline": (BASE + '"trai\\nning": {}\n', ["suite.yaml:4: 'trai\\nning': unknown key"]),
+    "model name with a control character": ("model: {preset: t5-tiny, name: \"a\\x1b[31mb\"}\n"
+                                            "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                                            ["suite.yaml:1: model.name: expected a non-empty name of printable characters"]),
+    # config overrides that the model cannot be built from
+    "zero heads": ("model: {preset: bert-tiny, config: {num_attention_heads: 0}}\n"
+                   "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                   ["suite.yaml:1: model.config.num_attention_heads: 0 must be a positive integer"]),
+    "zero t5 heads": ("model: {preset: t5-tiny, config: {num_heads: 0}}\n"
+                      "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                      ["suite.yaml:1: model.config.num_heads: 0 must be a positive integer"]),
+    "negative size": ("model: {preset: bert-tiny, config: {intermediate_size: -4}}\n"
+                      "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                      ["suite.yaml:1: model.config.intermediate_size: -4 must be a positive integer"]),
+    "hidden size not divisible by heads": ("model: {preset: bert-tiny, config: {hidden_size: 65}}\n"
+                                           "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                                           ["suite.yaml:1: model.config: bert-tiny: n_head 4 does not divide "
+                                            "d_model 65"]),
+    "swept heads not divisible by kv heads": ("model: {preset: llama-tiny, config: {num_key_value_heads: 3}}\n"
+                                              "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                                              ["suite.yaml:1: model.config.num_key_value_heads: 3 does not divide "
+                                               "num_attention_heads 4"]),
+    "vocabulary too small": ("model: {preset: bert-tiny, config: {vocab_size: 2}}\n"
+                             "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                             ["suite.yaml:1: model.config.vocab_size: 2 is too small; the synthetic batch draws "
+                              "token ids from 3"]),
+    "unknown activation": ("model: {preset: bert-tiny, config: {hidden_act: gelu_fast_x}}\n"
+                           "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                           ["suite.yaml:1: model.config.hidden_act: unknown activation 'gelu_fast_x'; did you mean "
+                            "'gelu_fast'?"]),
+    "unknown t5 feed-forward activation": ("model: {preset: t5-tiny, config: {feed_forward_proj: gated-foo}}\n"
+                                           "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                                           ["suite.yaml:1: model.config: t5-tiny: unknown activation 'foo' (dense_act_fn)"]),
+    "config type error on one line": ("model: {preset: t5-tiny, config: {dropout_rate: x}}\n"
+                                      "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                                      ["suite.yaml:1: model.config: t5 config rejected it: Validation error for "
+                                       "field 'dropout_rate': TypeError: Field 'dropout_rate' with value 'x'"]),
+    "size of the wrong type": ("model: {preset: t5-tiny, config: {d_model: x}}\n"
+                               "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                               ["suite.yaml:1: model.config.d_model: 'x' must be a positive integer"]),
+    "build error": ("model: {preset: bert-tiny, config: {hidden_dropout_prob: 2.0}}\n"
+                    "grid: {batch_size: [2], seq_len: [8]}\nmethods: [full]\n",
+                    ["suite.yaml:1: model.config: bert-tiny: cannot build: ValueError: dropout probability has to "
+                     "be between 0 and 1, but got 2.0"]),
+    # YAML the loader refuses
+    "repeated key": (BASE + "methods: [lora]\n", ["suite.yaml:4: methods: repeated key (first on line 3)"]),
+    "repeated nested key": ("model: t5-tiny\ngrid:\n  batch_size: [2]\n  seq_len: [8]\n  batch_size: [4]\n"
+                            "methods: [full]\n",
+                            ["suite.yaml:5: grid.batch_size: repeated key (first on line 3)"]),
+    "recursive alias": (BASE + "description: &d [*d]\n", ["suite.yaml:4: YAML alias *d refers to itself"]),
+    "deep nesting": (BASE + "description: " + "[" * 5000 + "]" * 5000 + "\n",
+                     ["suite.yaml:4: YAML nested deeper than 32 levels"]),
 }
 
 
@@ -186,6 +263,7 @@ def test_each_bad_input_gives_one_line_naming_file_key_and_reason(write_suite, c
     assert len(lines) == len(expected), lines
     for line, start in zip(lines, expected):
         assert line.startswith(str(write_suite.path)), line  # the file comes first
+        assert "\n" not in line, line  # one problem, one line
         assert start in line, (case, line)
 
 
@@ -201,6 +279,29 @@ def test_every_problem_of_a_file_is_reported(write_suite):
     # n_head 3 not dividing 64 is checked once the grid parses, so the empty list hides it
     assert [line.split(": ")[1] for line in lines] == [
         "modle", "grid.batch_size", "methods[1]", "training.dtype", "training.warmup_steps"]
+
+
+def test_merge_keys_may_override_what_they_merge(write_suite):
+    # `<<: {...}` followed by one of the merged keys is an override, not a repeated key
+    suite = load_suite(write_suite(BASE + "budgets: {<<: {cell_seconds: 5, suite_seconds: 50}, cell_seconds: 9}\n"))
+    assert (suite.budgets.cell_seconds, suite.budgets.suite_seconds) == (9, 50)
+
+
+def test_each_distinct_model_config_is_built_once_at_validation(write_suite, monkeypatch):
+    import profiler.suite as suite_module
+
+    built = []
+    real = suite_module.build_problem
+    monkeypatch.setattr(suite_module, "build_problem", lambda preset, overrides, dims, attn: built.append(
+        (preset, dims)) or real(preset, overrides, dims, attn))
+    suite = load_suite(write_suite("""
+        model: [t5-tiny, bert-tiny]
+        grid: {batch_size: [1, 2], seq_len: [8, 16], d_model: [64, 128], n_head: [4]}
+        methods: [full, lora]
+    """))
+    assert len(suite.cells()) == 2 * 2 * 2 * 2 * 2
+    assert sorted((name, dims.d_model) for name, dims in built) == [
+        ("bert-tiny", 64), ("bert-tiny", 128), ("t5-tiny", 64), ("t5-tiny", 128)]
 
 
 def test_missing_file_is_one_line(tmp_path):
@@ -406,3 +507,66 @@ def test_wtacrs_methods_say_why_they_are_unavailable(monkeypatch):
     monkeypatch.delattr(wtacrs, "convert", raising=False)
     assert "wtacrs.convert is not available" in methods_table.available("wtacrs@0.3")
     assert methods_table.available("lora") is None
+
+
+# --- resource bombs: refused from the file's size and structure, before anything expands -----
+
+
+def test_alias_bomb_is_refused_before_expanding(write_suite):
+    # "billion laughs": 500 bytes whose aliases expand to 9**9 strings
+    lines = ['l0: &l0 "lol"'] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    (line,) = errors_of(write_suite, "\n".join(lines) + "\n")
+    # l4 (line 5) is the first level past 5,000 values: 9**4 strings
+    assert line.startswith(f"{write_suite.path}:5: ") and "more than 5000 YAML values once aliases are expanded" in line
+
+
+def test_moderate_aliases_are_fine(write_suite):
+    suite = load_suite(write_suite("model: t5-tiny\ngrid: {batch_size: &sizes [2, 4], seq_len: *sizes}\n"
+                                   "methods: [full]\n"))
+    assert suite.grid.seq_len == (2, 4) and len(suite.cells()) == 4
+
+
+def test_oversized_file_is_refused_unread(write_suite):
+    text = BASE.replace("[2]", "[" + ", ".join(map(str, range(1, 700_000))) + "]")
+    assert len(text) > 5 * 10**6
+    assert errors_of(write_suite, text) == [f"{write_suite.path}: {len(text)} bytes; a suite file may have at most "
+                                            "64 KiB (65536 bytes)"]
+
+
+def test_too_many_values_are_refused(write_suite):
+    # 40 KiB of one-digit values: under the size cap, over the value cap
+    text = BASE.replace("[2]", "[" + ", ".join(["1"] * 20_000) + "]")
+    (line,) = errors_of(write_suite, text)
+    assert line.startswith(f"{write_suite.path}:2: ") and "more than 5000 YAML values" in line
+
+
+def _grid_of(batch_sizes: int, seq_lens: int, methods: str = "[full]") -> str:
+    return (f"model: t5-tiny\ngrid: {{batch_size: {list(range(1, batch_sizes + 1))}, "
+            f"seq_len: {list(range(1, seq_lens + 1))}}}\nmethods: {methods}\n")
+
+
+@pytest.mark.parametrize("batch_sizes, seq_lens, methods, cells", [
+    (1000, 100, "[full]", 100_000),
+    (1000, 700, "[full, lora, checkpointing, wtacrs@0.1, wtacrs@0.2, wtacrs@0.3, wtacrs@0.4, wtacrs@0.5, "
+                "wtacrs@0.6, wtacrs@0.7]", 7_000_000),
+])
+def test_large_grids_need_max_cells(write_suite, batch_sizes, seq_lens, methods, cells):
+    path = write_suite(_grid_of(batch_sizes, seq_lens, methods))
+    with pytest.raises(SuiteError) as info:
+        load_suite(path)
+    assert info.value.lines == [f"{path}:2: grid: {cells} cells, more than the limit of 1000 (raise it with --max-cells)"]
+
+
+def test_cell_count_is_the_product_of_the_axes(write_suite):
+    path = write_suite("""
+        model: [t5-tiny, bert-tiny]
+        grid: {batch_size: [1, 2, 3], seq_len: [8, 16], target_len: [4, 8], d_model: [64, 128]}
+        methods: [full, lora]
+    """)
+    suite = load_suite(path)
+    # t5: 2 d_model x 2 methods x 2 S x 2 T x 3 B; bert has no target axis
+    assert suite.n_cells == len(suite.cells()) == 48 + 24
+    with pytest.raises(SuiteError, match=r"72 cells, more than the limit of 71 \(raise it"):
+        load_suite(path, max_cells=71)
+    # a raised limit is counted, not expanded
+    assert load_suite(write_suite(_grid_of(1000, 100)), max_cells=100_000).n_cells == 100_000
