@@ -258,14 +258,18 @@ class PositionGradNorms:
         return norms.to(device).expand(batch, seq).reshape(-1)
 
     def add(self, group: str, norms: Tensor, batch: int, seq: int, mask: Tensor | None) -> None:
-        """Add one layer's output-gradient row norms ``[batch * seq]`` (``mask``: nonzero at real tokens)."""
-        if not _has_values(norms):
+        """Add one layer's output-gradient row norms ``[batch * seq]`` (``mask``: nonzero at real tokens).
+
+        Every step is shape-static (no value decides a branch), so the meta device keeps the same
+        tensors as a real device and a meta estimate of a step counts them too.
+        """
+        if _is_fake(norms):  # a traced step (FakeTensorMode): its values must not outlive it
             return
-        squares = norms.detach().float().reshape(batch, seq).square().cpu()
-        weight = torch.ones_like(squares) if mask is None else (mask.reshape(batch, seq) != 0).float().cpu()
+        squares = norms.detach().float().reshape(batch, seq).square()
+        weight = torch.ones_like(squares) if mask is None else (mask.reshape(batch, seq) != 0).to(squares)
         total, count = (squares * weight).sum(0), weight.sum(0)
         pending = self._pending.get(group)
-        if pending is not None and pending[0].numel() == seq:
+        if pending is not None and pending[0].shape == total.shape:
             total, count = pending[0] + total, torch.maximum(pending[1], count)  # members share a count
         self._pending[group] = (total, count)
 
@@ -275,10 +279,11 @@ class PositionGradNorms:
             return
         total, count = pending
         seen = count > 0
-        new = torch.where(seen, total / count.clamp_min(1), torch.zeros_like(total))
+        new = total / count.clamp_min(1)
         old = self._average.get(group)
         if old is None:
-            self._average[group] = torch.where(seen, new, new[seen].mean() if seen.any() else new)
+            mean_seen = (new * seen).sum() / seen.sum().clamp_min(1)
+            self._average[group] = torch.where(seen, new, mean_seen)
             return
         if old.numel() < new.numel():
             old = torch.cat([old, old.mean().expand(new.numel() - old.numel())])
@@ -291,11 +296,10 @@ class PositionGradNorms:
         self._pending.clear()
 
 
-def _has_values(t: Tensor) -> bool:
-    """False on the meta device and for fake tensors: their norms hold no numbers."""
+def _is_fake(t: Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return t.device.type != "meta" and not isinstance(t, FakeTensor)
+    return isinstance(t, FakeTensor)
 
 
 def active_cache() -> tuple[GradNormCache, tuple] | None:
