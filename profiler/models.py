@@ -339,14 +339,15 @@ def config_problems(family: str, values: dict[str, Any]) -> list[tuple[str | Non
         config = arch.config_class(**values)
     d_model, n_head = getattr(config, arch.d_model), getattr(config, arch.n_head)
     kv_heads = getattr(config, "num_key_value_heads", None)
-    activation = getattr(config, arch.activation)
+    # Gemma 2/3 configs name it hidden_activation (Gemma 1: hidden_act)
+    activation = getattr(config, arch.activation, None) or getattr(config, "hidden_activation", None)
     checks = [
         (arch.d_head is None and d_model % n_head != 0, None, f"n_head {n_head} does not divide d_model {d_model}"),
         (kv_heads is not None and n_head % kv_heads != 0, "num_key_value_heads",
          f"{kv_heads} does not divide {arch.n_head} {n_head}"),
         (config.vocab_size <= FIRST_TOKEN_ID, "vocab_size",
          f"{config.vocab_size} is too small; the synthetic batch draws token ids from {FIRST_TOKEN_ID}"),
-        (activation not in ACT2FN, arch.activation, f"unknown activation {activation!r}"
+        (activation is not None and activation not in ACT2FN, arch.activation, f"unknown activation {activation!r}"
          + "".join(f"; did you mean {m!r}?" for m in difflib.get_close_matches(str(activation), list(ACT2FN), 1))),
     ]
     return [(key, reason) for failed, key, reason in checks if failed]
