@@ -183,10 +183,10 @@ def _tanh(site: SaveSite) -> Attribution | None:
 
 @register_saver("SampledScoresSoftmaxBackward")
 def _sampled_scores_softmax(site: SaveSite) -> Attribution:
-    # wtacrs.attention.SampledScoresSoftmax saves (P, q_rows, q_idx, k_rows, k_idx, tanh): P for
-    # the softmax's exact backward, the sampled rows of Q and K for TensorMul-1's weight-free
-    # product, the softcap's tanh output (as eager's tanh keeps it)
-    if site.slot in ("saved_tensors[0]", "saved_tensors[5]"):
+    # wtacrs.attention.SampledScoresSoftmax saves (P, q_rows, q_weights, q_idx, k_rows, k_weights,
+    # k_idx, tanh): P for the softmax's exact backward, the sampled rows of Q and K with their
+    # fp32 weights and indices for TensorMul-1, the softcap's tanh output (as eager's tanh keeps it)
+    if site.slot in ("saved_tensors[0]", "saved_tensors[7]"):
         return Operator.SOFTMAX, Category.UNCOMPRESSED
     return Operator.TENSORMUL_1, Category.SAMPLED
 
