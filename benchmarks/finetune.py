@@ -64,7 +64,7 @@ METHODS: dict[str, tuple[str, dict | None]] = {
     "wtacrs-linear@0.3": ("full", {"ratio": 0.3, "tm1": False, "tm2": False}),
     "lora+wtacrs@0.3": ("lora", {"ratio": 0.3}),
 }
-PATTERN = re.compile(r"(lora\+)?(wtacrs|wtacrs-linear)@([0-9.]+)")
+PATTERN = re.compile(r"(lora\+)?(wtacrs|wtacrs-linear)@([0-9]*\.?[0-9]+)")
 
 
 def fail(message: str) -> None:
