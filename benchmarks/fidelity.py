@@ -32,8 +32,15 @@ median per operator, against naive and against plain CRS, and the SPEC target (m
 against naive, no operator above 1.0). "rel. SE" is the median over layers of the relative
 standard error of the project's relMSE over the seeds.
 
-Run it from the repository root as ``PYTHONPATH=. python benchmarks/fidelity.py`` to measure the checkout's
-``wtacrs`` rather than an installed one; the first line printed says which was imported.
+``--grad-norm-cache`` adds a ``NAME+cache`` row per config: a ``wtacrs.GradNormCache`` warmed by
+two backward passes over the same batch with the same weights, so its norms are the exact ones
+(floored): an upper bound on what sample ids buy in training, where weights move between visits.
+
+``--threads`` (default 2) sets torch's threads; on a machine shared with other jobs, 1 avoids
+OpenMP threads spinning while they wait for a core.
+
+Run it from the repository root as ``PYTHONPATH=. python benchmarks/fidelity.py`` to measure the
+checkout's ``wtacrs`` rather than an installed one; the first line printed says which was imported.
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ def fail(message: str) -> None:
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--ratio", type=float, default=0.3)
-parser.add_argument("--seeds", type=int, default=16, help="backward passes per config")
+parser.add_argument("--seeds", type=int, default=32, help="backward passes per config")
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--max-length", type=int, default=64)
 parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON", help='extra config, e.g. store_lin=\'{"tm2_v": "store", "tm1": false}\'')
@@ -194,7 +201,7 @@ mc_mean = statistics.fmean(errors)
 mc_se = statistics.stdev(errors) / len(errors) ** 0.5
 assert abs(mc_mean - baselines["naive"][check]) <= 4 * mc_se, (mc_mean, mc_se, baselines["naive"][check])
 print(f"check: naive CRS relMSE of {check}: analytic {baselines['naive'][check]:.4f}, Monte Carlo {mc_mean:.4f} ± {mc_se:.4f} ({args.mc_draws} draws)")
-del captured
+captured.clear()  # the activations are not needed any more
 
 
 # 3. the project's configs, whole model converted, one backward per seed
@@ -252,7 +259,7 @@ for baseline in ("naive", "plain"):
         rel_se = statistics.median(se[n] / rel[n] for n in layers)
         print(f"| {label} | `{json.dumps(overrides)}` | {cells} | {statistics.median(rel.values()):.3f} | {rel_se:.0%} |")
 
-print(f"\nSPEC target against naive CRS: median <= 0.8, no operator above 1.0")
+print("\nSPEC target against naive CRS: median <= 0.8, no operator above 1.0")
 for label, _, rel, _, _ in rows:
     median, *per_op = medians(rel, baselines["naive"])
     worst = max(zip(per_op, OPERATORS.values()))
