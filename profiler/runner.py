@@ -49,7 +49,6 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +58,7 @@ import torch
 
 from profiler import methods as methods_table
 from profiler import records
-from profiler.models import MetaMaskChecks, build_model, make_batch, tokens_per_step
+from profiler.models import MetaMaskChecks, build_model, make_batch, quiet_transformers, tokens_per_step
 from profiler.suite import Cell, Suite
 
 RESULTS = "results.jsonl"
@@ -409,21 +408,6 @@ def _short(error: BaseException) -> str:
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
 
 
-@contextlib.contextmanager
-def _quiet_libraries():
-    """Deprecation chatter from transformers/peft would break the live display."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
 class _ModelCache:
     """Holds the last prepared meta model. Consecutive cells that differ only in batch size or
     sequence length reuse it: on meta a model has no values, so the step it runs is the same
@@ -543,7 +527,7 @@ class CellRunner:
             if unavailable:
                 record.update(status="skipped", message=unavailable)
                 return self._finish(record)
-            with _quiet_libraries():
+            with quiet_transformers():
                 measurement = _measure_on(cell, device, models_device, self.measure, self.cache)
                 self._fill(record, cell, measurement)
         except KeyboardInterrupt:
@@ -670,7 +654,7 @@ def _start_worker(suite: Suite, measure: MeasureFn | None, parent: int) -> None:
 
 
 def _estimate_in_worker(cells: list[Cell]) -> list[records.Record]:
-    with _quiet_libraries():
+    with quiet_transformers():
         return [_WORKER.estimate(cell) for cell in cells]
 
 
