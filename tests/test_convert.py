@@ -248,7 +248,7 @@ def test_token_masks_reach_the_layers_when_the_model_is_called_as_usual():
     def spy(name):
         def hook(module, args):
             x = args[0]
-            seen[name] = resolve_grad_norm(module.key, module.stream, x.numel() // x.shape[-1], x.device)[0]
+            seen[name] = resolve_grad_norm(module.key, module.stream, x.shape[:-1], x.device)[0]
         return hook
 
     enc_wi = model.encoder.block[0].layer[1].DenseReluDense.wi
@@ -264,7 +264,7 @@ def test_token_masks_reach_the_layers_when_the_model_is_called_as_usual():
     # decoder position t reaches the standard loss only while some label from t on is not -100
     assert torch.equal(seen["dec"], torch.tensor([1.0, 1, 1, 1, 1, 1, 1, f]))
     # outside a training forward no mask is active
-    assert resolve_grad_norm("x", "encoder", 12, torch.device("cpu"))[0] is None
+    assert resolve_grad_norm("x", "encoder", (12,), torch.device("cpu"))[0] is None
 
 
 def test_lora_samples_only_lora_A_and_trains_only_lora():

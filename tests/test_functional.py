@@ -382,7 +382,7 @@ def test_token_mask_gives_pad_tokens_the_floor_not_zero():
     mask[0, 6:] = False
     mask[1, 3:] = False
     with wtacrs.token_mask(mask):
-        g, _, _ = resolve_grad_norm("layer", "default", 20, torch.device("cpu"))
+        g, _, _ = resolve_grad_norm("layer", "default", (20,), torch.device("cpu"))
     assert torch.equal(g, torch.where(mask.reshape(-1), 1.0, GRAD_NORM_FLOOR))
     # pads are drawn (rarely, with large weights): their gradient may be read by a pooler
     lin = wtacrs.WTACRSLinear(nn.Linear(12, 7), ratio=0.3, generator=torch.Generator().manual_seed(0))

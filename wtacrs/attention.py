@@ -179,7 +179,7 @@ def enable(model: nn.Module, settings_for) -> list[nn.Module]:
 
     register()
     family = family_of(model)
-    before = _current_implementation(model)
+    before = current_implementation(model)
     changed = []
     for name, module in model.named_modules():
         if family.is_attention(name) and hasattr(module, "config"):
@@ -205,7 +205,7 @@ def disable(model: nn.Module) -> None:
     _set_implementation(model, fallback)
 
 
-def _current_implementation(model: nn.Module) -> str:
+def current_implementation(model: nn.Module) -> str:
     for module in model.modules():
         cfg = getattr(module, "config", None)
         impl = getattr(cfg, "_attn_implementation", None)

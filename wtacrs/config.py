@@ -25,11 +25,17 @@ class WTACRSConfig:
     o: bool = field(default=True, metadata={"help": "Sample Linear-O, the attention output projection."})
     u: bool = field(default=True, metadata={"help": "Sample Linear-U (up / gate / wi)."})
     d: bool = field(default=True, metadata={"help": "Sample Linear-D (down / wo)."})
-    tm1: bool = field(default=True, metadata={"help": "Sample TensorMul-1 (Q K^T) in the attention function."})
-    tm2: bool = field(default=True, metadata={"help": "Sample TensorMul-2 (P V) in the attention function."})
+    tm1: bool = field(
+        default=False,
+        metadata={"help": "Sample TensorMul-1 (Q K^T) in the attention function. Off by default: sampled Q/K rows make the Q/K weight gradients noisier than naive CRS (benchmarks/fidelity.py)."},
+    )
+    tm2: bool = field(
+        default=True,
+        metadata={"help": "TensorMul-2 (P V) in the attention function: reuse the softmax's P and the dropout's 1-bit mask instead of storing dropout(P); V per tm2_v. With tm1 off and tm2_v='store' the attention is exact, and a model on SDPA keeps SDPA (it stores no P)."},
+    )
     tm2_v: str = field(
-        default="sample",
-        metadata={"help": "TensorMul-2 reuses the softmax's P for dV; for dP it keeps k sampled head-dim columns of V ('sample') or V itself ('store', exact dP)."},
+        default="store",
+        metadata={"help": "For dP = dO V^T keep V itself ('store', exact, the default) or k sampled head-dim columns of V ('sample', unbiased but about 20x noisier Q/K weight gradients)."},
     )
     lossless: bool = field(default=True, metadata={"help": "Bit-packed dropout and ReLU masks; GeLU/SiLU store only their input."})
     lean_norm: bool = field(
@@ -64,6 +70,11 @@ class WTACRSConfig:
             raise ValueError(f"WTACRSConfig.probability must be one of {PROBABILITY_SOURCES}, got {self.probability!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"WTACRSConfig.seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def samples_attention(self) -> bool:
+        """Whether the attention gradients are sampled (else the attention is exact)."""
+        return self.tm1 or (self.tm2 and self.tm2_v == "sample")
 
     def samples(self, operator: Operator) -> bool:
         """Whether the linear implementing ``operator`` is sampled."""

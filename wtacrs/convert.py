@@ -37,9 +37,9 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from wtacrs.config import WTACRSConfig
-from wtacrs.gradnorm import SAMPLE_IDS_KEY, token_mask
+from wtacrs.gradnorm import SAMPLE_IDS_KEY, PositionGradNorms, token_mask
 from wtacrs.modules import Generators, LeanNorm, LosslessActivation, LosslessDropout, SampleShare, WTACRSConv1D, WTACRSLinear
-from wtacrs.taxonomy import Family, family_of
+from wtacrs.taxonomy import Family, Operator, family_of
 
 _STATE = "_wtacrs_state"
 ACTIVATION_CLASS_NAMES = ("ReLU", "GELU", "GELUActivation", "NewGELUActivation", "FastGELUActivation", "SiLU", "SiLUActivation", "GELUTanh")
@@ -59,6 +59,7 @@ class _ConversionState:
     attention_modules: list[nn.Module] = field(default_factory=list)
     configs: list[tuple[nn.Module, PretrainedConfig]] = field(default_factory=list)  # (module, its config before)
     share: SampleShare = field(default_factory=SampleShare)
+    positions: PositionGradNorms = field(default_factory=PositionGradNorms)
     generators: Generators | None = None
     hooks: list[RemovableHandle] = field(default_factory=list)
     scopes: list[contextlib.ExitStack] = field(default_factory=list)  # open during a forward only
@@ -103,6 +104,14 @@ def _stream(family: Family, name: str) -> str:
     return "decoder" if family.is_decoder(name) else "encoder"
 
 
+def _group(family: Family, name: str, operator) -> str:
+    """The layers that read one input share a sample and a :class:`PositionGradNorms` group:
+    Linear-Q/K/V of one attention module on one token stream, the Linear-Us of one MLP."""
+    role = "qkv" if operator in (Operator.LINEAR_Q, Operator.LINEAR_K, Operator.LINEAR_V, Operator.LINEAR_QKV) else operator.value
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    return f"{parent}:{_stream(family, name)}:{role}"
+
+
 def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
     """Convert ``model`` in place to WTA-CRS ops and return it. See the module docstring.
 
@@ -139,14 +148,17 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
                 continue
             for adapter, lora_a in list(module.lora_A.items()):
                 if isinstance(lora_a, nn.Linear) and lora_a.weight.requires_grad:
-                    new = WTACRSLinear(lora_a, stream=_stream(family, qualified), key=f"{qualified}.lora_A.{adapter}", **sampling)
+                    positions = (state.positions, f"{_group(family, qualified, operator)}:lora_A.{adapter}")
+                    new = WTACRSLinear(
+                        lora_a, stream=_stream(family, qualified), key=f"{qualified}.lora_A.{adapter}", positions=positions, **sampling
+                    )
                     _replace(state, module.lora_A, adapter, new)
             continue
         for child_name, child in list(module.named_children()):
             child_qualified = f"{qualified}.{child_name}" if qualified else child_name
             _convert_child(state, module, child_name, child, child_qualified, sampling)
 
-    if config.tm1 or config.tm2:  # with both off the attention function would only fall back
+    if _attention_saves_memory(config, hf_model):
         _own_configs(state, hf_model)
         _enable_attention(state, hf_model)
     object.__setattr__(hf_model, _STATE, state)
@@ -164,7 +176,8 @@ def _convert_child(state, parent, child_name, child, qualified, sampling) -> Non
         if operator is None or not config.samples(operator) or not child.weight.requires_grad:
             return
         cls = WTACRSConv1D if _is_conv1d(child) else WTACRSLinear
-        _replace(state, parent, child_name, cls(child, stream=_stream(family, qualified), key=qualified, **sampling))
+        positions = (state.positions, _group(family, qualified, operator))
+        _replace(state, parent, child_name, cls(child, stream=_stream(family, qualified), key=qualified, positions=positions, **sampling))
     elif config.lean_norm and re.search(rf"(^|\.)(?:{family.layernorm})$", qualified) and hasattr(child, "weight"):
         _replace(state, parent, child_name, LeanNorm(child))
     elif config.lossless and type(child) is nn.Dropout and child.p > 0:
@@ -194,6 +207,18 @@ def _own_configs(state: _ConversionState, hf_model: nn.Module) -> None:
         if isinstance(cfg, PretrainedConfig):
             state.configs.append((module, cfg))
             module.config = copy.deepcopy(cfg, memo)
+
+
+def _attention_saves_memory(config: WTACRSConfig, hf_model: nn.Module) -> bool:
+    """Whether the ``"wtacrs"`` attention stores less than the model's own. With both TensorMuls
+    off it would only fall back. Exact (TensorMul-1 off, V stored), it drops eager's copy of
+    ``dropout(P)`` and its dropout mask; SDPA's fused kernels store no ``P`` at all, so an SDPA
+    model keeps SDPA then."""
+    from wtacrs import attention
+
+    if not (config.tm1 or config.tm2):
+        return False
+    return config.samples_attention or attention.current_implementation(hf_model) in ("eager", attention.NAME)
 
 
 def _enable_attention(state: _ConversionState, hf_model: nn.Module) -> None:

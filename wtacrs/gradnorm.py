@@ -4,13 +4,15 @@ During the forward pass ``||dZ_i||`` is unknown. In order of preference (SPEC se
 
 1. :class:`GradNormCache` -- the norms seen for the same samples in an earlier backward pass,
    when the training loop says which samples are in the batch (``with cache.batch(sample_ids)``);
-2. :func:`token_mask` -- 1 for real tokens, :data:`GRAD_NORM_FLOOR` for padding tokens;
+2. :class:`PositionGradNorms` -- running per-position averages of the norms seen in earlier
+   backward passes, which need no sample ids (every converted model keeps one);
 3. otherwise 1 (probabilities from the activation norms alone).
 
-No source gives 0: a probability may be small, but a row drawn with probability 0 never enters
-the estimate, which is then biased wherever that row's gradient is not 0. A pad's gradient is 0
-only when nothing reads its output, and poolers (BERT's reads position 0, a pad under left
-padding), last-token heads and user losses do read pads.
+Sources 2 and 3 are multiplied by :func:`token_mask`'s proxies: 1 for real tokens,
+:data:`GRAD_NORM_FLOOR` for padding tokens. No source gives 0: a probability may be small, but a
+row drawn with probability 0 never enters the estimate, which is then biased wherever that row's
+gradient is not 0. A pad's gradient is 0 only when nothing reads its output, and poolers (BERT's
+reads position 0, a pad under left padding), last-token heads and user losses do read pads.
 
 Both are context managers around the forward pass; they are context variables, so threads and
 nested calls do not see each other's batches. A model converted by :func:`wtacrs.convert` opens
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import math
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -68,12 +72,21 @@ def token_grad_norm(stream: str, n: int, device: torch.device) -> tuple[Tensor |
 
     fp32 ``[n]`` on ``device``: 1 for real tokens, :data:`GRAD_NORM_FLOOR` for padding tokens.
     """
+    mask, mask_id = stream_mask(stream, n)
+    if mask is None:
+        return None, None
+    real = mask.to(device) != 0
+    return torch.where(real, 1.0, GRAD_NORM_FLOOR).to(torch.float32), mask_id
+
+
+def stream_mask(stream: str, n: int) -> tuple[Tensor | None, int | None]:
+    """The token mask of ``stream`` (or of the default stream) as an ``[n]`` view, and its id;
+    ``(None, None)`` when no mask of ``n`` tokens is active."""
     masks = _token_masks.get()
     mask = masks.get(stream, masks.get("default"))
     if mask is None or mask.numel() != n:
         return None, None
-    real = mask.reshape(n).to(device) != 0
-    return torch.where(real, 1.0, GRAD_NORM_FLOOR).to(torch.float32), id(mask)
+    return mask.reshape(n), id(mask)
 
 
 SAMPLE_IDS_KEY = "wtacrs_sample_ids"
@@ -206,34 +219,141 @@ class SampleIdCollator:
         return batch
 
 
+class PositionGradNorms:
+    """Running per-position averages of output-gradient row norms, one per group of layers.
+
+    A group is the set of sampled layers that read one input (Linear-Q/K/V of one attention,
+    T5's ``wi_0``/``wi_1``): they share one row sample, and ``p_i ∝ ||x_i|| sqrt(sum_l ||dz_l,i||^2)``
+    minimises the summed variance of their estimates. In backward every member adds its squared
+    norms, averaged over the batch's real tokens at each position; the next forward folds them
+    into an exponential moving average (``decay``). A lookup returns ``sqrt`` of that average for
+    positions ``0..S-1`` (positions never seen take the mean), floored at ``floor * mean`` so every
+    token keeps a nonzero probability and the estimate stays unbiased. The probabilities depend
+    only on earlier batches, never on the current one's gradient.
+    """
+
+    def __init__(self, decay: float = 0.9, floor: float = 0.1) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        if not 0.0 < floor <= 1.0:
+            raise ValueError(f"floor must be in (0, 1], got {floor!r}")
+        self.decay, self.floor = decay, floor
+        self._average: dict[str, Tensor] = {}  # fp32 [S_seen]: mean squared norm per position
+        self._pending: dict[str, tuple[Tensor, Tensor]] = {}  # (sum of squares, real-token count) per position
+
+    def __len__(self) -> int:
+        return len(self._average)
+
+    def lookup(self, group: str, batch: int, seq: int, device: torch.device) -> Tensor | None:
+        """fp32 ``[batch * seq]`` norms for a ``[batch, seq]`` input, or None before any backward."""
+        self._fold(group)
+        average = self._average.get(group)
+        if average is None:
+            return None
+        mean = average.mean()
+        if seq > average.numel():
+            average = torch.cat([average, mean.expand(seq - average.numel())])
+        norms = average[:seq].sqrt()
+        norms = torch.maximum(norms, self.floor * norms.mean())
+        return norms.to(device).expand(batch, seq).reshape(-1)
+
+    def add(self, group: str, norms: Tensor, batch: int, seq: int, mask: Tensor | None) -> None:
+        """Add one layer's output-gradient row norms ``[batch * seq]`` (``mask``: nonzero at real tokens).
+
+        Every step is shape-static (no value decides a branch), so the meta device keeps the same
+        tensors as a real device and a meta estimate of a step counts them too.
+        """
+        if _is_fake(norms):  # a traced step (FakeTensorMode): its values must not outlive it
+            return
+        squares = norms.detach().float().reshape(batch, seq).square()
+        weight = torch.ones_like(squares) if mask is None else (mask.reshape(batch, seq) != 0).to(squares)
+        total, count = (squares * weight).sum(0), weight.sum(0)
+        pending = self._pending.get(group)
+        if pending is not None and pending[0].shape == total.shape:
+            total, count = pending[0] + total, torch.maximum(pending[1], count)  # members share a count
+        self._pending[group] = (total, count)
+
+    def _fold(self, group: str) -> None:
+        pending = self._pending.pop(group, None)
+        if pending is None:
+            return
+        total, count = pending
+        seen = count > 0
+        new = total / count.clamp_min(1)
+        old = self._average.get(group)
+        if old is None:
+            mean_seen = (new * seen).sum() / seen.sum().clamp_min(1)
+            self._average[group] = torch.where(seen, new, mean_seen)
+            return
+        if old.numel() < new.numel():
+            old = torch.cat([old, old.mean().expand(new.numel() - old.numel())])
+        head = old[: new.numel()]
+        head = torch.where(seen, self.decay * head + (1 - self.decay) * new, head)
+        self._average[group] = torch.cat([head, old[new.numel() :]])
+
+    def clear(self) -> None:
+        self._average.clear()
+        self._pending.clear()
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def active_cache() -> tuple[GradNormCache, tuple] | None:
     return _active_cache.get()
 
 
-def resolve_grad_norm(key: str, stream: str, n: int, device: torch.device):
-    """``(grad_norm, sink, source)`` for a sampled layer's forward pass over ``n`` tokens.
+def resolve_grad_norm(
+    key: str, stream: str, shape: tuple[int, ...], device: torch.device, positions: tuple[PositionGradNorms, str] | None = None
+):
+    """``(grad_norm, sink, source)`` for a sampled layer's forward pass over ``shape`` tokens.
 
-    ``grad_norm`` is fp32 ``[n]`` or None (meaning 1), never 0 where a gradient can be nonzero:
-    the cached norms when the cache has them (they measured every position, pads included),
-    else the token mask's proxies (:func:`token_grad_norm`). ``sink`` receives the
-    output-gradient row norms in backward when a :class:`GradNormCache` is active; ``source`` is
-    a hashable name of where ``grad_norm`` came from, or None when it is specific to this layer
-    (cached norms), so layers reading the same input with the same ``source`` have identical
-    probabilities.
+    ``shape`` is the input's ``shape[:-1]`` (``n`` tokens; ``[B, S]`` for per-position norms);
+    ``positions`` is the model's :class:`PositionGradNorms` and this layer's group. ``grad_norm``
+    is fp32 ``[n]`` or None (meaning 1), never 0 where a gradient can be nonzero: the cached norms
+    when the cache has them (they measured every position, pads included), else the running
+    per-position norms, else 1, times the token mask's proxies (:func:`token_grad_norm`).
+    ``sink`` receives the output-gradient row norms in backward; ``source`` is a hashable name of
+    where ``grad_norm`` came from, or None when it is specific to this layer (cached norms), so
+    layers reading the same input with the same ``source`` have identical probabilities.
     """
-    active = active_cache()
-    grad_norm = sink = None
+    n = math.prod(shape)
+    sinks = []
+    grad_norm = None
     source: tuple | None = ("ones",)
+    active = active_cache()
     if active is not None:
         cache, ids = active
         grad_norm = cache.lookup(key, ids, n, device)
-
-        def sink(norms: Tensor, _cache=cache, _ids=ids, _key=key) -> None:
-            _cache.update(_key, _ids, norms)
-
+        sinks.append(functools.partial(cache.update, key, ids))
         if grad_norm is not None:
-            return grad_norm, sink, None
+            return grad_norm, _fan_out(sinks), None
     mask_norm, mask_id = token_grad_norm(stream, n, device)
+    if positions is not None and len(shape) == 2:
+        table, group = positions
+        batch, seq = shape
+        grad_norm = table.lookup(group, batch, seq, device)
+        if grad_norm is not None:
+            source = ("positions", group)
+        mask, _ = stream_mask(stream, n)  # a view of the batch's mask: nothing new is kept
+        sinks.append(functools.partial(table.add, group, batch=batch, seq=seq, mask=mask))
     if mask_norm is not None:
-        grad_norm, source = mask_norm, ("mask", mask_id)
-    return grad_norm, sink, source
+        grad_norm = mask_norm if grad_norm is None else grad_norm * mask_norm
+        source = (*source, "mask", mask_id)
+    return grad_norm, _fan_out(sinks), source
+
+
+def _fan_out(sinks: list):
+    if not sinks:
+        return None
+    if len(sinks) == 1:
+        return sinks[0]
+
+    def sink(norms: Tensor) -> None:
+        for s in sinks:
+            s(norms)
+
+    return sink

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wtacrs import functional, lossless, rowsource
-from wtacrs.gradnorm import resolve_grad_norm
+from wtacrs.gradnorm import PositionGradNorms, resolve_grad_norm
 from wtacrs.rowsource import RowSource
 
 _layer_ids = itertools.count()
@@ -81,8 +81,9 @@ class _Sampled:
     key: str
     share: SampleShare | None
     use_grad_norm: bool
+    positions: tuple[PositionGradNorms, str] | None
 
-    def _init_sampling(self, ratio, min_k, generator, stream, key, share, use_grad_norm, recompute_rows=True) -> None:
+    def _init_sampling(self, ratio, min_k, generator, stream, key, share, use_grad_norm, recompute_rows=True, positions=None) -> None:
         self.ratio = ratio
         self.min_k = min_k
         self.generator = generator
@@ -91,12 +92,12 @@ class _Sampled:
         self.share = share
         self.use_grad_norm = use_grad_norm
         self.recompute_rows = recompute_rows
+        self.positions = positions
 
     def _sampled_linear(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        n = input.numel() // input.shape[-1]
         grad_norm, sink, source = None, None, ("ones",)
         if self.use_grad_norm:
-            grad_norm, sink, source = resolve_grad_norm(self.key, self.stream, n, input.device)
+            grad_norm, sink, source = resolve_grad_norm(self.key, self.stream, input.shape[:-1], input.device, self.positions)
         row_source = rowsource.lookup(input) if self.recompute_rows else None
         generator = self._generator_for(input)
 
@@ -161,13 +162,14 @@ class WTACRSLinear(nn.Linear, _Sampled):
         share: SampleShare | None = None,
         use_grad_norm: bool = True,
         recompute_rows: bool = True,
+        positions: tuple[PositionGradNorms, str] | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._init_sampling(ratio, min_k, generator, stream, key, share, use_grad_norm, recompute_rows)
+        self._init_sampling(ratio, min_k, generator, stream, key, share, use_grad_norm, recompute_rows, positions)
 
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad):
@@ -199,7 +201,7 @@ class WTACRSConv1D(nn.Module, _Sampled):
         self.nx = getattr(conv1d, "nx", conv1d.weight.shape[0])
         self.weight = conv1d.weight
         self.bias = conv1d.bias
-        defaults = dict(min_k=1, generator=None, stream="default", key=None, share=None, use_grad_norm=True, recompute_rows=True)
+        defaults = dict(min_k=1, generator=None, stream="default", key=None, share=None, use_grad_norm=True, recompute_rows=True, positions=None)
         defaults.update(sampling)
         self._init_sampling(defaults.pop("ratio"), **defaults)
 
