@@ -254,7 +254,11 @@ class PositionGradNorms:
         if seq > average.numel():
             average = torch.cat([average, mean.expand(seq - average.numel())])
         norms = average[:seq].sqrt()
-        norms = torch.maximum(norms, self.floor * norms.mean())
+        mean = norms.mean()
+        norms = torch.maximum(norms, self.floor * mean)
+        # All zero (no layer output reached the loss at a real token, e.g. a pooler that reads only
+        # a pad): no information, so 1 everywhere, never 0. Shape-static, so it runs on meta.
+        norms = torch.where(mean > 0, norms, torch.ones_like(norms))
         return norms.to(device).expand(batch, seq).reshape(-1)
 
     def add(self, group: str, norms: Tensor, batch: int, seq: int, mask: Tensor | None) -> None:
@@ -278,11 +282,11 @@ class PositionGradNorms:
         if pending is None:
             return
         total, count = pending
-        seen = count > 0
         new = total / count.clamp_min(1)
+        seen = (count > 0) & torch.isfinite(new)  # an overflowed step (fp16, GradScaler skips it) is ignored
         old = self._average.get(group)
         if old is None:
-            mean_seen = (new * seen).sum() / seen.sum().clamp_min(1)
+            mean_seen = torch.where(seen, new, 0.0).sum() / seen.sum().clamp_min(1)
             self._average[group] = torch.where(seen, new, mean_seen)
             return
         if old.numel() < new.numel():
