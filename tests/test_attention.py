@@ -109,9 +109,14 @@ def make_batch(family, pad=True, device="cpu"):
     return {k: v.to(device) for k, v in kw.items()}
 
 
+SAMPLED_ATTENTION = {"tm1": True, "tm2_v": "sample"}
+"""What these tests exercise unless they say otherwise: the sampled attention (TensorMul-1 on, V's
+columns sampled). ``WTACRSConfig()`` itself leaves the attention exact."""
+
+
 def settings(*, generator=None, query_stream=None, **config):
-    """AttentionSettings from a WTACRSConfig with ``config``'s fields (its defaults otherwise)."""
-    return AttentionSettings(WTACRSConfig(**config), generator=generator, query_stream=query_stream)
+    """AttentionSettings from a WTACRSConfig with ``config``'s fields over :data:`SAMPLED_ATTENTION`."""
+    return AttentionSettings(WTACRSConfig(**{**SAMPLED_ATTENTION, **config}), generator=generator, query_stream=query_stream)
 
 
 def convert(model, **config):

@@ -331,14 +331,18 @@ def test_conversion_and_a_training_step_run_on_meta(family):
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad and p.grad is not None)
 
 
-def test_saved_bytes_of_a_t5_encoder_block_by_operator_match_a_hand_count():
+@pytest.mark.parametrize("attention", ["exact", "sampled"])
+def test_saved_bytes_of_a_t5_encoder_block_by_operator_match_a_hand_count(attention):
+    """The default (``exact``: sampled linears, exact attention that reuses P) and the sampled
+    attention (TensorMul-1 on, V's columns sampled)."""
     from profiler.breakdown import SavedActivationBreakdown
 
     cls, cfg = _t5("relu", dropout_rate=0.1)
     cfg.num_layers = 1
     torch.manual_seed(0)
     model = cls._from_config(cfg, attn_implementation="eager").train()
-    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.5, seed=0))
+    sampled = {"tm1": True, "tm2_v": "sample"} if attention == "sampled" else {}
+    wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.5, seed=0, **sampled))
     B, S, d, d_ff, H, d_kv = 2, 6, 16, 32, 2, 8
     n, k = B * S, 6  # k = ceil(0.5 * 12) tokens
     kq = kk = 3  # ceil(0.5 * 6) query rows / key rows per (batch, head)
@@ -354,14 +358,19 @@ def test_saved_bytes_of_a_t5_encoder_block_by_operator_match_a_hand_count():
         ("Linear-U", "sampled"): sample,  # rows rebuilt from the norm's saved input
         ("Linear-D", "sampled"): sample,  # rows rebuilt from norm input, wi, ReLU and the dropout mask
         # Q is kept as kq - 1 centred sampled rows plus its mean row, so kq - 1 query weights and indices
-        ("TensorMul-1", "sampled"): B * H * ((kq + kk) * d_kv * 4 + (kq - 1 + kk) * 8),
-        ("TensorMul-2", "sampled"): B * H * kv * (S * 4 + 8),  # P reused from the softmax, V columns sampled
         ("Softmax", "uncompressed"): B * H * S * S * 4,
         ("Dropout", "lossless"): 4 * (n * d // 8) + n * d_ff // 8 + B * H * S * S // 8,  # 1 bit per element
         ("Activation", "lossless"): n * d_ff // 8,  # ReLU: 1 bit per element
         ("LayerNorm", "uncompressed"): 3 * n * d * 4,  # two block norms + the final norm, input only
         ("Embedding", "uncompressed"): n * 8 + S * S * 8,  # token ids + relative-position buckets
     }
+    if attention == "sampled":
+        # Q is kept as kq - 1 centred sampled rows plus its mean row, so kq - 1 query weights and indices
+        expected[("TensorMul-1", "sampled")] = B * H * ((kq + kk) * d_kv * 4 + (kq - 1 + kk) * 8)
+        expected[("TensorMul-2", "sampled")] = B * H * kv * (S * 4 + 8)  # P reused from the softmax, V columns sampled
+    else:
+        expected[("TensorMul-1", "uncompressed")] = 2 * B * H * S * d_kv * 4  # Q and K
+        expected[("TensorMul-2", "uncompressed")] = B * H * S * d_kv * 4  # V; P reused from the softmax
     assert got == expected
 
 
