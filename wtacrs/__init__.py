@@ -8,7 +8,7 @@ from wtacrs import estimator, functional, lossless
 from wtacrs.config import WTACRSConfig
 from wtacrs.convert import convert, is_converted, revert, save_pretrained
 from wtacrs.estimator import budget
-from wtacrs.gradnorm import GradNormCache, token_mask
+from wtacrs.gradnorm import GradNormCache, PositionGradNorms, token_mask
 from wtacrs.modules import WTACRSConv1D, WTACRSLinear
 from wtacrs.taxonomy import FAMILIES, Category, Operator, UnsupportedModelError, family_of
 
@@ -17,6 +17,7 @@ __all__ = [
     "Category",
     "GradNormCache",
     "Operator",
+    "PositionGradNorms",
     "UnsupportedModelError",
     "WTACRSConfig",
     "WTACRSConv1D",
