@@ -273,7 +273,8 @@ def test_every_family_estimates_on_meta(preset):
     full, sampled = (rows[m]["activations"] for m in ("full", "wtacrs@0.3"))
     assert {a["category"] for a in full} == {"uncompressed"}
     sampled_operators = {a["operator"] for a in sampled if a["category"] == "sampled" and a["bytes"] > 0}
-    assert {"Linear-O", "Linear-U", "Linear-D", "TensorMul-1"} <= sampled_operators, sampled_operators
+    assert {"Linear-O", "Linear-U", "Linear-D"} <= sampled_operators, sampled_operators  # the default's attention is exact
+    assert not {"TensorMul-1", "TensorMul-2"} & sampled_operators
     assert 0 < sum(a["bytes"] for a in sampled) < sum(a["bytes"] for a in full)
 
 
