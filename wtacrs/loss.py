@@ -7,15 +7,19 @@ T=128, vocab 32128: 2.94 GiB). With :func:`chunked_loss`, a training call with `
 the model's own forward with the LM head replaced by the identity, so the forward returns the
 head's input ``h`` (after T5's ``d_model ** -0.5`` scaling) and never builds the logits. The
 loss is then summed over chunks of ``chunk_tokens`` tokens, each chunk's head and cross-entropy
-under non-reentrant ``torch.utils.checkpoint``: only ``h`` (which the stock head saves too) and
-the labels are kept, and backward rebuilds one chunk's ``[chunk_tokens, vocab]`` tensors at a time.
+under non-reentrant ``torch.utils.checkpoint``: only ``h`` (which a trainable stock head saves
+too; with a frozen head, as under LoRA, it is ``N * hidden`` more) and the labels are kept, and
+backward rebuilds one chunk's ``[chunk_tokens, vocab]`` tensors at a time, at the cost of one
+more head matmul.
 
 The result is the stock loss: the same head module (a peft or WTA-CRS wrapper of it included),
 the same ``ignore_index=-100``, the same reduction (mean over the tokens that are not ignored,
-a tensor count, or ``num_items_in_batch`` where the stock causal loss takes it); the value and
-the gradients differ from stock by fp32 summation order only. In that mode the output's
-``logits`` is None (as with Liger kernel's fused linear cross-entropy). Without ``labels``, in
-eval mode, under ``torch.no_grad()``, or with ``logits_to_keep``, the model runs stock.
+a tensor count, or ``num_items_in_batch`` where the stock causal loss takes it). In fp32 the
+value and the gradients differ from stock by summation order only; in bf16/fp16 by about one
+rounding of that dtype (the per-token losses are summed in fp32, as the stock reduction does).
+In that mode the output's ``logits`` is None (as with Liger kernel's fused linear
+cross-entropy). Without ``labels``, in eval mode, under ``torch.no_grad()``, or with
+``logits_to_keep``, the model runs stock.
 
 The opt-in is one instance attribute, ``forward``, on the transformers model (inside a peft
 wrapper: on ``get_base_model()``): a module-level callable object that holds the model, so
@@ -205,11 +209,12 @@ class ChunkedLossForward:
         return output if return_dict else output.to_tuple()
 
 
-def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, upcast: bool) -> torch.Tensor:
+def _chunk_token_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, upcast: bool) -> torch.Tensor:
     logits = head(hidden)
     if upcast:
         logits = logits.float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    # per token, so that a half-precision loss is summed in fp32 as the stock reduction does
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 class ChunkedCrossEntropyLoss(nn.Module):
@@ -219,10 +224,10 @@ class ChunkedCrossEntropyLoss(nn.Module):
     Head/Loss by its class name.
 
     ``hidden``: ``[..., d]`` head input; ``targets``: ``[...]`` int64 with ``-100`` for ignored
-    tokens. Saved for backward: ``hidden`` and ``targets`` (as checkpoint inputs) and one fp32
-    scalar per chunk. Returns the sum over chunks (accumulated in fp32) divided by ``divisor``
+    tokens. Saved for backward: ``hidden`` and ``targets`` (as checkpoint inputs) and the
+    divisor. Returns the per-token losses summed in fp32, divided by ``divisor``
     (``num_items_in_batch``) or, when None, by the number of targets that are not ``-100`` (a
-    tensor: no host sync, runs on meta), cast to the logits' dtype as the stock loss is.
+    tensor: no host sync, runs on meta), in the dtype of the stock loss (the cross-entropy's).
     """
 
     def __init__(self, chunk_tokens: int, upcast: bool) -> None:
@@ -237,11 +242,11 @@ class ChunkedCrossEntropyLoss(nn.Module):
             raise ValueError(f"{targets.shape[0]} targets for {hidden.shape[0]} tokens")
         total = None
         for rows, chunk_targets in zip(hidden.split(self.chunk_tokens), targets.split(self.chunk_tokens)):
-            part = checkpoint(
-                _chunk_loss_sum, head, rows, chunk_targets, self.upcast, use_reentrant=False, preserve_rng_state=False
+            losses = checkpoint(
+                _chunk_token_losses, head, rows, chunk_targets, self.upcast, use_reentrant=False, preserve_rng_state=False
             )
-            dtype = part.dtype
-            part = part.float()
+            dtype = losses.dtype
+            part = losses.float().sum()
             total = part if total is None else total + part
         if divisor is None:
             divisor = (targets != IGNORE_INDEX).sum()
