@@ -2,11 +2,14 @@
 
     python benchmarks/memory.py [--preset t5-base] [--batch-size 64] [--seq-len 128] [--target-len 128]
                                 [--methods full lora wtacrs@0.3 wtacrs@0.1 lora+wtacrs@0.3 lora+wtacrs@0.1]
+                                [--chunked-loss [TOKENS]]
 
 Every figure models CUDA kernels (bool dropout masks, fp32 weights, AdamW) and comes from the
 profiler's meta backend: the same tracker and breakdown `python -m profiler run` uses. Prints the
 saved activation bytes per operator and method, then totals, peaks and the ratios to full
-fine-tuning. Nothing is downloaded; weights do not exist on meta.
+fine-tuning. Nothing is downloaded; weights do not exist on meta. ``--chunked-loss`` applies
+``wtacrs.chunked_loss`` (chunks of TOKENS tokens, default 1024) to every method, full included,
+so the ratios compare like with like.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import transformers as tf
 
 from profiler import methods
 from profiler.measure import measure_training_step
+from wtacrs.loss import DEFAULT_CHUNK_TOKENS, chunked_loss
 from wtacrs.taxonomy import family_of
 
 GIB = 2**30
@@ -28,11 +32,13 @@ PRESETS = {
 }
 
 
-def measure(preset: str, method: str, batch_size: int, seq_len: int, target_len: int):
+def measure(preset: str, method: str, batch_size: int, seq_len: int, target_len: int, chunk_tokens: int | None = None):
     config = tf.T5Config(vocab_size=32128, decoder_start_token_id=0, pad_token_id=0, use_cache=False, **PRESETS[preset])
     with torch.device("meta"):
         model = tf.T5ForConditionalGeneration._from_config(config, attn_implementation="eager")
     model = methods.prepare(method, model.train(), "t5", 0)
+    if chunk_tokens is not None:
+        model = chunked_loss(model, chunk_tokens)
     batch = {
         "input_ids": torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta"),
         "labels": torch.zeros(batch_size, target_len, dtype=torch.long, device="meta"),
@@ -48,16 +54,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--target-len", type=int, default=128)
     parser.add_argument("--methods", nargs="+", default=["full", "lora", "wtacrs@0.3", "wtacrs@0.1", "lora+wtacrs@0.3", "lora+wtacrs@0.1"])
+    parser.add_argument("--chunked-loss", type=int, nargs="?", const=DEFAULT_CHUNK_TOKENS, default=None, metavar="TOKENS",
+                        help=f"wtacrs.chunked_loss on every method, TOKENS tokens per chunk (default {DEFAULT_CHUNK_TOKENS})")
     args = parser.parse_args()
 
-    results = {m: measure(args.preset, m, args.batch_size, args.seq_len, args.target_len) for m in args.methods}
+    results = {m: measure(args.preset, m, args.batch_size, args.seq_len, args.target_len, args.chunked_loss) for m in args.methods}
     by_operator: dict[str, dict[str, int]] = defaultdict(dict)
     for method, r in results.items():
         for item in r.activations:
             key = f"{item['operator']} ({item['category']})"
             by_operator[key][method] = by_operator[key].get(method, 0) + item["bytes"]
 
-    print(f"{args.preset}, B={args.batch_size}, S={args.seq_len}, T={args.target_len}, fp32, eager, AdamW, "
+    loss = "stock loss" if args.chunked_loss is None else f"chunked loss ({args.chunked_loss} tokens)"
+    print(f"{args.preset}, B={args.batch_size}, S={args.seq_len}, T={args.target_len}, fp32, eager, AdamW, {loss}, "
           "meta estimate of cuda kernels; GiB")
     width = max(len(k) for k in by_operator) + 2
     print(f"{'saved for backward':<{width}}" + "".join(f"{m:>17}" for m in results))

@@ -9,6 +9,7 @@ from wtacrs.config import WTACRSConfig
 from wtacrs.convert import convert, is_converted, revert, save_pretrained
 from wtacrs.estimator import budget
 from wtacrs.gradnorm import GradNormCache, PositionGradNorms, token_mask
+from wtacrs.loss import chunked_loss, has_chunked_loss, revert_chunked_loss
 from wtacrs.modules import WTACRSConv1D, WTACRSLinear
 from wtacrs.taxonomy import FAMILIES, Category, Operator, UnsupportedModelError, family_of
 
@@ -23,13 +24,16 @@ __all__ = [
     "WTACRSConv1D",
     "WTACRSLinear",
     "budget",
+    "chunked_loss",
     "convert",
     "estimator",
     "family_of",
     "functional",
+    "has_chunked_loss",
     "is_converted",
     "lossless",
     "revert",
+    "revert_chunked_loss",
     "save_pretrained",
     "token_mask",
 ]
