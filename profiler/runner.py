@@ -121,7 +121,7 @@ def run_policy(suite: Suite, device: str) -> dict[str, Any]:
     if device in ("meta", "auto"):
         policy["models_device"] = suite.models_device
     if device == "auto":
-        policy["budgets"] = {k: v for k, v in dataclasses.asdict(suite.budgets).items() if k != "memory_gib"}
+        policy["budgets"] = suite.budgets.model_dump(exclude={"memory_gib"})
     return policy
 
 

@@ -173,7 +173,7 @@ def test_auto_runs_on_cpu_when_the_estimate_fits(write_suite, tmp_path, fake_mea
 def test_suite_time_budget_stops_cpu_runs(write_suite, tmp_path, fake_measure, monkeypatch):
     monkeypatch.setattr(runner, "cpu_flop_rate", lambda: 1e15)
     suite = load_suite(write_suite())
-    suite = dataclasses.replace(suite, budgets=dataclasses.replace(suite.budgets, suite_seconds=0.0))
+    suite = suite.model_copy(update={"budgets": suite.budgets.model_copy(update={"suite_seconds": 0.0})})
     plan = runner.plan_run(suite, tmp_path / "out", device="auto", only="bert-tiny/full")
     result = runner.run_suite(plan, measure=fake_measure)
     rows = records.read_records(result.results_path)
