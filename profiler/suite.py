@@ -44,12 +44,24 @@ import itertools
 import math
 import os
 import reprlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, Strict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from profiler import methods as methods_table
@@ -59,12 +71,14 @@ from profiler.models import (
     DEFAULT_PRESETS,
     DTYPES,
     PRESETS,
+    BuildError,
     Dims,
     DimsError,
-    build_problem,
+    ModelPoint,
     config_keys,
     config_problems,
     max_positions,
+    model_point,
     one_line,
     resolve_dims,
 )
@@ -173,9 +187,9 @@ def _no_repeats(names: tuple[str, ...], what: str, hint: str = "") -> None:
         raise _invalid(*(((), f"{what} {name!r} appears twice{hint}") for name in repeated))
 
 
-def _methods_once(names: tuple[str, ...]) -> tuple[str, ...]:
-    _no_repeats(names, "method")
-    return names
+def _methods_once(methods: tuple[methods_table.Method, ...]) -> tuple[methods_table.Method, ...]:
+    _no_repeats(tuple(m.name for m in methods), "method")
+    return methods
 
 
 def _unique_names(models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
@@ -190,9 +204,11 @@ def _where_keys(where: dict[str, Any]) -> dict[str, Any]:
     return where
 
 
-def _method(name: str) -> str:
+def _method(name: Any) -> methods_table.Method:
+    if not isinstance(name, str):
+        raise _invalid(((), f"expected a method name, got {_type_name(name)} {_shown(name)}"))
     try:
-        return methods_table.canonical(name)
+        return methods_table.parse(name)
     except methods_table.MethodError as e:
         raise _invalid(((), str(e))) from None
 
@@ -210,7 +226,8 @@ Positive = _number(float, 0, low_open=True)
 Family = _one_of(ARCHITECTURES, "family")
 PresetName = _one_of(PRESETS, "preset")
 Name = Annotated[str, BeforeValidator(_name)]
-MethodName = Annotated[str, AfterValidator(_method)]
+Method = Annotated[methods_table.Method, PlainValidator(_method), PlainSerializer(lambda m: m.name, return_type=str)]
+MethodName = Annotated[str, AfterValidator(lambda name: _method(name).name)]  # canonical: `wtacrs@.30` -> `wtacrs@0.3`
 Sizes = Annotated[tuple[Size, ...], BeforeValidator(_listed), AfterValidator(_nonempty), AfterValidator(_distinct)]
 
 
@@ -320,7 +337,7 @@ class Cell:
     family: str
     preset: str
     config: tuple[tuple[str, Any], ...]
-    method: str
+    method: methods_table.Method
     batch_size: int
     seq_len: int
     target_len: int | None
@@ -338,6 +355,12 @@ class Cell:
     seed: int
     threads: int | None = None  # cpu threads (``Training.threads``); not part of the cell's identity
     id_axes: tuple[str, ...] = field(default=(), compare=False)  # optional axes named in the id
+    point: ModelPoint | None = field(default=None, compare=False, repr=False)  # built once per model and dims
+
+    def identity(self) -> dict[str, Any]:
+        """What the cell's figures depend on: every field but the ``point`` built from them, the
+        method by its name. A field added to Cell joins it by itself."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "point"}, "method": self.method.name}
 
     @property
     def cell_id(self) -> str:
@@ -350,7 +373,7 @@ class Cell:
             point += f"-F{self.d_ff}"
         if "d_head" in self.id_axes:
             point += f"-K{self.d_head}"
-        return f"{self.model}/{self.method}/{point}"
+        return f"{self.model}/{self.method.name}/{point}"
 
     @property
     def params(self) -> dict[str, Any]:
@@ -358,7 +381,7 @@ class Cell:
         return {
             "model": self.model,
             "family": self.family,
-            "method": self.method,
+            "method": self.method.name,
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "target_len": self.target_len,
@@ -381,13 +404,14 @@ class Suite(_Schema):
     models: Annotated[tuple[ModelSpec, ...], AfterValidator(_nonempty), AfterValidator(_unique_names)] = Field(
         alias="model")
     grid: Grid
-    methods: Annotated[tuple[MethodName, ...], AfterValidator(_nonempty), AfterValidator(_methods_once)]
+    methods: Annotated[tuple[Method, ...], AfterValidator(_nonempty), AfterValidator(_methods_once)]
     training: Training = Training()
     device: _one_of(DEVICES) = "auto"
     models_device: _one_of(MODELS_DEVICES) = "cuda"
     budgets: Budgets = Budgets()
     checks: Annotated[tuple[Check, ...], _or(())] = ()
     _source: str = PrivateAttr("<suite>")
+    _points: list[list[ModelPoint]] = PrivateAttr(default_factory=list)  # per model, in grid order
     _cells: list[Cell] | None = PrivateAttr(None)
 
     @property
@@ -428,19 +452,21 @@ class Suite(_Schema):
         """Checks that need several sections: the checks' methods and the grid size, then (once
         those hold) dimensions per model, one meta build of every distinct model config, sequence
         limits, and the grid points of the checks."""
-        problems = [(("checks", index, role), f"method {name!r} is not in `methods`; {_did_you_mean(name, self.methods)}")
+        methods = tuple(m.name for m in self.methods)
+        problems = [(("checks", index, role), f"method {name!r} is not in `methods`; {_did_you_mean(name, methods)}")
                     for index, check in enumerate(self.checks)
                     for role, name in (("numerator", check.numerator), ("denominator", check.denominator))
-                    if name not in self.methods]
+                    if name not in methods]
         max_cells = (info.context or {}).get("max_cells", MAX_CELLS)
         if not problems and self.n_cells > max_cells:
             problems.append((("grid",), f"{self.n_cells} cells, more than the limit of {max_cells} "
                                         "(raise it with --max-cells)"))
-        problems = problems or _model_problems(self)
+        if not problems:
+            self._points, problems = _model_points(self)
         if problems:
             raise _invalid(*problems)
         for index, check in enumerate(self.checks):
-            matched = {c.method for c in self.cells() if all(c.params.get(k) == v for k, v in check.where.items())}
+            matched = {c.method.name for c in self.cells() if all(c.params.get(k) == v for k, v in check.where.items())}
             if not {check.numerator, check.denominator} <= matched:
                 shown = ", ".join(f"{k}={v!r}" for k, v in check.where.items())
                 problems.append((("checks", index, "where"), f"no grid point matches {{{shown}}}"))
@@ -459,59 +485,55 @@ def _cell_count(models: tuple[ModelSpec, ...], grid: Grid, methods: tuple[str, .
 def _expand(suite: Suite) -> list[Cell]:
     grid = suite.grid
     id_axes = tuple(axis for axis in ("d_ff", "d_head") if getattr(grid, axis) is not None)
+    training = suite.training.model_dump()
     cells = []
-    for spec in suite.models:
-        overrides = spec.config
+    for spec, points in zip(suite.models, suite._points):
+        config = tuple(sorted(spec.config.items()))
         encoder_decoder = ARCHITECTURES[spec.family].encoder_decoder
-        for d_model, n_head, d_ff, d_head in itertools.product(
-            grid.d_model or (None,), grid.n_head or (None,), grid.d_ff or (None,), grid.d_head or (None,)
-        ):
-            dims = resolve_dims(spec.preset, overrides, d_model=d_model, n_head=n_head, d_ff=d_ff, d_head=d_head)
-            for method, seq_len in itertools.product(suite.methods, grid.seq_len):
-                targets = (grid.target_len or (seq_len,)) if encoder_decoder else (None,)
-                for target_len, batch_size in itertools.product(targets, grid.batch_size):
-                    cells.append(
-                        Cell(
-                            suite=suite.name, model=spec.name, family=spec.family, preset=spec.preset,
-                            config=tuple(sorted(spec.config.items())), method=method, batch_size=batch_size, seq_len=seq_len,
-                            target_len=target_len, d_model=dims.d_model, n_head=dims.n_head, d_ff=dims.d_ff,
-                            d_head=dims.d_head, n_layers=dims.n_layers, id_axes=id_axes,
-                            **suite.training.model_dump(),
-                        )
-                    )
+        for point, method, seq_len in itertools.product(points, suite.methods, grid.seq_len):
+            dims = point.dims
+            targets = (grid.target_len or (seq_len,)) if encoder_decoder else (None,)
+            for target_len, batch_size in itertools.product(targets, grid.batch_size):
+                cells.append(Cell(
+                    suite=suite.name, model=spec.name, family=spec.family, preset=spec.preset, config=config,
+                    method=method, batch_size=batch_size, seq_len=seq_len, target_len=target_len,
+                    d_model=dims.d_model, n_head=dims.n_head, d_ff=dims.d_ff, d_head=dims.d_head,
+                    n_layers=dims.n_layers, id_axes=id_axes, point=point, **training,
+                ))
     return cells
 
 
-def _model_problems(suite: Suite) -> list[tuple[tuple[str | int, ...], str]]:
-    """Dimensions per model, one meta build of every distinct model config, sequence limits."""
-    grid, problems = suite.grid, []
+def _model_points(suite: Suite) -> tuple[list[list[ModelPoint]], list[tuple[tuple[str | int, ...], str]]]:
+    """Every model's points, in grid order (each distinct one built once), and what stops a
+    model: its dimensions, its meta build, its sequence limit."""
+    grid, points, problems = suite.grid, [], []
     if grid.target_len is not None and not any(ARCHITECTURES[m.family].encoder_decoder for m in suite.models):
         problems.append((("grid", "target_len"), "applies to encoder-decoder models (t5) only; none is in `model`"))
     swept = grid.d_model or grid.n_head or grid.d_ff or grid.d_head
     axis = ("grid", "n_head" if grid.n_head else "d_model" if grid.d_model else "d_head")
     for index, spec in enumerate(suite.models):
-        built: set[Dims] = set()
+        built: dict[Dims, ModelPoint] = {}
+        points.append([])
         for d_model, n_head, d_ff, d_head in itertools.product(
             grid.d_model or (None,), grid.n_head or (None,), grid.d_ff or (None,), grid.d_head or (None,)
         ):
             try:
                 dims = resolve_dims(spec.preset, spec.config, d_model=d_model, n_head=n_head, d_ff=d_ff, d_head=d_head)
+                if dims not in built:
+                    built[dims] = model_point(spec.preset, spec.config, dims, suite.training.attn_implementation)
             except DimsError as e:
                 problems.append((axis, f"{spec.name}: {e}"))
                 continue
-            if dims in built:
-                continue
-            built.add(dims)
-            problem = build_problem(spec.preset, spec.config, dims, suite.training.attn_implementation)
-            if problem:
+            except BuildError as e:
                 at = f" at d_model {dims.d_model}, n_head {dims.n_head}, d_ff {dims.d_ff}, d_head {dims.d_head}"
-                problems.append((axis if swept else ("model", index, "config"), f"{spec.name}{at if swept else ''}: {problem}"))
+                problems.append((axis if swept else ("model", index, "config"), f"{spec.name}{at if swept else ''}: {e}"))
                 break  # the model's other grid points would say the same
+            points[-1].append(built[dims])
         limit = max_positions(spec.family, spec.preset, spec.config)
         if limit is not None and max(grid.seq_len) > limit:
             problems.append((("grid", "seq_len"), f"{max(grid.seq_len)} exceeds {spec.name}'s {limit} positions "
                                                   f"(raise {ARCHITECTURES[spec.family].max_positions} under model.config)"))
-    return problems
+    return points, problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ uses the real backend, when present, to pin that reusing a meta model across cel
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pandas as pd
@@ -97,7 +96,7 @@ def test_a_failing_method_is_recorded_and_the_suite_goes_on(write_suite, tmp_pat
         raise ValueError("this method always fails")
 
     monkeypatch.setattr(methods_table, "METHODS",
-                        methods_table.METHODS + (methods_table.Method("boom", explode, False, "fails"),))
+                        methods_table.METHODS + (methods_table.MethodEntry("boom", explode, False, "fails"),))
     text = write_suite().read_text().replace("methods: [full, lora]", "methods: [full, boom, lora]")
     _, result = run(write_suite(text), tmp_path / "out", fake_measure)
     rows = records.read_records(result.results_path)
@@ -266,7 +265,7 @@ def test_every_family_estimates_on_meta(preset):
     grid = {"batch_size": [2], "seq_len": [16], **({"target_len": [8]} if preset.startswith("t5") else {})}
     suite = parse_suite({"model": preset, "grid": grid, "methods": ["full", "wtacrs@0.3"], "device": "meta",
                          "training": {"pad_fraction": 0.25}})
-    rows = {c.method: runner.CellRunner(suite, "meta", measure.measure_training_step).run(c) for c in suite.cells()}
+    rows = {c.method.name: runner.CellRunner(suite, "meta", measure.measure_training_step).run(c) for c in suite.cells()}
     for method, row in rows.items():
         assert row["status"] == "estimated", (method, row["message"])
         assert row["memory"]["peak_bytes"] > 0
