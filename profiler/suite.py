@@ -1,9 +1,10 @@
 """Suites: a YAML file naming models, a grid, methods, training settings, a device and checks.
 
-``load_suite(path)`` reads the file with a ``yaml.SafeLoader``, validates all of it and returns a
-frozen ``Suite``; on bad input it raises ``SuiteError`` holding every problem, one line each,
-as ``FILE:LINE: KEY: reason``. ``Suite.cells()`` expands the grid into ``Cell``s, each with a
-stable ``cell_id`` and the ``params`` of its record (``profiler.records``).
+``load_suite(path)`` reads the file with a ``yaml.SafeLoader``, validates all of it against the
+pydantic models below and returns a frozen ``Suite``; on bad input it raises ``SuiteError``
+holding every problem, one line each, as ``FILE:LINE: KEY: reason``. ``Suite.cells()`` expands
+the grid once into ``Cell``s, each with a stable ``cell_id``, the ``params`` of its record
+(``profiler.records``), its parsed ``Method`` and the ``ModelPoint`` built for its dimensions.
 
 What a file may make the loader and the validator do is capped, so that no file can exhaust
 memory or time: at most ``MAX_SUITE_BYTES`` (64 KiB; the shipped suites are under 3 KiB), at
@@ -428,7 +429,11 @@ class Suite(_Schema):
     @property
     def n_cells(self) -> int:
         """``len(self.cells())``, from the axis lengths: nothing is expanded."""
-        return _cell_count(self.models, self.grid, self.methods)
+        grid = self.grid
+        dims = math.prod(len(getattr(grid, axis) or (None,)) for axis in ("d_model", "n_head", "d_ff", "d_head"))
+        per_target = dims * len(self.methods) * len(grid.seq_len) * len(grid.batch_size)
+        targets = len(grid.target_len or (None,))  # target_len defaults to one value per seq_len
+        return sum(per_target * (targets if ARCHITECTURES[m.family].encoder_decoder else 1) for m in self.models)
 
     def to_json(self) -> dict[str, Any]:
         """The normalised suite, as written to ``suite.json`` beside ``results.jsonl``."""
@@ -473,13 +478,6 @@ class Suite(_Schema):
         if problems:
             raise _invalid(*problems)
         return self
-
-
-def _cell_count(models: tuple[ModelSpec, ...], grid: Grid, methods: tuple[str, ...]) -> int:
-    dims = math.prod(len(getattr(grid, axis) or (None,)) for axis in ("d_model", "n_head", "d_ff", "d_head"))
-    per_target = dims * len(methods) * len(grid.seq_len) * len(grid.batch_size)
-    targets = len(grid.target_len or (None,))  # target_len defaults to one value per seq_len
-    return sum(per_target * (targets if ARCHITECTURES[m.family].encoder_decoder else 1) for m in models)
 
 
 def _expand(suite: Suite) -> list[Cell]:
