@@ -46,11 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-
-from pydantic import ValidationError
 
 from profiler.suite import Check, problem_lines
 from profiler.terminal import printable
