@@ -46,10 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from profiler.suite import Check, problem_lines
 from profiler.terminal import printable
 
 from profiler.report import (
@@ -71,57 +73,23 @@ BASELINE_FORMAT = 2  # 2: each ratio names its figure kind
 DEFAULT_TOLERANCE = 0.05
 BASELINE_DIR = Path("reports/baselines")
 METRIC_LABELS = {"peak_bytes": "peak", "activation_bytes": "activations"}
-_CHECK_KEYS = {"metric", "numerator", "denominator", "min", "max", "where", "name"}
 MISMATCH = "kind mismatch"
 
 
-@dataclass(frozen=True)
-class RatioCheck:
-    """One bound on ``metric(numerator) / metric(denominator)`` at every matching grid point."""
+class RatioCheck(Check):
+    """One bound on ``metric(numerator) / metric(denominator)`` at every matching grid point: a
+    suite's ``Check`` (``where`` values may be lists: any of), with an optional display ``name``."""
 
-    metric: str
-    denominator: str
-    numerator: str = BASELINE_METHOD
-    min: float | None = None
-    max: float | None = None
-    where: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
 
     @classmethod
     def parse(cls, raw: Any, where_from: str) -> RatioCheck:
         """Validate one entry of suite.json's ``checks``; ResultsError names what is wrong."""
-        if not isinstance(raw, dict):
-            raise ResultsError(f"{where_from}: a check must be an object, got {type(raw).__name__}")
-        unknown = set(raw) - _CHECK_KEYS
-        if unknown:
-            raise ResultsError(f"{where_from}: unknown key(s) {', '.join(sorted(unknown))}; "
-                               f"expected {', '.join(sorted(_CHECK_KEYS))}")
-        metric = raw.get("metric")
-        if metric not in METRICS:
-            raise ResultsError(f"{where_from}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-        for key in ("numerator", "denominator"):
-            if key in raw and not (isinstance(raw[key], str) and raw[key]):
-                raise ResultsError(f"{where_from}: {key} must be a method name, got {raw[key]!r}")
-        if "denominator" not in raw:
-            raise ResultsError(f"{where_from}: missing 'denominator' (the method whose ratio is checked)")
-        bounds = {}
-        for key in ("min", "max"):
-            value = raw.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
-                raise ResultsError(f"{where_from}: {key} must be a positive number, got {value!r}")
-            bounds[key] = None if value is None else float(value)
-        if bounds["min"] is None and bounds["max"] is None:
-            raise ResultsError(f"{where_from}: give 'min', 'max' or both")
-        if bounds["min"] is not None and bounds["max"] is not None and bounds["min"] > bounds["max"]:
-            raise ResultsError(f"{where_from}: min {bounds['min']} is above max {bounds['max']}")
-        where = raw.get("where") or {}
-        if not isinstance(where, dict) or "method" in where:
-            raise ResultsError(f"{where_from}: 'where' must map grid parameters (not method) to values")
-        name = raw.get("name")
-        return cls(metric=metric, denominator=raw["denominator"], numerator=raw.get("numerator", BASELINE_METHOD),
-                   min=bounds["min"], max=bounds["max"], where=dict(where),
-                   name=str(name) if name is not None else None)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            key, reason = problem_lines(e, cls)[0]
+            raise ResultsError(f"{where_from}{'.' + key if key else ''}: {reason}") from None
 
     def describe(self) -> str:
         if self.name:

@@ -12,8 +12,8 @@
 ``lora+wtacrs@R``      LoRA, then ``wtacrs.convert`` (only ``lora_A`` inputs are sampled)
 =====================  ======================================================================
 
-``0 < R <= 1``. ``prepare(name, model, family, seed)`` applies a method in place (peft wraps the
-model, so use the returned module). A method whose library part is missing raises
+``0 < R <= 1``. ``parse(name)`` reads a name once into a ``Method``; ``Method.prepare(model,
+family, seed)`` applies it in place (peft wraps the model, so use the returned module). A method whose library part is missing raises
 ``MethodUnavailable`` and the runner records the cell as skipped.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -87,7 +87,7 @@ def _lora_wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int |
 
 
 @dataclass(frozen=True)
-class Method:
+class MethodEntry:
     pattern: str  # full match against the method name; group "ratio" if the method takes one
     prepare: Callable[[nn.Module, str, float | None, int | None], nn.Module]
     uses_wtacrs: bool
@@ -96,54 +96,57 @@ class Method:
 
 _RATIO = r"@(?P<ratio>[0-9]*\.?[0-9]+(?:[eE]-?[0-9]+)?)"
 
-METHODS: tuple[Method, ...] = (
-    Method("full", _full, False, "full fine-tuning"),
-    Method("lora", _lora, False, f"peft LoRA r={LORA_RANK} on peft's default targets"),
-    Method("checkpointing", _checkpointing, False, "activation checkpointing of every layer"),
-    Method("wtacrs" + _RATIO, _wtacrs, True, "WTA-CRS on Linear-Q/K/V/O/U/D and TensorMul-1/2"),
-    Method("wtacrs-linear" + _RATIO, _wtacrs_linear, True, "WTA-CRS on the Linears only"),
-    Method("lora\\+wtacrs" + _RATIO, _lora_wtacrs, True, "LoRA, then WTA-CRS on lora_A inputs"),
+METHODS: tuple[MethodEntry, ...] = (
+    MethodEntry("full", _full, False, "full fine-tuning"),
+    MethodEntry("lora", _lora, False, f"peft LoRA r={LORA_RANK} on peft's default targets"),
+    MethodEntry("checkpointing", _checkpointing, False, "activation checkpointing of every layer"),
+    MethodEntry("wtacrs" + _RATIO, _wtacrs, True, "WTA-CRS on Linear-Q/K/V/O/U/D and TensorMul-1/2"),
+    MethodEntry("wtacrs-linear" + _RATIO, _wtacrs_linear, True, "WTA-CRS on the Linears only"),
+    MethodEntry("lora\\+wtacrs" + _RATIO, _lora_wtacrs, True, "LoRA, then WTA-CRS on lora_A inputs"),
 )
 
 METHOD_NAMES_HELP = "full, lora, checkpointing, wtacrs@R, wtacrs-linear@R, lora+wtacrs@R (0 < R <= 1)"
 
 
-def parse(name: str) -> tuple[Method, float | None]:
-    """The table entry and ratio of a method name; MethodError says what is wrong."""
-    for method in METHODS:
-        match = re.fullmatch(method.pattern, name)
+@dataclass(frozen=True)
+class Method:
+    """A method name read once: its canonical spelling (``wtacrs@.30`` is ``wtacrs@0.3``), the
+    table entry it matched and its ratio. Equal names are equal methods."""
+
+    name: str
+    entry: MethodEntry = field(compare=False, repr=False)
+    ratio: float | None = None
+
+    def prepare(self, model: nn.Module, family: str, seed: int | None = 0) -> nn.Module:
+        """Apply the method to ``model`` (in place where the library allows) and return it."""
+        return self.entry.prepare(model, family, self.ratio, seed)
+
+    def unavailable(self) -> str | None:
+        """None if the method can run in this install, else the reason it cannot."""
+        if not self.entry.uses_wtacrs:
+            return None
+        try:
+            _wtacrs_config(self.ratio, None)
+        except MethodUnavailable as e:
+            return str(e)
+        return None
+
+
+def parse(name: str) -> Method:
+    """The method a name means; MethodError says what is wrong."""
+    for entry in METHODS:
+        match = re.fullmatch(entry.pattern, name)
         if match is None:
             continue
-        if "ratio" not in method.pattern:
-            return method, None
+        if "ratio" not in entry.pattern:
+            return Method(name, entry)
         ratio = float(match["ratio"])
         if not 0 < ratio <= 1:
             raise MethodError(f"ratio {match['ratio']} is not in (0, 1]")
-        return method, ratio
+        return Method(f"{name.split('@')[0]}@{ratio:g}", entry, ratio)
     raise MethodError(f"unknown method {name!r}; expected one of {METHOD_NAMES_HELP}")
 
 
-def canonical(name: str) -> str:
-    """One spelling per method: ``wtacrs@.30`` and ``wtacrs@0.3`` are both ``wtacrs@0.3``."""
-    method, ratio = parse(name)
-    if ratio is None:
-        return name
-    return f"{name.split('@')[0]}@{ratio:g}"
-
-
 def prepare(name: str, model: nn.Module, family: str, seed: int | None = 0) -> nn.Module:
-    """Apply method ``name`` to ``model`` (in place where the library allows) and return it."""
-    method, ratio = parse(name)
-    return method.prepare(model, family, ratio, seed)
-
-
-def available(name: str) -> str | None:
-    """None if the method can run in this install, else the reason it cannot."""
-    method, ratio = parse(name)
-    if not method.uses_wtacrs:
-        return None
-    try:
-        _wtacrs_config(ratio, None)
-    except MethodUnavailable as e:
-        return str(e)
-    return None
+    """``parse(name).prepare(model, family, seed)``."""
+    return parse(name).prepare(model, family, seed)

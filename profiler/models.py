@@ -12,6 +12,7 @@ under a second even for T5-3B); ``make_batch`` builds the synthetic batch of tha
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import math
 import warnings
@@ -41,6 +42,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 from transformers import masking_utils
+
+from wtacrs.taxonomy import Family, family_for_model_type
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -261,19 +264,29 @@ def resolve_dims(
     return Dims(model, heads, d_ff, d_head, base.n_layers)
 
 
+@dataclass(frozen=True)
+class ModelPoint:
+    """One model at one point of its dimensions, built once when its suite is validated and shared
+    by every cell there. Models built from it get a copy of ``config``: transformers writes the
+    dtype and attention implementation into the config a model is built from."""
+
+    dims: Dims
+    config: PretrainedConfig  # preset, then overrides, then the grid's dimensions; no KV cache
+    taxonomy: Family | None  # the wtacrs family table entry (None: no entry for this model type)
+
+
+class BuildError(ValueError):
+    """Why no model can be built at a grid point, in one line."""
+
+
 class CellLike(Protocol):
     """What the factory reads from a cell (``profiler.suite.Cell``)."""
 
     family: str
-    preset: str
-    config: tuple[tuple[str, Any], ...]
+    point: ModelPoint
     batch_size: int
     seq_len: int
     target_len: int | None
-    d_model: int
-    n_head: int
-    d_ff: int
-    d_head: int
     dtype: str
     attn_implementation: str
     pad_fraction: float
@@ -294,16 +307,6 @@ def config_values(preset: str, overrides: dict[str, Any], dims: Dims) -> dict[st
         kv = max(1, round(dims.n_head * values.get(arch.n_kv_head, preset_heads) / preset_heads))
         values[arch.n_kv_head] = kv if dims.n_head % kv == 0 else dims.n_head
     return values
-
-
-def build_config(cell: CellLike) -> PretrainedConfig:
-    """The transformers config of a cell: preset, then overrides, then the grid's dimensions."""
-    dims = Dims(cell.d_model, cell.n_head, cell.d_ff, cell.d_head, 0)
-    config = ARCHITECTURES[cell.family].config_class(**config_values(cell.preset, dict(cell.config), dims))
-    if hasattr(config, "use_cache"):
-        # training builds no KV cache: transformers 5 would keep concatenated copies of K and V
-        config.use_cache = False
-    return config
 
 
 @contextlib.contextmanager
@@ -353,28 +356,32 @@ def config_problems(family: str, values: dict[str, Any]) -> list[tuple[str | Non
     return [(key, reason) for failed, key, reason in checks if failed]
 
 
-def build_problem(preset: str, overrides: dict[str, Any], dims: Dims, attn_implementation: str = "eager") -> str | None:
-    """Why the model of one grid point cannot be built, in one line, or None.
-
-    Runs ``config_problems``, then builds the model on meta with one block per stack: every block
-    of a stack is built alike, and one costs milliseconds where T5-3B's 48 take a tenth of a second.
-    """
+def model_point(preset: str, overrides: dict[str, Any], dims: Dims, attn_implementation: str = "eager") -> ModelPoint:
+    """The config of one grid point, checked: ``config_problems``, then a build on meta with one
+    block per stack (every block of a stack is built alike, and one costs milliseconds where
+    T5-3B's 48 take a tenth of a second). BuildError says why no model can be built."""
     family = PRESETS[preset].family
     arch = ARCHITECTURES[family]
     values = config_values(preset, overrides, dims)
     try:
         problems = config_problems(family, values)
         if problems:
-            return "; ".join(f"{key}: {reason}" if key else reason for key, reason in problems)
+            raise BuildError("; ".join(f"{key}: {reason}" if key else reason for key, reason in problems))
         with quiet_transformers(), torch.device("meta"):
             config = arch.config_class(**values)
+            if hasattr(config, "use_cache"):
+                # training builds no KV cache: transformers 5 would keep concatenated copies of K and V
+                config.use_cache = False
+            one_block = copy.deepcopy(config)
             for layers in (arch.n_layers, "num_decoder_layers"):  # T5 has a second stack
-                if hasattr(config, layers):
-                    setattr(config, layers, 1)
-            arch.model_class._from_config(config, attn_implementation=attn_implementation)
+                if hasattr(one_block, layers):
+                    setattr(one_block, layers, 1)
+            arch.model_class._from_config(one_block, attn_implementation=attn_implementation)
+    except BuildError:
+        raise
     except Exception as e:  # noqa: BLE001 -- whatever stops the build is the answer
-        return f"cannot build: {type(e).__name__}: {one_line(e)}"
-    return None
+        raise BuildError(f"cannot build: {type(e).__name__}: {one_line(e)}") from None
+    return ModelPoint(dims, config, family_for_model_type(config.model_type))
 
 
 def one_line(error: BaseException) -> str:
@@ -397,7 +404,7 @@ def build_model(cell: CellLike, device: str | torch.device) -> nn.Module:
     Weights are seeded (``torch.manual_seed(0)``) on real devices so runs are reproducible.
     """
     arch = ARCHITECTURES[cell.family]
-    config = build_config(cell)
+    config = copy.deepcopy(cell.point.config)
     dtype = DTYPES[cell.dtype]
     device = torch.device(device)
     if device.type != "meta":
@@ -447,7 +454,7 @@ def make_batch(cell: CellLike, device: str | torch.device, generator: torch.Gene
         return {name: torch.empty(shape, dtype=torch.long, device="meta") for name, shape in _meta_shapes(cell).items()}
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    config = build_config(cell)
+    config = cell.point.config
     vocab = config.vocab_size
     input_ids, attention_mask = _ids_and_mask(cell, cell.seq_len, vocab, generator)
     if cell.family == "t5":

@@ -1,42 +1,9 @@
 """Records: one JSON object per measured cell, appended to ``results.jsonl``.
 
-A record is a plain dict so it survives any JSON tool. Its keys:
-
-``cell_id``         readable id of the cell (model, method and grid point), unique in a suite
-``cell_key``        identity of the cell's figures: a hash of all its settings and the run's device
-                    policy (``runner.cell_key``); ``--resume`` reuses a record only under its key,
-                    and report and check read only the keys ``suite.json`` lists
-``suite``           suite name (user string: escape before rendering)
-``params``          the cell parameters: ``model`` (preset name), ``family``, ``method``,
-                    ``batch_size``, ``seq_len``, ``target_len`` (None for encoder/decoder-only
-                    models), ``d_model``, ``n_head``, ``d_ff``, ``d_head``, ``n_layers``,
-                    ``dtype``, ``optimizer``, ``attn_implementation``
-``device``          where the step ran: ``cuda`` | ``cpu`` | ``meta``
-``models_device``   the device whose kernels the figures model (``cuda`` for meta estimates by
-                    default, else the device itself)
-``status``          ``ok`` | ``estimated`` | ``oom`` | ``error`` | ``skipped``
-``message``         why, for any status but ok/estimated ("" otherwise)
-``memory``          ``{"peak_bytes", "reserved_bytes", "nvml_used_bytes", "categories": {
-                    "parameters", "gradients", "optimizer_state", "activations",
-                    "temporaries", "other"}}`` -- bytes alive at the peak instant; unknown
-                    values are None (``activations`` there is what is still saved at the peak:
-                    little when the peak falls in the optimizer step)
-``activations``     list of ``{"operator", "category", "bytes"}`` (wtacrs.taxonomy names), the
-                    deduplicated bytes saved for backward in the forward pass (parameters and
-                    buffers excluded); their sum is the "activations" of reports and checks
-``throughput``      ``{"step_time_s", "tokens_per_s", "samples_per_s", "timed_steps"}`` or None
-                    (None for meta estimates)
-``flops``           FLOPs of one training step (matmuls), or None
-``env``             ``{"torch", "transformers", "peft", "python", "device_name", "host"}``
-``finished_at``     ISO-8601 UTC time the cell ended
-
-Optional keys: ``estimate`` (``device: auto`` cells measured on the CPU after a meta estimate:
-``{"peak_bytes", "activation_bytes", "models_device", "flops", "cpu_seconds"}``; reports compare
-it with other estimates, never with measured figures), ``traceback`` (the last frames of a
-cell with status ``error``/``oom``). For ``estimated`` cells of ``device: auto``, ``message``
-says why no CPU run was made. ``results.jsonl`` holds one record per cell (``--resume``
-rewrites it without the failed tries it reruns, and moves the records of cells the suite no
-longer has to ``superseded.jsonl``).
+A record is a plain dict so it survives any JSON tool; ``CellRecord`` is its schema, and the
+runner builds every record through it (``CellRecord(...).to_json()``). ``results.jsonl`` holds
+one record per cell (``--resume`` rewrites it without the failed tries it reruns, and moves the
+records of cells the suite no longer has to ``superseded.jsonl``).
 
 Bytes are ints. Missing figures are None, never 0.
 """
@@ -44,17 +11,105 @@ Bytes are ints. Missing figures are None, never 0.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 STATUSES = ("ok", "estimated", "oom", "error", "skipped")
 MEMORY_CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "other")
 FINISHED_STATUSES = ("ok", "estimated", "oom")  # --resume does not retry these
 
-Record = dict[str, Any]
+Record = dict[str, Any]  # a CellRecord as JSON
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Memory(_Part):
+    """Bytes alive at the peak instant; unknown values are None (``activations`` there is what is
+    still saved at the peak: little when the peak falls in the optimizer step)."""
+
+    peak_bytes: int
+    reserved_bytes: int | None = None  # cuda allocator
+    nvml_used_bytes: int | None = None  # whole device, every process: context only
+    categories: dict[Literal[MEMORY_CATEGORIES], int | None]
+
+
+class Activation(_Part):
+    """Deduplicated bytes saved for backward in the forward pass by one operator of one category
+    (wtacrs.taxonomy names), parameters and buffers excluded."""
+
+    operator: str
+    category: str
+    bytes: int
+
+
+class Throughput(_Part):
+    step_time_s: float  # median of the timed steps
+    tokens_per_s: float | None
+    samples_per_s: float | None
+    timed_steps: int
+
+
+class Estimate(_Part):
+    """The meta estimate of a ``device: auto`` cell that then ran on the CPU (reports compare it
+    with other estimates, never with measured figures)."""
+
+    peak_bytes: int
+    activation_bytes: int
+    models_device: str
+    flops: int | None
+    cpu_seconds: float
+
+
+class Env(_Part):
+    torch: str
+    transformers: str
+    peft: str | None
+    python: str
+    device_name: str
+    host: str
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class CellRecord(_Part):
+    """The record of one cell.
+
+    ``cell_key`` is the identity of the cell's figures (``runner.cell_key``): ``--resume`` reuses a
+    record only under its key, and report and check read only the keys ``suite.json`` lists.
+    ``activations`` sum to the "activations" of reports and checks. For ``estimated`` cells of
+    ``device: auto``, ``message`` says why no CPU run was made. ``estimate`` and ``traceback``
+    (the last frames of an ``error``/``oom`` cell) are written only where they have a value.
+    """
+
+    cell_id: str  # model, method and grid point; unique in a suite
+    cell_key: str | None = None  # set when the run writes the record
+    suite: str  # user string: escape before rendering
+    params: dict[str, Any]  # ``suite.Cell.params``
+    device: Literal["cuda", "cpu", "meta"]  # where the step ran
+    models_device: Literal["cuda", "cpu"]  # whose kernels the figures model
+    status: Literal[STATUSES]
+    message: str = ""  # why, for any status but ok/estimated
+    memory: Memory | None = None
+    activations: list[Activation] | None = None
+    throughput: Throughput | None = None  # None for meta estimates
+    flops: int | None = None  # of one training step (matmuls)
+    env: Env
+    finished_at: str = Field(default_factory=_now)  # ISO-8601 UTC time the cell ended
+    estimate: Estimate | None = None
+    traceback: str | None = None
+
+    def to_json(self) -> Record:
+        return self.model_dump(exclude={key for key in ("estimate", "traceback") if getattr(self, key) is None})
 
 
 def append_record(path: str | os.PathLike, record: Record) -> None:

@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
-import datetime as dt
 import fcntl
 import fnmatch
+import functools
 import gc
 import hashlib
 import json
@@ -121,16 +120,16 @@ def run_policy(suite: Suite, device: str) -> dict[str, Any]:
     if device in ("meta", "auto"):
         policy["models_device"] = suite.models_device
     if device == "auto":
-        policy["budgets"] = {k: v for k, v in dataclasses.asdict(suite.budgets).items() if k != "memory_gib"}
+        policy["budgets"] = suite.budgets.model_dump(exclude={"memory_gib"})
     return policy
 
 
 def cell_key(cell: Cell, policy: dict[str, Any]) -> str:
     """The identity of a cell's figures: a hash of the canonical JSON of the whole cell (model,
     family, preset, config overrides, every dimension, method, training settings) and the run
-    ``policy`` (``run_policy``). It is derived from the whole cell, not from a list of fields: a
-    field added to ``Cell`` joins the identity by itself."""
-    content = {"cell": dataclasses.asdict(cell), "policy": policy}
+    ``policy`` (``run_policy``). It is derived from the whole cell (``Cell.identity``), not from a
+    list of fields: a field added to ``Cell`` joins the identity by itself."""
+    content = {"cell": cell.identity(), "policy": policy}
     text = json.dumps(_canonical(content), sort_keys=True, separators=(",", ":"), default=repr)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -385,15 +384,6 @@ def build_optimizer(model: torch.nn.Module, name: str) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1e-3)
 
 
-def _family_of(model: torch.nn.Module):
-    from wtacrs.taxonomy import UnsupportedModelError, family_of
-
-    try:
-        return family_of(model)
-    except UnsupportedModelError:
-        return None
-
-
 def _is_oom(error: BaseException) -> bool:
     if isinstance(error, MemoryError):
         return True
@@ -434,7 +424,7 @@ class _ModelCache:
 
 def _prepared_model(cell: Cell, device: str) -> torch.nn.Module:
     model = build_model(cell, device)
-    return methods_table.prepare(cell.method, model, cell.family, seed=cell.seed).train()
+    return cell.method.prepare(model, cell.family, seed=cell.seed).train()
 
 
 def _measure_on(
@@ -446,7 +436,7 @@ def _measure_on(
         optimizer = build_optimizer(model, cell.optimizer)
         with MetaMaskChecks(cell) if device == "meta" else contextlib.nullcontext():
             return measure(
-                model, batch, optimizer, device=device, family=_family_of(model),
+                model, batch, optimizer, device=device, family=cell.point.taxonomy,
                 warmup_steps=cell.warmup_steps, timed_steps=cell.timed_steps, models_device=models_device,
             )
     finally:
@@ -457,25 +447,31 @@ def _measure_on(
                 torch.cuda.empty_cache()
 
 
-def _memory(measurement: Any) -> dict[str, Any]:
-    return {
-        "peak_bytes": int(measurement.peak_bytes),
-        "reserved_bytes": measurement.reserved_bytes,
-        "nvml_used_bytes": measurement.nvml_used_bytes,
-        "categories": {k: measurement.categories.get(k) for k in records.MEMORY_CATEGORIES},
-    }
-
-
-def _throughput(cell: Cell, measurement: Any) -> dict[str, Any] | None:
-    if not measurement.step_times_s:
-        return None
-    step = statistics.median(measurement.step_times_s)
-    return {
-        "step_time_s": step,
-        "tokens_per_s": tokens_per_step(cell) / step if step > 0 else None,
-        "samples_per_s": cell.batch_size / step if step > 0 else None,
-        "timed_steps": len(measurement.step_times_s),
-    }
+def _record(cell: Cell, device: str, models_device: str, measurement: Any = None, **fields: Any) -> records.Record:
+    """The record of ``cell`` run on ``device``: its ``measurement``, or the status, message and
+    traceback of what stopped it; ``estimate`` (in ``fields``): the meta estimate of a CPU run."""
+    figures = {}
+    if measurement is not None:
+        step = statistics.median(measurement.step_times_s) if measurement.step_times_s else None
+        figures = dict(
+            status="estimated" if measurement.estimated else "ok",
+            models_device=measurement.models_device,
+            memory={"peak_bytes": int(measurement.peak_bytes), "reserved_bytes": measurement.reserved_bytes,
+                    "nvml_used_bytes": measurement.nvml_used_bytes,
+                    "categories": {k: measurement.categories.get(k) for k in records.MEMORY_CATEGORIES}},
+            activations=measurement.activations,
+            throughput=None if step is None else {
+                "step_time_s": step,
+                "tokens_per_s": tokens_per_step(cell) / step if step > 0 else None,
+                "samples_per_s": cell.batch_size / step if step > 0 else None,
+                "timed_steps": len(measurement.step_times_s),
+            },
+            flops=measurement.flops,
+        )
+    return records.CellRecord(**{
+        "cell_id": cell.cell_id, "suite": cell.suite, "params": cell.params, "device": device,
+        "models_device": models_device, "env": environment(device, models_device), **fields, **figures,
+    }).to_json()
 
 
 class CellRunner:
@@ -501,57 +497,25 @@ class CellRunner:
         """The meta estimate of ``cell`` (what a worker process computes for ``auto``/``meta``)."""
         return self._run_on(cell, "meta")
 
-    def _run_on(self, cell: Cell, device: str) -> records.Record:
-        with cpu_threads(cell.threads if device == "cpu" else None):  # the env names the thread count
-            return self._record_on(cell, device)
-
-    def _record_on(self, cell: Cell, device: str) -> records.Record:
-        record: records.Record = {
-            "cell_id": cell.cell_id,
-            "suite": self.suite.name,
-            "params": cell.params,
-            "device": None,
-            "models_device": None,
-            "status": None,
-            "message": "",
-            "memory": None,
-            "activations": None,
-            "throughput": None,
-            "flops": None,
-            "env": None,
-        }
+    def _run_on(self, cell: Cell, device: str, estimate: dict[str, Any] | None = None) -> records.Record:
         models_device = self.suite.models_device if device == "meta" else device
-        record.update(device=device, models_device=models_device, env=environment(device, models_device))
-        try:
-            unavailable = methods_table.available(cell.method)
-            if unavailable:
-                record.update(status="skipped", message=unavailable)
-                return self._finish(record)
-            with quiet_transformers():
-                measurement = _measure_on(cell, device, models_device, self.measure, self.cache)
-                self._fill(record, cell, measurement)
-        except KeyboardInterrupt:
-            raise
-        except methods_table.MethodUnavailable as e:
-            record.update(status="skipped", message=str(e))
-        except BaseException as e:  # noqa: BLE001 -- one failing cell must not stop the suite
-            self.cache.clear()
-            record.update(
-                status="oom" if _is_oom(e) else "error",
-                message=_short(e),
-                traceback="".join(traceback.format_exception(e)[-6:]),
-            )
-        return self._finish(record)
-
-    def _fill(self, record: records.Record, cell: Cell, measurement: Any) -> None:
-        record.update(
-            status="estimated" if measurement.estimated else "ok",
-            models_device=measurement.models_device,
-            memory=_memory(measurement),
-            activations=[dict(item) for item in measurement.activations],
-            throughput=_throughput(cell, measurement),
-            flops=measurement.flops,
-        )
+        record = functools.partial(_record, cell, device, models_device, estimate=estimate)
+        # the env names the thread count
+        with cpu_threads(cell.threads if device == "cpu" else None):
+            try:
+                unavailable = cell.method.unavailable()
+                if unavailable:
+                    return record(status="skipped", message=unavailable)
+                with quiet_transformers():
+                    return record(_measure_on(cell, device, models_device, self.measure, self.cache))
+            except KeyboardInterrupt:
+                raise
+            except methods_table.MethodUnavailable as e:
+                return record(status="skipped", message=str(e))
+            except BaseException as e:  # noqa: BLE001 -- one failing cell must not stop the suite
+                self.cache.clear()
+                return record(status="oom" if _is_oom(e) else "error", message=_short(e),
+                              traceback="".join(traceback.format_exception(e)[-6:]))
 
     def consider_cpu(self, record: records.Record, cell: Cell) -> records.Record:
         """After the meta estimate: run on the CPU if the budgets allow, else say why not."""
@@ -580,24 +544,15 @@ class CellRunner:
             record["message"] = f"estimate kept: a CPU run needs about {seconds:.0f} s ({limit})"
             return record
         self.cache.clear()  # the CPU run needs the memory more than the meta model does
+        estimate = {"peak_bytes": peak, "activation_bytes": sum(item["bytes"] for item in record["activations"] or []),
+                    "models_device": record["models_device"], "flops": record["flops"], "cpu_seconds": seconds}
         start = time.perf_counter()
-        measured = self._run_on(cell, "cpu")
+        measured = self._run_on(cell, "cpu", estimate=estimate)
         elapsed = time.perf_counter() - start
         self.cpu_seconds_used += elapsed
         if predicted > 0:
             self.time_scale = max(self.time_scale, elapsed / predicted)
-        measured["estimate"] = {
-            "peak_bytes": peak,
-            "activation_bytes": sum(item["bytes"] for item in record["activations"] or []),
-            "models_device": record["models_device"],
-            "flops": record["flops"],
-            "cpu_seconds": seconds,
-        }
         return measured
-
-    def _finish(self, record: records.Record) -> records.Record:
-        record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        return record
 
     def close(self) -> None:
         self.cache.clear()

@@ -1,9 +1,10 @@
 """Suites: a YAML file naming models, a grid, methods, training settings, a device and checks.
 
-``load_suite(path)`` reads the file with a ``yaml.SafeLoader``, validates all of it and returns a
-frozen ``Suite``; on bad input it raises ``SuiteError`` holding every problem, one line each,
-as ``FILE:LINE: KEY: reason``. ``Suite.cells()`` expands the grid into ``Cell``s, each with a
-stable ``cell_id`` and the ``params`` of its record (``profiler.records``).
+``load_suite(path)`` reads the file with a ``yaml.SafeLoader``, validates all of it against the
+pydantic models below and returns a frozen ``Suite``; on bad input it raises ``SuiteError``
+holding every problem, one line each, as ``FILE:LINE: KEY: reason``. ``Suite.cells()`` expands
+the grid once into ``Cell``s, each with a stable ``cell_id``, the ``params`` of its record
+(``profiler.records``), its parsed ``Method`` and the ``ModelPoint`` built for its dimensions.
 
 What a file may make the loader and the validator do is capped, so that no file can exhaust
 memory or time: at most ``MAX_SUITE_BYTES`` (64 KiB; the shipped suites are under 3 KiB), at
@@ -44,12 +45,25 @@ import itertools
 import math
 import os
 import reprlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from profiler import methods as methods_table
 from profiler.models import (
@@ -58,12 +72,14 @@ from profiler.models import (
     DEFAULT_PRESETS,
     DTYPES,
     PRESETS,
+    BuildError,
     Dims,
     DimsError,
-    build_problem,
+    ModelPoint,
     config_keys,
     config_problems,
     max_positions,
+    model_point,
     one_line,
     resolve_dims,
 )
@@ -72,7 +88,6 @@ DEVICES = ("auto", "cpu", "cuda", "meta")
 MODELS_DEVICES = ("cuda", "cpu")
 OPTIMIZERS = ("adamw", "sgd")
 CHECK_METRICS = ("peak_bytes", "activation_bytes")
-GRID_KEYS = ("batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head")
 # keys a check's ``where`` may select on: the record params that vary across cells
 WHERE_KEYS = ("model", "family", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head")
 
@@ -94,60 +109,224 @@ class SuiteError(Exception):
         self.lines = list(lines)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str  # label used in cell ids and reports (the preset unless given)
-    family: str
-    preset: str
-    config: tuple[tuple[str, Any], ...] = ()  # transformers config overrides, sorted by key
+# ---------------------------------------------------------------------------------------------
+# Field types: pydantic checks the structure; these carry the rules and messages of one value
 
 
-@dataclass(frozen=True)
-class Grid:
+def _invalid(*problems: tuple[tuple[str | int, ...], str]) -> PydanticCustomError:
+    """An error of several problems, each (key path below where it is raised, reason): one line each."""
+    return PydanticCustomError("suite", "{problems}", {"problems": list(problems)})
+
+
+def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    listed = "expected one of " + ", ".join(choices) if len(choices) <= 8 else ""
+    if close:
+        return f"did you mean {close[0]!r}?" + (f" ({listed})" if listed else "")
+    return listed or "expected one of " + ", ".join(sorted(choices))
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_shown = _REPR.repr  # values in messages: a 60 KiB string is not echoed whole
+
+
+def _bound(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _number(kind: type, low: float, high: float | None = None, *, low_open: bool = False) -> Any:
+    """A strict int or float (an int is a float too, a bool neither) within the bounds."""
+    def check(value):
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            bound = f"{'>' if low_open else '>='} {_bound(low)}" + (f" and <= {_bound(high)}" if high is not None else "")
+            raise _invalid(((), f"{_bound(value)} must be {bound}"))
+        return value
+
+    return Annotated[kind, Strict(), AfterValidator(check)]
+
+
+def _one_of(choices: Any, what: str | None = None) -> Any:
+    """A string in ``choices`` (a live table: a family registered later is a choice too)."""
+    def check(value):
+        if not isinstance(value, str) or value not in choices:
+            said = f"unknown {what} {value!r}" if what else f"{_shown(value)} is not allowed"
+            raise _invalid(((), f"{said}; {_did_you_mean(value, tuple(choices))}"))
+        return value
+
+    return Annotated[str, BeforeValidator(check)]
+
+
+def _name(value: Any) -> str:
+    """A suite or model name: a directory name and part of cell ids."""
+    if not isinstance(value, str) or not value.strip() or "/" in value or value in (".", "..") or not value.isprintable():
+        raise _invalid(((), f"expected a non-empty name of printable characters without '/', got {_shown(value)}"))
+    if len(value) > MAX_NAME_CHARS:
+        raise _invalid(((), f"expected at most {MAX_NAME_CHARS} characters, got {len(value)}"))
+    return value
+
+
+def _nonempty(values: tuple) -> tuple:
+    if not values:  # not Field(min_length=1): pydantic would say so too when every item is bad
+        raise _invalid(((), "empty list; give at least one value"))
+    return values
+
+
+def _distinct(values: tuple) -> tuple:
+    if len(set(values)) != len(values):
+        raise _invalid(((), f"repeated values in {list(values)}"))
+    return values
+
+
+def _no_repeats(names: tuple[str, ...], what: str, hint: str = "") -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise _invalid(*(((), f"{what} {name!r} appears twice{hint}") for name in repeated))
+
+
+def _methods_once(methods: tuple[methods_table.Method, ...]) -> tuple[methods_table.Method, ...]:
+    _no_repeats(tuple(m.name for m in methods), "method")
+    return methods
+
+
+def _unique_names(models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+    _no_repeats(tuple(m.name for m in models), "model name", "; give each entry its own `name`")
+    return models
+
+
+def _where_keys(where: dict[str, Any]) -> dict[str, Any]:
+    unknown = [k for k in where if k not in WHERE_KEYS]
+    if unknown:
+        raise _invalid(*(((k,), f"unknown key; {_did_you_mean(k, WHERE_KEYS)}") for k in unknown))
+    return where
+
+
+def _method(name: Any) -> methods_table.Method:
+    if not isinstance(name, str):
+        raise _invalid(((), f"expected a method name, got {_type_name(name)} {_shown(name)}"))
+    try:
+        return methods_table.parse(name)
+    except methods_table.MethodError as e:
+        raise _invalid(((), str(e))) from None
+
+
+def _listed(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]  # `batch_size: 4` is `[4]`
+
+
+def _or(empty: Any) -> BeforeValidator:
+    return BeforeValidator(lambda value: empty if value is None else value)  # `config:` with nothing after
+
+
+Size = _number(int, 1, MAX_SIZE)
+Positive = _number(float, 0, low_open=True)
+Family = _one_of(ARCHITECTURES, "family")
+PresetName = _one_of(PRESETS, "preset")
+Name = Annotated[str, BeforeValidator(_name)]
+Method = Annotated[methods_table.Method, PlainValidator(_method), PlainSerializer(lambda m: m.name, return_type=str)]
+MethodName = Annotated[str, AfterValidator(lambda name: _method(name).name)]  # canonical: `wtacrs@.30` -> `wtacrs@0.3`
+Sizes = Annotated[tuple[Size, ...], BeforeValidator(_listed), AfterValidator(_nonempty), AfterValidator(_distinct)]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ModelSpec(_Schema):
+    """One ``model`` entry: a preset (or a family's default preset) and config overrides."""
+
+    family: Family | None = None
+    preset: PresetName | None = None
+    config: Annotated[dict[str, Any], _or({})] = {}  # transformers config overrides
+    name: Name | None = None  # label used in cell ids and reports (the preset unless given)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"preset": data} if isinstance(data, str) else data  # `model: t5-base`
+
+    @model_validator(mode="after")
+    def _resolve(self) -> ModelSpec:
+        if self.preset is None and self.family is None:
+            raise _invalid(((), "give a preset (e.g. t5-base) or a family"))
+        preset = self.preset or DEFAULT_PRESETS[self.family]
+        family, name = PRESETS[preset].family, self.name or preset
+        if self.family not in (None, family):
+            raise _invalid((("family",), f"preset {preset!r} is a {family} model, not {self.family}"))
+        known = config_keys(family)
+        bad = [k for k in self.config if k not in known]
+        if bad:
+            raise _invalid(*((("config", k), f"not a {family} config key; {_did_you_mean(k, tuple(sorted(known)))}")
+                             for k in bad))
+        try:
+            problems = config_problems(family, {**PRESETS[preset].config, **self.config})
+        except Exception as e:  # noqa: BLE001 -- transformers validates values in the config constructor
+            raise _invalid((("config",), f"{family} config rejected it: {one_line(e)}")) from None
+        if problems:  # keyed where the suite set the key
+            raise _invalid(*((("config", k), reason) if k in self.config else
+                             (("config",), f"{name}: {reason}" + (f" ({k})" if k else "")) for k, reason in problems))
+        return self.model_copy(update={"family": family, "preset": preset, "name": name})
+
+
+class Grid(_Schema):
     """Swept values; None means "the preset's" (target_len: "seq_len")."""
 
-    batch_size: tuple[int, ...]
-    seq_len: tuple[int, ...]
-    target_len: tuple[int, ...] | None = None
-    d_model: tuple[int, ...] | None = None
-    n_head: tuple[int, ...] | None = None
-    d_ff: tuple[int, ...] | None = None
-    d_head: tuple[int, ...] | None = None
+    batch_size: Sizes = Field(description="give a list of positive integers")
+    seq_len: Sizes = Field(description="give a list of positive integers")
+    target_len: Sizes | None = None  # encoder-decoder only
+    d_model: Sizes | None = None
+    n_head: Sizes | None = None
+    d_ff: Sizes | None = None
+    d_head: Sizes | None = None
 
 
-@dataclass(frozen=True)
-class Training:
-    dtype: str = "float32"
-    optimizer: str = "adamw"
-    warmup_steps: int = 1
-    timed_steps: int = 3
-    attn_implementation: str = "eager"
-    pad_fraction: float = 0.0
-    seed: int = 0
-    threads: int | None = None  # torch.set_num_threads for runs on the cpu; None: torch's default
+class Training(_Schema):
+    dtype: _one_of(DTYPES) = "float32"
+    optimizer: _one_of(OPTIMIZERS) = "adamw"
+    warmup_steps: Size = 1  # peak is taken after warm-up, once optimizer state exists
+    timed_steps: Size = 3
+    attn_implementation: _one_of(ATTN_IMPLEMENTATIONS) = "eager"
+    pad_fraction: _number(float, 0, 0.99) = 0.0
+    seed: _number(int, 0, MAX_SEED) = 0
+    threads: Size | None = None  # torch.set_num_threads for runs on the cpu; None: torch's default
 
 
-@dataclass(frozen=True)
-class Budgets:
+def _largest_first(values: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(sorted(values, reverse=True))
+
+
+class Budgets(_Schema):
     """Limits for ``device: auto`` on a machine without cuda (CPU runs), and the report's memory sizes."""
 
-    memory_fraction: float = 0.6  # of the RAM available when the run starts
-    cell_seconds: float = 60.0  # estimated CPU time of one cell (warm-up + timed steps)
-    suite_seconds: float = 600.0  # estimated CPU time of all CPU-run cells together
+    memory_fraction: _number(float, 0, 1, low_open=True) = 0.6  # of the RAM available when the run starts
+    cell_seconds: _number(float, 0) = 60.0  # estimated CPU time of one cell (warm-up + timed steps)
+    suite_seconds: _number(float, 0) = 600.0  # estimated CPU time of all CPU-run cells together
     # accelerator memory sizes (GiB) of the report's "largest batch size within a budget" plot
-    memory_gib: tuple[float, ...] = (80.0, 40.0, 24.0)
+    memory_gib: Annotated[tuple[Positive, ...], BeforeValidator(_listed), AfterValidator(_nonempty),
+                          AfterValidator(_distinct), AfterValidator(_largest_first)] = (80.0, 40.0, 24.0)
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(_Schema):
     """Every grid point matching ``where`` must have min <= metric(numerator)/metric(denominator) <= max."""
 
-    metric: str
-    denominator: str
-    numerator: str = "full"
-    min: float | None = None
-    max: float | None = None
-    where: tuple[tuple[str, Any], ...] = ()
+    metric: _one_of(CHECK_METRICS)
+    denominator: MethodName = Field(description="name a method of the suite")
+    numerator: MethodName = "full"
+    min: Positive | None = None
+    max: Positive | None = None
+    where: Annotated[dict[str, Any], _or({}), AfterValidator(_where_keys)] = {}  # record params -> value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Check:
+        if self.min is None and self.max is None:
+            raise _invalid(((), "give a ratio bound: min, max or both"))
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise _invalid(((), f"bad ratio bounds: min {self.min:g} > max {self.max:g}"))
+        return self
 
 
 @dataclass(frozen=True)
@@ -159,7 +338,7 @@ class Cell:
     family: str
     preset: str
     config: tuple[tuple[str, Any], ...]
-    method: str
+    method: methods_table.Method
     batch_size: int
     seq_len: int
     target_len: int | None
@@ -177,6 +356,12 @@ class Cell:
     seed: int
     threads: int | None = None  # cpu threads (``Training.threads``); not part of the cell's identity
     id_axes: tuple[str, ...] = field(default=(), compare=False)  # optional axes named in the id
+    point: ModelPoint | None = field(default=None, compare=False, repr=False)  # built once per model and dims
+
+    def identity(self) -> dict[str, Any]:
+        """What the cell's figures depend on: every field but the ``point`` built from them, the
+        method by its name. A field added to Cell joins it by itself."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "point"}, "method": self.method.name}
 
     @property
     def cell_id(self) -> str:
@@ -189,7 +374,7 @@ class Cell:
             point += f"-F{self.d_ff}"
         if "d_head" in self.id_axes:
             point += f"-K{self.d_head}"
-        return f"{self.model}/{self.method}/{point}"
+        return f"{self.model}/{self.method.name}/{point}"
 
     @property
     def params(self) -> dict[str, Any]:
@@ -197,7 +382,7 @@ class Cell:
         return {
             "model": self.model,
             "family": self.family,
-            "method": self.method,
+            "method": self.method.name,
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "target_len": self.target_len,
@@ -212,108 +397,145 @@ class Cell:
         }
 
 
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    source: str
-    models: tuple[ModelSpec, ...]
+class Suite(_Schema):
+    """A validated suite file (module docstring); ``cells()`` is its grid, expanded once."""
+
+    name: Name
+    description: str | None = None
+    models: Annotated[tuple[ModelSpec, ...], AfterValidator(_nonempty), AfterValidator(_unique_names)] = Field(
+        alias="model")
     grid: Grid
-    methods: tuple[str, ...]
+    methods: Annotated[tuple[Method, ...], AfterValidator(_nonempty), AfterValidator(_methods_once)]
     training: Training = Training()
-    device: str = "auto"
-    models_device: str = "cuda"
+    device: _one_of(DEVICES) = "auto"
+    models_device: _one_of(MODELS_DEVICES) = "cuda"
     budgets: Budgets = Budgets()
-    checks: tuple[Check, ...] = ()
+    checks: Annotated[tuple[Check, ...], _or(())] = ()
+    _source: str = PrivateAttr("<suite>")
+    _points: list[list[ModelPoint]] = PrivateAttr(default_factory=list)  # per model, in grid order
+    _cells: list[Cell] | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     def cells(self) -> list[Cell]:
         """Every cell, ordered model > dimensions > method > seq_len > target_len > batch_size,
         so that consecutive cells share a model (the runner reuses meta models across them)."""
-        return _expand(self)
+        if self._cells is None:
+            self._cells = _expand(self)
+        return self._cells
 
     @property
     def n_cells(self) -> int:
         """``len(self.cells())``, from the axis lengths: nothing is expanded."""
-        return _cell_count(self.models, self.grid, self.methods)
+        grid = self.grid
+        dims = math.prod(len(getattr(grid, axis) or (None,)) for axis in ("d_model", "n_head", "d_ff", "d_head"))
+        per_target = dims * len(self.methods) * len(grid.seq_len) * len(grid.batch_size)
+        targets = len(grid.target_len or (None,))  # target_len defaults to one value per seq_len
+        return sum(per_target * (targets if ARCHITECTURES[m.family].encoder_decoder else 1) for m in self.models)
 
     def to_json(self) -> dict[str, Any]:
         """The normalised suite, as written to ``suite.json`` beside ``results.jsonl``."""
-        grid = {k: list(v) for k, v in asdict(self.grid).items() if v is not None}
-        return {
-            "name": self.name,
-            "source": self.source,
-            "model": [
-                {"name": m.name, "family": m.family, "preset": m.preset, "config": dict(m.config)} for m in self.models
-            ],
-            "grid": grid,
-            "methods": list(self.methods),
-            "training": asdict(self.training),
-            "device": self.device,
-            "models_device": self.models_device,
-            "budgets": asdict(self.budgets),
-            "checks": [{**asdict(c), "where": dict(c.where)} for c in self.checks],
-            "cells": [c.cell_id for c in self.cells()],
-        }
+        data = self.model_dump(mode="json", by_alias=True, exclude={"description"})
+        data["grid"] = {k: v for k, v in data["grid"].items() if v is not None}
+        return {**data, "source": self.source, "cells": [c.cell_id for c in self.cells()]}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any, info) -> Any:
+        context = info.context if info.context is not None else {}
+        if isinstance(data, dict):
+            data = {"name": context.get("stem", "suite"), **data}
+            if "model" in data and not isinstance(data["model"], list):
+                data["model"] = [data["model"]]
+                context["single_model"] = True  # its key is `model`, not `model[0]`
+        return data
 
-def _cell_count(models: tuple[ModelSpec, ...], grid: Grid, methods: tuple[str, ...]) -> int:
-    dims = math.prod(len(getattr(grid, axis) or (None,)) for axis in ("d_model", "n_head", "d_ff", "d_head"))
-    per_target = dims * len(methods) * len(grid.seq_len) * len(grid.batch_size)
-    targets = len(grid.target_len or (None,))  # target_len defaults to one value per seq_len
-    return sum(per_target * (targets if ARCHITECTURES[m.family].encoder_decoder else 1) for m in models)
+    @model_validator(mode="after")
+    def _cross_check(self, info) -> Suite:
+        """Checks that need several sections: the checks' methods and the grid size, then (once
+        those hold) dimensions per model, one meta build of every distinct model config, sequence
+        limits, and the grid points of the checks."""
+        methods = tuple(m.name for m in self.methods)
+        problems = [(("checks", index, role), f"method {name!r} is not in `methods`; {_did_you_mean(name, methods)}")
+                    for index, check in enumerate(self.checks)
+                    for role, name in (("numerator", check.numerator), ("denominator", check.denominator))
+                    if name not in methods]
+        max_cells = (info.context or {}).get("max_cells", MAX_CELLS)
+        if not problems and self.n_cells > max_cells:
+            problems.append((("grid",), f"{self.n_cells} cells, more than the limit of {max_cells} "
+                                        "(raise it with --max-cells)"))
+        if not problems:
+            self._points, problems = _model_points(self)
+        if problems:
+            raise _invalid(*problems)
+        for index, check in enumerate(self.checks):
+            matched = {c.method.name for c in self.cells() if all(c.params.get(k) == v for k, v in check.where.items())}
+            if not {check.numerator, check.denominator} <= matched:
+                shown = ", ".join(f"{k}={v!r}" for k, v in check.where.items())
+                problems.append((("checks", index, "where"), f"no grid point matches {{{shown}}}"))
+        if problems:
+            raise _invalid(*problems)
+        return self
 
 
 def _expand(suite: Suite) -> list[Cell]:
     grid = suite.grid
     id_axes = tuple(axis for axis in ("d_ff", "d_head") if getattr(grid, axis) is not None)
+    training = suite.training.model_dump()
     cells = []
-    for spec in suite.models:
-        overrides = dict(spec.config)
+    for spec, points in zip(suite.models, suite._points):
+        config = tuple(sorted(spec.config.items()))
         encoder_decoder = ARCHITECTURES[spec.family].encoder_decoder
-        for d_model, n_head, d_ff, d_head in itertools.product(
-            grid.d_model or (None,), grid.n_head or (None,), grid.d_ff or (None,), grid.d_head or (None,)
-        ):
-            dims = resolve_dims(spec.preset, overrides, d_model=d_model, n_head=n_head, d_ff=d_ff, d_head=d_head)
-            for method, seq_len in itertools.product(suite.methods, grid.seq_len):
-                targets = (grid.target_len or (seq_len,)) if encoder_decoder else (None,)
-                for target_len, batch_size in itertools.product(targets, grid.batch_size):
-                    cells.append(
-                        Cell(
-                            suite=suite.name, model=spec.name, family=spec.family, preset=spec.preset,
-                            config=spec.config, method=method, batch_size=batch_size, seq_len=seq_len,
-                            target_len=target_len, d_model=dims.d_model, n_head=dims.n_head, d_ff=dims.d_ff,
-                            d_head=dims.d_head, n_layers=dims.n_layers, id_axes=id_axes,
-                            **asdict(suite.training),
-                        )
-                    )
+        for point, method, seq_len in itertools.product(points, suite.methods, grid.seq_len):
+            dims = point.dims
+            targets = (grid.target_len or (seq_len,)) if encoder_decoder else (None,)
+            for target_len, batch_size in itertools.product(targets, grid.batch_size):
+                cells.append(Cell(
+                    suite=suite.name, model=spec.name, family=spec.family, preset=spec.preset, config=config,
+                    method=method, batch_size=batch_size, seq_len=seq_len, target_len=target_len,
+                    d_model=dims.d_model, n_head=dims.n_head, d_ff=dims.d_ff, d_head=dims.d_head,
+                    n_layers=dims.n_layers, id_axes=id_axes, point=point, **training,
+                ))
     return cells
 
 
+def _model_points(suite: Suite) -> tuple[list[list[ModelPoint]], list[tuple[tuple[str | int, ...], str]]]:
+    """Every model's points, in grid order (each distinct one built once), and what stops a
+    model: its dimensions, its meta build, its sequence limit."""
+    grid, points, problems = suite.grid, [], []
+    if grid.target_len is not None and not any(ARCHITECTURES[m.family].encoder_decoder for m in suite.models):
+        problems.append((("grid", "target_len"), "applies to encoder-decoder models (t5) only; none is in `model`"))
+    swept = grid.d_model or grid.n_head or grid.d_ff or grid.d_head
+    axis = ("grid", "n_head" if grid.n_head else "d_model" if grid.d_model else "d_head")
+    for index, spec in enumerate(suite.models):
+        built: dict[Dims, ModelPoint] = {}
+        points.append([])
+        for d_model, n_head, d_ff, d_head in itertools.product(
+            grid.d_model or (None,), grid.n_head or (None,), grid.d_ff or (None,), grid.d_head or (None,)
+        ):
+            try:
+                dims = resolve_dims(spec.preset, spec.config, d_model=d_model, n_head=n_head, d_ff=d_ff, d_head=d_head)
+                if dims not in built:
+                    built[dims] = model_point(spec.preset, spec.config, dims, suite.training.attn_implementation)
+            except DimsError as e:
+                problems.append((axis, f"{spec.name}: {e}"))
+                continue
+            except BuildError as e:
+                at = f" at d_model {dims.d_model}, n_head {dims.n_head}, d_ff {dims.d_ff}, d_head {dims.d_head}"
+                problems.append((axis if swept else ("model", index, "config"), f"{spec.name}{at if swept else ''}: {e}"))
+                break  # the model's other grid points would say the same
+            points[-1].append(built[dims])
+        limit = max_positions(spec.family, spec.preset, spec.config)
+        if limit is not None and max(grid.seq_len) > limit:
+            problems.append((("grid", "seq_len"), f"{max(grid.seq_len)} exceeds {spec.name}'s {limit} positions "
+                                                  f"(raise {ARCHITECTURES[spec.family].max_positions} under model.config)"))
+    return points, problems
+
+
 # ---------------------------------------------------------------------------------------------
-# Loading and validation
-
-
-class _Problems:
-    """Collects error lines; knows the YAML line of every key path it was given."""
-
-    def __init__(self, path: Path, lines: dict[str, int]):
-        self.path, self.lines, self.items = path, lines, []
-
-    def add_key(self, key: str, reason: str) -> None:
-        line = self._line(key)
-        where = f"{self.path}:{line}" if line else f"{self.path}"
-        shown = key if key.isprintable() else _shown(key)  # a key from the file must not break the line
-        self.items.append((line or 0, where, f"{shown}: {reason}" if key else reason))
-
-    def _line(self, key: str) -> int | None:
-        while key:
-            if key in self.lines:
-                return self.lines[key]
-            key = key.rsplit(".", 1)[0] if "." in key else ""
-        return None
-
-    def result(self) -> list[str]:
-        # in file order, as an editor would show them (sorted() is stable within a line)
-        return [f"{where}: {reason}" for _, where, reason in sorted(self.items, key=lambda item: item[0])]
+# Loading, and pydantic's errors as one line per problem
 
 
 class _YAMLLimit(yaml.MarkedYAMLError):
@@ -416,316 +638,64 @@ def _load_yaml(path: Path, text: str) -> tuple[Any, dict[str, int]]:
         loader.dispose()
 
 
-def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    listed = "expected one of " + ", ".join(choices) if len(choices) <= 8 else ""
-    if close:
-        return f"did you mean {close[0]!r}?" + (f" ({listed})" if listed else "")
-    return listed or "expected one of " + ", ".join(sorted(choices))
+def problem_lines(error: ValidationError, root: type[BaseModel], *, single_model: bool = False
+                  ) -> list[tuple[str, str]]:
+    """Each problem of ``error`` as (key path, reason), e.g. ("grid.batch_size[0]", "expected an
+    integer, got str 'two'"); ``single_model``: the suite's ``model`` was one entry, not a list."""
+    items = []
+    for e in error.errors(include_url=False):
+        for below, reason in _reasons(e, root):
+            items.append((_key_path((*e["loc"], *below), single_model), reason))
+    return items
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _reasons(e: dict[str, Any], root: type[BaseModel]) -> list[tuple[tuple[str | int, ...], str]]:
+    kind, loc, value = e["type"], e["loc"], e.get("input")
+    if kind == "suite":
+        return e["ctx"]["problems"]
+    if kind in ("extra_forbidden", "missing"):
+        schema = _schema_at(root, loc[:-1])
+        fields = {f.alias or name: f for name, f in schema.model_fields.items()}
+        if kind == "extra_forbidden":
+            return [((), f"unknown key; {_did_you_mean(loc[-1], tuple(fields))}")]
+        hint = fields[loc[-1]].description if loc[-1] in fields else None
+        return [((), f"missing; {hint}" if hint else "missing (required)")]
+    reason = {
+        "int_type": f"expected an integer, got {_type_name(value)} {_shown(value)}",
+        "float_type": f"expected a number, got {_type_name(value)} {_shown(value)}",
+        "finite_number": f"expected a finite number, got {value!r}",
+        "string_type": f"expected text, got {_type_name(value)} {_shown(value)}",
+        "model_type": f"expected a mapping, got {_type_name(value)}",
+        "dict_type": f"expected a mapping, got {_type_name(value)}",
+        "tuple_type": f"expected a list, got {_type_name(value)}",
+    }.get(kind, e["msg"])
+    return [((), reason)]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _schema_at(root: type[BaseModel], loc: tuple[str | int, ...]) -> type[BaseModel]:
+    """The model class that validates the mapping at ``loc``."""
+    schema = root
+    for step in loc:
+        fields = {f.alias or name: f for name, f in schema.model_fields.items()}
+        if step in fields:
+            schema = _model_in(fields[step].annotation) or schema
+    return schema
 
 
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_model_in, get_args(annotation)) if m is not None), None)
 
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_shown = _REPR.repr  # values in messages: a 60 KiB string is not echoed whole
-
-
-def _bound(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-def _name_problem(name: Any) -> str | None:
-    """Why ``name`` cannot name a suite or a model (a directory name, part of cell ids), or None."""
-    if not isinstance(name, str) or not name.strip() or "/" in name or name in (".", "..") or not name.isprintable():
-        return f"expected a non-empty name of printable characters without '/', got {_shown(name)}"
-    if len(name) > MAX_NAME_CHARS:
-        return f"expected at most {MAX_NAME_CHARS} characters, got {len(name)}"
-    return None
-
-
-class _Parser:
-    def __init__(self, path: Path, problems: _Problems):
-        self.path, self.p = path, problems
-
-    def mapping(self, key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any] | None:
-        if not isinstance(value, dict):
-            self.p.add_key(key, f"expected a mapping, got {_type_name(value)}")
-            return None
-        for name in value:
-            if name not in allowed:
-                self.p.add_key(f"{key}.{name}" if key else str(name), f"unknown key; {_did_you_mean(name, allowed)}")
-        return value
-
-    def choice(self, key: str, value: Any, choices: tuple[str, ...]) -> str | None:
-        if not isinstance(value, str) or value not in choices:
-            self.p.add_key(key, f"{_shown(value)} is not allowed; {_did_you_mean(value, choices)}")
-            return None
-        return value
-
-    def number(self, key: str, value: Any, *, integer: bool, low: float, low_open: bool = False,
-               high: float | None = None) -> Any:
-        """A finite int (``integer``) or int/float within the bounds; integers are at most MAX_SIZE
-        unless ``high`` says otherwise."""
-        if not (_is_int(value) if integer else _is_number(value)):
-            self.p.add_key(key, f"expected {'an integer' if integer else 'a number'}, got {_type_name(value)} "
-                                f"{_shown(value)}")
-            return None
-        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
-            self.p.add_key(key, f"expected a finite number, got {value!r}")
-            return None
-        high = MAX_SIZE if high is None and integer else high
-        if value < low or (low_open and value == low) or (high is not None and value > high):
-            bound = f"{'>' if low_open else '>='} {_bound(low)}" + (f" and <= {_bound(high)}" if high is not None else "")
-            self.p.add_key(key, f"{_shown(value)} must be {bound}")
-            return None
-        return value
-
-    def positive_list(self, key: str, value: Any) -> tuple[float, ...] | None:
-        """A number or a non-empty list of distinct positive numbers, largest first."""
-        items = value if isinstance(value, list) else [value]
-        if not items:
-            self.p.add_key(key, "empty list; give at least one value")
-            return None
-        parsed = [self.number(f"{key}[{i}]" if isinstance(value, list) else key, v, integer=False, low=0,
-                              low_open=True) for i, v in enumerate(items)]
-        if any(v is None for v in parsed):
-            return None
-        if len(set(parsed)) != len(parsed):
-            self.p.add_key(key, f"repeated values in {parsed}")
-            return None
-        return tuple(sorted((float(v) for v in parsed), reverse=True))
-
-    def int_list(self, key: str, value: Any) -> tuple[int, ...] | None:
-        items = value if isinstance(value, list) else [value]
-        if isinstance(value, list) and not value:
-            self.p.add_key(key, "empty list; give at least one value")
-            return None
-        parsed = [self.number(f"{key}[{i}]", v, integer=True, low=1) for i, v in enumerate(items)]
-        if any(v is None for v in parsed):
-            return None
-        if len(set(parsed)) != len(parsed):
-            self.p.add_key(key, f"repeated values in {parsed}")
-            return None
-        return tuple(parsed)
-
-
-def _parse_models(parser: _Parser, value: Any) -> tuple[ModelSpec, ...] | None:
-    p = parser.p
-    entries = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and not value:
-        p.add_key("model", "empty list; give at least one model")
-        return None
-    specs = []
-    for index, entry in enumerate(entries):
-        key = f"model[{index}]" if isinstance(value, list) else "model"
-        if isinstance(entry, str):  # `model: t5-base` is shorthand for {preset: t5-base}
-            entry = {"preset": entry}
-        entry = parser.mapping(key, entry, ("family", "preset", "config", "name"))
-        if entry is None:
-            continue
-        family, preset = entry.get("family"), entry.get("preset")
-        if family is not None and family not in ARCHITECTURES:
-            p.add_key(f"{key}.family", f"unknown family {family!r}; {_did_you_mean(family, tuple(ARCHITECTURES))}")
-            continue
-        if preset is None:
-            if family is None:
-                p.add_key(key, "give a preset (e.g. t5-base) or a family")
-                continue
-            preset = DEFAULT_PRESETS[family]
-        if preset not in PRESETS:
-            p.add_key(f"{key}.preset", f"unknown preset {preset!r}; {_did_you_mean(preset, tuple(PRESETS))}")
-            continue
-        if family is not None and PRESETS[preset].family != family:
-            p.add_key(f"{key}.family", f"preset {preset!r} is a {PRESETS[preset].family} model, not {family}")
-            continue
-        family = PRESETS[preset].family
-        config = entry.get("config") or {}
-        if not isinstance(config, dict):
-            p.add_key(f"{key}.config", f"expected a mapping of {family} config keys, got {_type_name(config)}")
-            continue
-        known = config_keys(family)
-        bad = [k for k in config if k not in known]
-        for k in bad:
-            p.add_key(f"{key}.config.{k}", f"not a {family} config key; {_did_you_mean(k, tuple(sorted(known)))}")
-        if bad:
-            continue
-        try:
-            problems = config_problems(family, {**PRESETS[preset].config, **config})
-        except Exception as e:  # noqa: BLE001 -- transformers validates values in the config constructor
-            p.add_key(f"{key}.config", f"{family} config rejected it: {one_line(e)}")
-            continue
-        for k, reason in problems:  # keyed where the suite set the key
-            if k in config:
-                p.add_key(f"{key}.config.{k}", reason)
-            else:
-                p.add_key(f"{key}.config", f"{entry.get('name', preset)}: {reason}" + (f" ({k})" if k else ""))
-        if problems:
-            continue
-        name = entry.get("name", preset)
-        problem = _name_problem(name)
-        if problem:
-            p.add_key(f"{key}.name", problem)
-            continue
-        specs.append(ModelSpec(name, family, preset, tuple(sorted(config.items()))))
-    names = [s.name for s in specs]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        p.add_key("model", f"model name {name!r} appears twice; give each entry its own `name`")
-    return tuple(specs) if len(specs) == len(entries) else None
-
-
-def _parse_grid(parser: _Parser, value: Any) -> Grid | None:
-    grid = parser.mapping("grid", value, GRID_KEYS)
-    if grid is None:
-        return None
-    ok = True
-    values: dict[str, tuple[int, ...] | None] = {}
-    for axis in GRID_KEYS:
-        if axis not in grid:
-            if axis in ("batch_size", "seq_len"):
-                parser.p.add_key(f"grid.{axis}", "missing; give a list of positive integers")
-                ok = False
-            values[axis] = None
-            continue
-        values[axis] = parser.int_list(f"grid.{axis}", grid[axis])
-        ok &= values[axis] is not None
-    return Grid(**values) if ok and set(grid) <= set(GRID_KEYS) else None
-
-
-def _parse_methods(parser: _Parser, value: Any) -> tuple[str, ...] | None:
-    if not isinstance(value, list) or not value:
-        parser.p.add_key("methods", f"expected a non-empty list of methods ({methods_table.METHOD_NAMES_HELP})")
-        return None
-    names = []
-    for index, name in enumerate(value):
-        key = f"methods[{index}]"
-        if not isinstance(name, str):
-            parser.p.add_key(key, f"expected a method name, got {_type_name(name)} {name!r}")
-            continue
-        try:
-            names.append(methods_table.canonical(name))
-        except methods_table.MethodError as e:
-            parser.p.add_key(key, str(e))
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        parser.p.add_key("methods", f"method {name!r} appears twice")
-    return tuple(names) if len(names) == len(value) else None
-
-
-def _parse_section(parser: _Parser, key: str, value: Any, cls: type, rules: dict[str, Callable[[str, Any], Any]]):
-    section = parser.mapping(key, value, tuple(rules))
-    if section is None:
-        return None
-    parsed = {name: rule(f"{key}.{name}", section[name]) for name, rule in rules.items() if name in section}
-    if None in parsed.values() or not set(section) <= set(rules):
-        return None
-    return cls(**parsed)
-
-
-def _parse_checks(parser: _Parser, value: Any, methods: tuple[str, ...] | None) -> tuple[Check, ...] | None:
-    p = parser.p
-    if not isinstance(value, list):
-        p.add_key("checks", f"expected a list of ratio bounds, got {_type_name(value)}")
-        return None
-    checks = []
-    for index, entry in enumerate(value):
-        key = f"checks[{index}]"
-        entry = parser.mapping(key, entry, ("metric", "numerator", "denominator", "min", "max", "where"))
-        if entry is None:
-            continue
-        ok = True
-        metric = parser.choice(f"{key}.metric", entry.get("metric"), CHECK_METRICS)
-        ok &= metric is not None
-        roles = {}
-        for role, default in (("numerator", "full"), ("denominator", None)):
-            name = entry.get(role, default)
-            if name is None:
-                p.add_key(f"{key}.{role}", "missing; name a method of the suite")
-                ok = False
-                continue
-            try:
-                name = methods_table.canonical(str(name))
-            except methods_table.MethodError as e:
-                p.add_key(f"{key}.{role}", str(e))
-                ok = False
-                continue
-            if methods is not None and name not in methods:
-                p.add_key(f"{key}.{role}", f"method {name!r} is not in `methods`; {_did_you_mean(name, methods)}")
-                ok = False
-            roles[role] = name
-        bounds = {}
-        for bound in ("min", "max"):
-            if bound in entry:
-                bounds[bound] = parser.number(f"{key}.{bound}", entry[bound], integer=False, low=0, low_open=True)
-                ok &= bounds[bound] is not None
-        if not bounds:
-            p.add_key(key, "give a ratio bound: min, max or both")
-            ok = False
-        elif bounds.get("min") is not None and bounds.get("max") is not None and bounds["min"] > bounds["max"]:
-            p.add_key(key, f"bad ratio bounds: min {bounds['min']:g} > max {bounds['max']:g}")
-            ok = False
-        where = entry.get("where") or {}
-        if parser.mapping(f"{key}.where", where, WHERE_KEYS) is None or not set(where) <= set(WHERE_KEYS):
-            ok = False
-        if ok:
-            checks.append(Check(metric=metric, where=tuple(sorted(where.items())), **roles, **bounds))
-    return tuple(checks) if len(checks) == len(value) else None
-
-
-def _cross_check(p: _Problems, suite: Suite, model_keys: list[str]) -> None:
-    """Checks that need every section: dimensions per model, one meta build of every distinct
-    model config, sequence limits, checks' cells."""
-    grid = suite.grid
-    encoder_decoder = any(ARCHITECTURES[m.family].encoder_decoder for m in suite.models)
-    if grid.target_len is not None and not encoder_decoder:
-        p.add_key("grid.target_len", "applies to encoder-decoder models (t5) only; none is in `model`")
-    swept = grid.d_model or grid.n_head or grid.d_ff or grid.d_head
-    axis = "grid.n_head" if grid.n_head else "grid.d_model" if grid.d_model else "grid.d_head"
-    for spec, model_key in zip(suite.models, model_keys):
-        overrides = dict(spec.config)
-        built: set[Dims] = set()
-        for d_model, n_head, d_ff, d_head in itertools.product(
-            grid.d_model or (None,), grid.n_head or (None,), grid.d_ff or (None,), grid.d_head or (None,)
-        ):
-            try:
-                dims = resolve_dims(spec.preset, overrides, d_model=d_model, n_head=n_head, d_ff=d_ff, d_head=d_head)
-            except DimsError as e:
-                p.add_key(axis, f"{spec.name}: {e}")
-                continue
-            if dims in built:
-                continue
-            built.add(dims)
-            problem = build_problem(spec.preset, overrides, dims, suite.training.attn_implementation)
-            if problem:
-                at = f" at d_model {dims.d_model}, n_head {dims.n_head}, d_ff {dims.d_ff}, d_head {dims.d_head}"
-                p.add_key(axis if swept else f"{model_key}.config", f"{spec.name}{at if swept else ''}: {problem}")
-                break  # the model's other grid points would say the same
-        limit = max_positions(spec.family, spec.preset, overrides)
-        if limit is not None and max(grid.seq_len) > limit:
-            p.add_key(
-                "grid.seq_len",
-                f"{max(grid.seq_len)} exceeds {spec.name}'s {limit} positions "
-                f"(raise {ARCHITECTURES[spec.family].max_positions} under model.config)",
-            )
-    if p.items or not suite.checks:
-        return
-    cells = suite.cells()
-    for index, check in enumerate(suite.checks):
-        where = dict(check.where)
-        matched = [c for c in cells if all(c.params.get(k) == v for k, v in where.items())]
-        methods_seen = {c.method for c in matched}
-        if not {check.numerator, check.denominator} <= methods_seen:
-            shown = ", ".join(f"{k}={v!r}" for k, v in where.items())
-            p.add_key(f"checks[{index}].where", f"no grid point matches {{{shown}}}")
+def _key_path(loc: tuple[str | int, ...], single_model: bool) -> str:
+    key = ""
+    for index, step in enumerate(loc):
+        if isinstance(step, int):
+            key += "" if single_model and loc[:index] == ("model",) else f"[{step}]"
+        else:
+            key += f".{step}" if key else str(step)
+    return key
 
 
 def load_suite(path: str | Path, *, max_cells: int = MAX_CELLS) -> Suite:
@@ -754,62 +724,27 @@ def load_suite(path: str | Path, *, max_cells: int = MAX_CELLS) -> Suite:
 def parse_suite(data: Any, path: str | Path = "<suite>", lines: dict[str, int] | None = None, *,
                 max_cells: int = MAX_CELLS) -> Suite:
     """Validate an already-loaded suite mapping (``load_suite`` without the file)."""
-    path = Path(path)
-    p = _Problems(path, lines or {})
-    parser = _Parser(path, p)
-    top = ("name", "description", "model", "grid", "methods", "training", "device", "models_device", "budgets", "checks")
-    data = parser.mapping("", data, top) if data is not None else None
+    path, lines = Path(path), lines or {}
     if data is None:
-        if not p.items:
-            p.add_key("", "empty suite file; it needs at least model, grid and methods")
-        raise SuiteError(p.result())
-    for required in ("model", "grid", "methods"):
-        if required not in data:
-            p.add_key(required, "missing (required)")
-    name = data.get("name", path.stem)
-    problem = _name_problem(name)
-    if problem:
-        p.add_key("name", problem)
-        name = None
-    models = _parse_models(parser, data["model"]) if "model" in data else None
-    grid = _parse_grid(parser, data["grid"]) if "grid" in data else None
-    methods = _parse_methods(parser, data["methods"]) if "methods" in data else None
-
-    def integer(low: int, high: int | None = None) -> Callable[[str, Any], Any]:
-        return lambda key, v: parser.number(key, v, integer=True, low=low, high=high)
-
-    training = _parse_section(parser, "training", data.get("training", {}), Training, {
-        "dtype": lambda key, v: parser.choice(key, v, tuple(DTYPES)),
-        "optimizer": lambda key, v: parser.choice(key, v, OPTIMIZERS),
-        "warmup_steps": integer(1),  # peak is taken after warm-up, once optimizer state exists
-        "timed_steps": integer(1),
-        "attn_implementation": lambda key, v: parser.choice(key, v, ATTN_IMPLEMENTATIONS),
-        "pad_fraction": lambda key, v: parser.number(key, v, integer=False, low=0, high=0.99),
-        "seed": integer(0, MAX_SEED),
-        "threads": integer(1),
-    })
-    budgets = _parse_section(parser, "budgets", data.get("budgets", {}), Budgets, {
-        "memory_fraction": lambda key, v: parser.number(key, v, integer=False, low=0, low_open=True, high=1),
-        "cell_seconds": lambda key, v: parser.number(key, v, integer=False, low=0),
-        "suite_seconds": lambda key, v: parser.number(key, v, integer=False, low=0),
-        "memory_gib": parser.positive_list,
-    })
-    device = parser.choice("device", data.get("device", "auto"), DEVICES)
-    models_device = parser.choice("models_device", data.get("models_device", "cuda"), MODELS_DEVICES)
-    description = data.get("description")
-    if description is not None and not isinstance(description, str):
-        p.add_key("description", f"expected text, got {_type_name(description)}")
-    checks = _parse_checks(parser, data.get("checks") or [], methods)
-    if None not in (models, grid, methods) and (n_cells := _cell_count(models, grid, methods)) > max_cells:
-        p.add_key("grid", f"{n_cells} cells, more than the limit of {max_cells} (raise it with --max-cells)")
-    if p.items or None in (name, models, grid, methods, training, budgets, device, models_device, checks):
-        raise SuiteError(p.result() or [f"{path}: invalid suite"])
-    suite = Suite(
-        name=name, source=str(path), models=models, grid=grid, methods=methods, training=training,
-        device=device, models_device=models_device, budgets=budgets, checks=checks,
-    )
-    model_keys = [f"model[{i}]" for i in range(len(models))] if isinstance(data["model"], list) else ["model"]
-    _cross_check(p, suite, model_keys)
-    if p.items:
-        raise SuiteError(p.result())
+        raise SuiteError([f"{path}: empty suite file; it needs at least model, grid and methods"])
+    context = {"stem": path.stem, "max_cells": max_cells}
+    try:
+        suite = Suite.model_validate(data, context=context)
+    except ValidationError as error:
+        problems = problem_lines(error, Suite, single_model=context.get("single_model", False))
+        raise SuiteError(_located(path, lines, problems)) from None
+    suite._source = str(path)
     return suite
+
+
+def _located(path: Path, lines: dict[str, int], problems: list[tuple[str, str]]) -> list[str]:
+    """``FILE:LINE: KEY: reason`` per problem, in file order, as an editor would show them."""
+    located = []
+    for key, reason in problems:
+        probe = key
+        while probe and probe not in lines:
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        line = lines.get(probe)
+        shown = key if key.isprintable() else _shown(key)  # a key from the file must not break the line
+        located.append((line or 0, f"{path}:{line}" if line else f"{path}", f"{shown}: {reason}" if key else reason))
+    return [f"{where}: {reason}" for _, where, reason in sorted(located, key=lambda item: item[0])]

@@ -6,7 +6,6 @@ uses the real backend, when present, to pin that reusing a meta model across cel
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pandas as pd
@@ -97,7 +96,7 @@ def test_a_failing_method_is_recorded_and_the_suite_goes_on(write_suite, tmp_pat
         raise ValueError("this method always fails")
 
     monkeypatch.setattr(methods_table, "METHODS",
-                        methods_table.METHODS + (methods_table.Method("boom", explode, False, "fails"),))
+                        methods_table.METHODS + (methods_table.MethodEntry("boom", explode, False, "fails"),))
     text = write_suite().read_text().replace("methods: [full, lora]", "methods: [full, boom, lora]")
     _, result = run(write_suite(text), tmp_path / "out", fake_measure)
     rows = records.read_records(result.results_path)
@@ -173,7 +172,7 @@ def test_auto_runs_on_cpu_when_the_estimate_fits(write_suite, tmp_path, fake_mea
 def test_suite_time_budget_stops_cpu_runs(write_suite, tmp_path, fake_measure, monkeypatch):
     monkeypatch.setattr(runner, "cpu_flop_rate", lambda: 1e15)
     suite = load_suite(write_suite())
-    suite = dataclasses.replace(suite, budgets=dataclasses.replace(suite.budgets, suite_seconds=0.0))
+    suite = suite.model_copy(update={"budgets": suite.budgets.model_copy(update={"suite_seconds": 0.0})})
     plan = runner.plan_run(suite, tmp_path / "out", device="auto", only="bert-tiny/full")
     result = runner.run_suite(plan, measure=fake_measure)
     rows = records.read_records(result.results_path)
@@ -266,7 +265,7 @@ def test_every_family_estimates_on_meta(preset):
     grid = {"batch_size": [2], "seq_len": [16], **({"target_len": [8]} if preset.startswith("t5") else {})}
     suite = parse_suite({"model": preset, "grid": grid, "methods": ["full", "wtacrs@0.3"], "device": "meta",
                          "training": {"pad_fraction": 0.25}})
-    rows = {c.method: runner.CellRunner(suite, "meta", measure.measure_training_step).run(c) for c in suite.cells()}
+    rows = {c.method.name: runner.CellRunner(suite, "meta", measure.measure_training_step).run(c) for c in suite.cells()}
     for method, row in rows.items():
         assert row["status"] == "estimated", (method, row["message"])
         assert row["memory"]["peak_bytes"] > 0

@@ -103,7 +103,7 @@ def test_method_names_are_canonical_and_checks_use_them(write_suite):
         methods: [full, wtacrs@.30, lora+wtacrs@0.10]
         checks: [{metric: peak_bytes, denominator: wtacrs@0.3, min: 1}]
     """))
-    assert suite.methods == ("full", "wtacrs@0.3", "lora+wtacrs@0.1")
+    assert [m.name for m in suite.methods] == ["full", "wtacrs@0.3", "lora+wtacrs@0.1"]
     assert suite.checks[0].numerator == "full"
 
 
@@ -291,8 +291,8 @@ def test_each_distinct_model_config_is_built_once_at_validation(write_suite, mon
     import profiler.suite as suite_module
 
     built = []
-    real = suite_module.build_problem
-    monkeypatch.setattr(suite_module, "build_problem", lambda preset, overrides, dims, attn: built.append(
+    real = suite_module.model_point
+    monkeypatch.setattr(suite_module, "model_point", lambda preset, overrides, dims, attn: built.append(
         (preset, dims)) or real(preset, overrides, dims, attn))
     suite = load_suite(write_suite("""
         model: [t5-tiny, bert-tiny]
@@ -485,8 +485,8 @@ def test_checkpointing_saves_fewer_bytes_for_backward():
 
 @pytest.mark.parametrize("name", ["wtacrs@0.3", "wtacrs-linear@0.3", "lora+wtacrs@0.1"])
 def test_method_parsing(name):
-    method, ratio = methods_table.parse(name)
-    assert method.uses_wtacrs and math.isclose(ratio, float(name.split("@")[1]))
+    method = methods_table.parse(name)
+    assert method.entry.uses_wtacrs and math.isclose(method.ratio, float(name.split("@")[1]))
 
 
 @pytest.mark.skipif(not HAS_CONVERT, reason="wtacrs.convert is not written yet (lead's converter)")
@@ -505,8 +505,8 @@ def test_wtacrs_methods_train_and_keep_the_forward_exact(name):
 
 def test_wtacrs_methods_say_why_they_are_unavailable(monkeypatch):
     monkeypatch.delattr(wtacrs, "convert", raising=False)
-    assert "wtacrs.convert is not available" in methods_table.available("wtacrs@0.3")
-    assert methods_table.available("lora") is None
+    assert "wtacrs.convert is not available" in methods_table.parse("wtacrs@0.3").unavailable()
+    assert methods_table.parse("lora").unavailable() is None
 
 
 # --- resource bombs: refused from the file's size and structure, before anything expands -----
