@@ -336,7 +336,7 @@ def test_auto_budgets_are_part_of_the_cell_identity(write_suite, tmp_path, fake_
 
 
 def test_results_of_removed_grid_values_and_methods_are_not_the_suites(write_suite, tmp_path, fake_measure):
-    from profiler.report import load_results
+    from profiler.results import load_results
 
     out = tmp_path / "out"
     run(write_suite(), out, fake_measure)
@@ -358,7 +358,7 @@ def test_report_and_check_read_only_the_records_of_the_suite(write_suite, tmp_pa
     from rich.console import Console
 
     from profiler.check import run_check
-    from profiler.report import load_results
+    from profiler.results import load_results
 
     def check() -> tuple[int, str]:
         buffer = io.StringIO()
