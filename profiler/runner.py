@@ -23,7 +23,7 @@ Devices:
   ``budgets.suite_seconds``. Else the estimate is the record, with the reason in ``message``.
 
 A failing cell (exception, OOM) is recorded with its status and message and the suite goes on.
-A method whose library part is missing is recorded as ``skipped``. ``resume=True`` keeps every
+``resume=True`` keeps every
 finished record (``records.FINISHED_STATUSES``) of a cell whose ``cell_key`` is still in the
 suite and runs only the other cells: the key hashes everything that can change a cell's figures,
 so a changed config, dimension, method, training setting or device policy runs the cell again.
@@ -289,14 +289,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def environment(device: str, models_device: str | None = None) -> dict[str, Any]:
+    import peft
     import transformers
 
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
     if device == "cuda":
         name = torch.cuda.get_device_name()
     elif device == "meta":
@@ -306,7 +301,7 @@ def environment(device: str, models_device: str | None = None) -> dict[str, Any]
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "peft": peft_version,
+        "peft": peft.__version__,
         "python": platform.python_version(),
         "device_name": name,
         "host": platform.node(),
@@ -369,10 +364,8 @@ MeasureFn = Callable[..., Any]
 
 
 def _default_measure() -> MeasureFn:
-    try:
-        from profiler.measure import measure_training_step
-    except ImportError as e:
-        raise RuntimeError(f"profiler.measure is not available: {e}") from None
+    from profiler.measure import measure_training_step
+
     return measure_training_step
 
 
@@ -523,17 +516,11 @@ class CellRunner:
         models_device = self.suite.models_device if device == "meta" else device
         record.update(device=device, models_device=models_device, env=environment(device, models_device))
         try:
-            unavailable = methods_table.available(cell.method)
-            if unavailable:
-                record.update(status="skipped", message=unavailable)
-                return self._finish(record)
             with quiet_transformers():
                 measurement = _measure_on(cell, device, models_device, self.measure, self.cache)
                 self._fill(record, cell, measurement)
         except KeyboardInterrupt:
             raise
-        except methods_table.MethodUnavailable as e:
-            record.update(status="skipped", message=str(e))
         except BaseException as e:  # noqa: BLE001 -- one failing cell must not stop the suite
             self.cache.clear()
             record.update(
