@@ -70,6 +70,7 @@ def test_cells_of_one_model_and_method_are_consecutive(write_suite):
     # the runner reuses a meta model across consecutive cells; the order must group them
     cells = load_suite(write_suite()).cells()
     keys = [(c.model, c.method) for c in cells]
+    assert len(keys) == 8  # 2 models x 2 methods x 2 batch sizes: the check below is not over nothing
     assert all(keys.count(k) == 2 and keys.index(k) + 1 == len(keys) - keys[::-1].index(k) - 1 for k in set(keys))
 
 
