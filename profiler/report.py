@@ -75,7 +75,7 @@ def cells_frame(results: Results) -> pd.DataFrame:
     ``estimated`` (bool), ``figures`` (label), ``peak_bytes``, ``activation_bytes``,
     ``tokens_per_s``, ``samples_per_s``, ``step_time_s``, ``peak_ratio`` and ``activation_ratio``
     (full's figure over this cell's, at the same grid point, from figures of the same kind; see
-    ``comparable``), ``ratio_figures`` (that kind), ``ratio_estimated`` (bool), ``panel`` (the
+    ``comparable``), ``ratio_figures`` (that ``FigureKind``, or None), ``ratio_estimated`` (bool), ``panel`` (the
     facet label: model and every varying grid parameter but batch size and method), ``cell_id``,
     ``key``.
     """

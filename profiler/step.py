@@ -75,7 +75,9 @@ class profile_step:  # noqa: N801 -- a context manager named like torch's (``no_
         self.models_device = models_device or ("cuda" if "cuda" in devices else "cpu")
         cuda_on_host = self.models_device == "cuda" and "cuda" not in devices
         self._kernels = CudaKernelBehaviour(optimizer) if cuda_on_host else None
-        self.tracker = StorageTracker(devices, round_to=CUDA_BLOCK_BYTES if self.models_device == "cuda" else 1)
+        # modelling cpu kernels on meta, the optimizer's cpu step counters count as they would on a cpu
+        tracked = devices | {"cpu"} if self.models_device == "cpu" else devices
+        self.tracker = StorageTracker(tracked, round_to=CUDA_BLOCK_BYTES if self.models_device == "cuda" else 1)
         try:
             family = family_of(model)
         except UnsupportedModelError:  # module roles by their types alone

@@ -25,7 +25,7 @@ def _tracked_step(model, batch, optimizer):
     optimizer.step()
 
 
-@pytest.mark.parametrize("device, models_device", [("cpu", "cpu"), ("meta", "cuda")])
+@pytest.mark.parametrize("device, models_device", [("cpu", "cpu"), ("meta", "cuda"), ("meta", "cpu")])
 def test_profile_step_gives_the_figures_of_measure_training_step(device, models_device):
     model, batch, optimizer, _ = t5_cell(device)
     expected = measure_training_step(model, batch, optimizer, device=device, family=T5, warmup_steps=1,
