@@ -4,8 +4,8 @@
                                 [--methods full lora wtacrs@0.3 wtacrs@0.1 lora+wtacrs@0.3 lora+wtacrs@0.1]
                                 [--chunked-loss [TOKENS]]
 
-Every figure models CUDA kernels (bool dropout masks, fp32 weights, AdamW) and comes from the
-profiler's meta backend: the same tracker and breakdown `python -m profiler run` uses. Prints the
+Every figure models CUDA kernels (bool dropout masks, fp32 weights, AdamW) and comes from
+`profiler.profile_step` on the meta device: the tracker and breakdown `python -m profiler run` uses. Prints the
 saved activation bytes per operator and method, then totals, peaks and the ratios to full
 fine-tuning. Nothing is downloaded; weights do not exist on meta. ``--chunked-loss`` applies
 ``wtacrs.chunked_loss`` (chunks of TOKENS tokens, default 1024) to every method, full included,
@@ -20,10 +20,8 @@ from collections import defaultdict
 import torch
 import transformers as tf
 
-from profiler import methods
-from profiler.measure import measure_training_step
+from profiler import prepare_method, profile_step
 from wtacrs.loss import DEFAULT_CHUNK_TOKENS, chunked_loss
-from wtacrs.taxonomy import family_of
 
 GIB = 2**30
 PRESETS = {
@@ -36,7 +34,7 @@ def measure(preset: str, method: str, batch_size: int, seq_len: int, target_len:
     config = tf.T5Config(vocab_size=32128, decoder_start_token_id=0, pad_token_id=0, use_cache=False, **PRESETS[preset])
     with torch.device("meta"):
         model = tf.T5ForConditionalGeneration._from_config(config, attn_implementation="eager")
-    model = methods.prepare(method, model.train(), "t5", 0)
+    model = prepare_method(method, model.train(), "t5", 0)
     if chunk_tokens is not None:
         model = chunked_loss(model, chunk_tokens)
     batch = {
@@ -44,7 +42,18 @@ def measure(preset: str, method: str, batch_size: int, seq_len: int, target_len:
         "labels": torch.zeros(batch_size, target_len, dtype=torch.long, device="meta"),
     }
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return measure_training_step(model, batch, optimizer, device="meta", family=family_of(model), models_device="cuda")
+    training_step(model, batch, optimizer)  # warm-up: the tracked step starts with optimizer state
+    with profile_step(model, optimizer, inputs=batch, models_device="cuda") as prof:
+        training_step(model, batch, optimizer)
+    return prof
+
+
+def training_step(model, batch, optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    del loss  # not alive in the optimizer step
+    optimizer.step()
 
 
 def main() -> None:
@@ -61,7 +70,7 @@ def main() -> None:
     results = {m: measure(args.preset, m, args.batch_size, args.seq_len, args.target_len, args.chunked_loss) for m in args.methods}
     by_operator: dict[str, dict[str, int]] = defaultdict(dict)
     for method, r in results.items():
-        for item in r.activations:
+        for item in r.activations_by_operator():
             key = f"{item['operator']} ({item['category']})"
             by_operator[key][method] = by_operator[key].get(method, 0) + item["bytes"]
 
@@ -75,7 +84,7 @@ def main() -> None:
             continue
         print(f"{key:<{width}}" + "".join(f"{by_operator[key].get(m, 0) / GIB:>17.3f}" for m in results))
     rows = {
-        "activations total": {m: sum(a["bytes"] for a in r.activations) for m, r in results.items()},
+        "activations total": {m: r.saved_bytes for m, r in results.items()},
         "peak": {m: r.peak_bytes for m, r in results.items()},
     }
     for name, values in rows.items():

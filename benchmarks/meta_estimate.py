@@ -16,11 +16,7 @@ Usage: python benchmarks/meta_estimate.py [--models t5-base,t5-large,t5-3b] [--m
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from transformers import T5Config, T5ForConditionalGeneration

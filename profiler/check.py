@@ -3,7 +3,7 @@
 Two kinds of checks, both on memory ratios ``numerator / denominator`` (``full`` over a method by
 default, so higher means the method saves more) computed per grid point: two cells are paired when
 all their parameters but ``method`` are equal, and compared through figures of one kind
-(``report.comparable``: both measured on one device, or both estimates of one device); a pair
+(``results.comparable``: both measured on one device, or both estimates of one device); a pair
 whose figures differ in kind is left out and counted.
 
 - **Bounds**, from the ``checks`` list of the ``suite.json`` beside the results::
@@ -15,19 +15,20 @@ whose figures differ in kind is left out and counted.
   A check that matches no usable pair is a regression named "no data".
 - **A committed baseline** (``reports/baselines/<suite>.json``, written by ``update_baseline``)::
 
-      {"format": 2, "suite": "...", "metric": "peak_bytes", "numerator": "full", "tolerance": 0.05,
-       "ratios": [{"cell": {<grid point>}, "method": "wtacrs@0.3", "figures": "measured (cpu)",
+      {"format": 3, "suite": "...", "metric": "peak_bytes", "numerator": "full", "tolerance": 0.05,
+       "ratios": [{"cell": {<grid point>}, "method": "wtacrs@0.3", "figures": "measured-cpu",
                    "ratio": 2.6134}, ...]}
 
-  ``figures`` is the kind of figures the ratio came from (``report.figures_label``: ``measured
-  (cpu)``, ``measured (cuda)``, ``estimated (meta → cuda)``...); a baseline holds every kind its
-  run had (a ``device: auto`` CPU run also carries its meta estimates). A ratio is compared with
+  ``figures`` is the kind of figures the ratio came from (``results.FigureKind``: ``measured-cpu``,
+  ``measured-cuda``, ``estimated-meta-cuda``...; format 2 named it by its label, ``measured
+  (cpu)``, and is still read); a baseline holds every kind its run had (a ``device: auto`` CPU run also carries its meta estimates). A ratio is compared with
   the results' ratio of the same kind only: more than ``tolerance`` (relative) below is a
   regression; more than ``tolerance`` above is held and reported "improved". Where the results
   have the cell with figures of other kinds only, the ratio is a **kind mismatch**: not compared,
   neither held nor regressed, and counted in its own row; when nothing at all could be compared
   like with like, the baseline is bad input (exit 2). Cells absent from the results are not run,
-  and only counted.
+  and only counted. ``compare_to_baseline`` returns each comparison as data (``Comparison``, with
+  its ``Reason``); ``check_baseline`` turns them into rows of the table.
 
 Failed cells: ``error`` on either side of a pair, or ``oom`` of the method under test (the
 denominator), is a regression; ``oom`` of the numerator and ``skipped`` cells are left out and
@@ -43,6 +44,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -51,29 +53,28 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from profiler.suite import Check, problem_lines
-from profiler.terminal import printable
-
-from profiler.report import (
+from profiler.results import (
     BASELINE_METHOD,
     FIGURE_STATUSES,
     METRICS,
     SHORT_NAMES,
+    FigureKind,
     Results,
     ResultsError,
-    comparable,
+    common_figures,
     grid_key,
     grid_point,
     load_results,
     method_of,
     record_figures,
 )
+from profiler.suite import Check, problem_lines
+from profiler.terminal import printable
 
-BASELINE_FORMAT = 2  # 2: each ratio names its figure kind
+BASELINE_FORMAT = 3  # 2: each ratio names its figure kind by its label; 3: by ``FigureKind`` value
 DEFAULT_TOLERANCE = 0.05
 BASELINE_DIR = Path("reports/baselines")
 METRIC_LABELS = {"peak_bytes": "peak", "activation_bytes": "activations"}
-MISMATCH = "kind mismatch"
 
 
 class RatioCheck(Check):
@@ -108,38 +109,99 @@ class RatioCheck(Check):
         return (self.min is None or ratio >= self.min) and (self.max is None or ratio <= self.max)
 
 
+class Verdict(str, Enum):
+    """The result of one row of the check table."""
+
+    HELD = "held"
+    IMPROVED = "improved"
+    """Held, and more than the tolerance above the baseline (``--update-baseline`` keeps it)."""
+    REGRESSED = "regressed"
+    KIND_MISMATCH = "kind mismatch"
+    """Baseline ratios not compared: the results have figures of another kind only."""
+
+
+class Reason(str, Enum):
+    """Why a grid point has no ratio, or how a baseline ratio compared with the results'."""
+
+    HELD = "held"
+    IMPROVED = "improved"
+    BELOW_BASELINE = "below baseline"
+    CELL_FAILED = "cell failed"
+    """An ``error`` on either side of the pair, or an ``oom`` of the method under test."""
+    NO_FIGURE = "no figure"
+    NOT_FINITE = "not a finite ratio"
+    """A NaN or infinite figure: NaN compares False with every bound, and would hold."""
+    NOT_POSITIVE = "not positive"
+    KIND_MISMATCH = "kind mismatch"
+    NOT_RUN = "not run"
+    """A side of the pair (or the baseline's cell) is not in the results."""
+    LEFT_OUT = "left out"
+    """Skipped cells, or an ``oom`` of the numerator: neither held nor regressed."""
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The row this reason makes in the table; None for what is only counted."""
+        return _VERDICTS.get(self, Verdict.REGRESSED)
+
+
+_VERDICTS: dict[Reason, Verdict | None] = {
+    Reason.HELD: Verdict.HELD,
+    Reason.IMPROVED: Verdict.IMPROVED,
+    Reason.KIND_MISMATCH: Verdict.KIND_MISMATCH,
+    Reason.NOT_RUN: None,
+    Reason.LEFT_OUT: None,
+}
+
+
 @dataclass
 class Outcome:
-    """One row of the check table. ``result`` is ``held``, ``improved``, ``regressed`` or
-    ``kind mismatch`` (baseline ratios not compared: the results' figures are of another kind)."""
+    """One row of the check table."""
 
     check: str
     expected: str
     measured: str
-    result: str
+    result: Verdict
     detail: str = ""
 
     @property
     def regressed(self) -> bool:
-        return self.result == "regressed"
+        return self.result is Verdict.REGRESSED
+
+
+@dataclass(frozen=True)
+class PointRatio:
+    """A finite positive ratio at a grid point, and the kind of the figures it came from."""
+
+    point: dict[str, Any]
+    ratio: float
+    kind: FigureKind
+
+
+@dataclass(frozen=True)
+class PointProblem:
+    """A grid point without a ratio: why (``reason``, and ``detail`` as the table says it), and
+    the kind of figures it concerns (None when the cells themselves failed or are missing)."""
+
+    point: dict[str, Any]
+    reason: Reason
+    detail: str
+    kind: FigureKind | None = None
+
+    def describe(self) -> str:
+        return f"{cell_label(self.point)}: {self.detail}"
 
 
 @dataclass
 class Pairing:
-    """Ratios of one (numerator, denominator, metric) over the grid, and the pairs left out.
+    """Ratios of one (numerator, denominator, metric) over the grid, and the points without one.
 
-    ``ratios`` holds ``(point, ratio, kind)``: a finite positive ratio and the kind of the figures
-    it came from (``report.figures_label``). ``failures`` holds ``(point, why, kind)``, kind None
-    when the cells themselves failed (an error, an oom of the method).
+    ``failures`` are regressions (``Reason.verdict``); ``left_out`` are only counted: a side not
+    run, skipped cells, an oom of the numerator, figures of different kinds.
     """
 
-    ratios: list[tuple[dict[str, Any], float, str]] = field(default_factory=list)
-    failures: list[tuple[dict[str, Any], str, str | None]] = field(default_factory=list)
-    left_out: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # not run, skipped, numerator oom
-
-    def describe_failure(self, index: int = 0) -> str:
-        point, why, _ = self.failures[index]
-        return f"{cell_label(point)}: {why}"
+    ratios: list[PointRatio] = field(default_factory=list)
+    failures: list[PointProblem] = field(default_factory=list)
+    left_out: list[PointProblem] = field(default_factory=list)
 
 
 def _matches(point: dict[str, Any], where: dict[str, Any]) -> bool:
@@ -164,17 +226,10 @@ def cell_label(point: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def common_figures(numerator: Record, denominator: Record, metric: str) -> list[tuple[float, float, str]]:
-    """``(numerator's figure, denominator's figure, kind)`` for every kind of figure both records
-    have, the numerator's own kind first (the one ``report.comparable`` takes)."""
-    bottom = dict(record_figures(denominator, metric))
-    return [(value, bottom[kind], kind) for kind, value in record_figures(numerator, metric) if kind in bottom]
-
-
 def pair_cells(results: Results, metric: str, numerator: str, denominator: str,
                where: dict[str, Any] | None = None, every_kind: bool = False) -> Pairing:
     """Pair the numerator's and denominator's cells by grid point and compute their ratios: of
-    the first kind of figures both have (``report.comparable``), or of each with ``every_kind``."""
+    the first kind of figures both have (``results.comparable``), or of each with ``every_kind``."""
     cells: dict[str, dict[str, Any]] = {}
     for record in results.records:
         method = method_of(record)
@@ -191,38 +246,42 @@ def pair_cells(results: Results, metric: str, numerator: str, denominator: str,
         num, den = entry.get(numerator), entry.get(denominator)
         if num is None or den is None:
             missing = numerator if num is None else denominator
-            pairing.left_out.append((point, f"{missing} not run"))
+            pairing.left_out.append(PointProblem(point, Reason.NOT_RUN, f"{missing} not run"))
             continue
         failed = [(m, r) for m, r in ((numerator, num), (denominator, den)) if r.get("status") == "error"]
         if den.get("status") == "oom":
             failed.append((denominator, den))
         if failed:
             method, record = failed[0]
-            pairing.failures.append((point, f"{method} {record.get('status')}: {record.get('message') or '-'}", None))
+            why = f"{method} {record.get('status')}: {record.get('message') or '-'}"
+            pairing.failures.append(PointProblem(point, Reason.CELL_FAILED, why))
             continue
         if num.get("status") not in FIGURE_STATUSES or den.get("status") not in FIGURE_STATUSES:
-            pairing.left_out.append((point, f"{num.get('status')}/{den.get('status')}"))
+            pairing.left_out.append(PointProblem(point, Reason.LEFT_OUT, f"{num.get('status')}/{den.get('status')}"))
             continue
-        figures = common_figures(num, den, metric)
-        if not figures:
-            why = comparable(num, den, metric)
-            # different kinds (measured vs estimated) are left out; a missing figure is a failure
-            if why.startswith("figures of"):
-                pairing.left_out.append((point, why))
+        pairs = common_figures(num, den, metric)
+        if not pairs:
+            top, bottom = record_figures(num, metric), record_figures(den, metric)
+            if top and bottom:  # measured vs estimated: left out
+                why = f"figures of different kinds: {next(iter(top)).label} vs {next(iter(bottom)).label}"
+                pairing.left_out.append(PointProblem(point, Reason.KIND_MISMATCH, why))
             else:
-                pairing.failures.append((point, why, None))
+                pairing.failures.append(PointProblem(point, Reason.NO_FIGURE, f"no {metric} figure"))
             continue
-        for top, bottom, kind in figures if every_kind else figures[:1]:
+        for pair in pairs if every_kind else pairs[:1]:
+            top, bottom, kind = pair.numerator, pair.denominator, pair.kind
             if not bottom:
-                pairing.failures.append((point, f"no {metric} figure", kind))
+                pairing.failures.append(PointProblem(point, Reason.NO_FIGURE, f"no {metric} figure", kind))
                 continue
             ratio = top / bottom
-            if not math.isfinite(ratio):  # NaN compares False with every bound: it must not hold
-                pairing.failures.append((point, f"not a finite ratio: {top} / {bottom} bytes ({kind})", kind))
+            if not math.isfinite(ratio):
+                why = f"not a finite ratio: {top} / {bottom} bytes ({kind.label})"
+                pairing.failures.append(PointProblem(point, Reason.NOT_FINITE, why, kind))
             elif ratio <= 0:
-                pairing.failures.append((point, f"ratio {ratio:g} is not positive: {top} / {bottom} bytes", kind))
+                why = f"ratio {ratio:g} is not positive: {top} / {bottom} bytes"
+                pairing.failures.append(PointProblem(point, Reason.NOT_POSITIVE, why, kind))
             else:
-                pairing.ratios.append((point, ratio, kind))
+                pairing.ratios.append(PointRatio(point, ratio, kind))
     return pairing
 
 
@@ -236,21 +295,22 @@ def _ratio_span(ratios: Iterable[float]) -> str:
 def check_bound(check: RatioCheck, results: Results) -> Outcome:
     """Evaluate one bound over every matching grid point."""
     pairing = pair_cells(results, check.metric, check.numerator, check.denominator, check.where)
-    measured = _ratio_span(r for _, r, _ in pairing.ratios) if pairing.ratios else "—"
+    measured = _ratio_span(r.ratio for r in pairing.ratios) if pairing.ratios else "—"
     if pairing.failures:
-        return Outcome(check.describe(), check.expected(), measured, "regressed", pairing.describe_failure()
-                       + (f" (+{len(pairing.failures) - 1} more)" if len(pairing.failures) > 1 else ""))
+        more = len(pairing.failures) - 1
+        return Outcome(check.describe(), check.expected(), measured, Verdict.REGRESSED,
+                       pairing.failures[0].describe() + (f" (+{more} more)" if more else ""))
     if not pairing.ratios:
-        return Outcome(check.describe(), check.expected(), "—", "regressed",
+        return Outcome(check.describe(), check.expected(), "—", Verdict.REGRESSED,
                        "no data: no grid point has both methods with figures"
                        + (f" ({len(pairing.left_out)} left out)" if pairing.left_out else ""))
-    outside = [(p, r) for p, r, _ in pairing.ratios if not check.holds(r)]
+    outside = [r for r in pairing.ratios if not check.holds(r.ratio)]
     if outside:
-        point, ratio = min(outside, key=lambda pr: pr[1] if check.min is not None and pr[1] < check.min else -pr[1])
-        return Outcome(check.describe(), check.expected(), measured, "regressed",
-                       f"{len(outside)} point(s) outside, e.g. {cell_label(point)}: {ratio:.3f}×")
+        worst = min(outside, key=lambda r: r.ratio if check.min is not None and r.ratio < check.min else -r.ratio)
+        return Outcome(check.describe(), check.expected(), measured, Verdict.REGRESSED,
+                       f"{len(outside)} point(s) outside, e.g. {cell_label(worst.point)}: {worst.ratio:.3f}×")
     detail = f"{len(pairing.left_out)} point(s) left out" if pairing.left_out else ""
-    return Outcome(check.describe(), check.expected(), measured, "held", detail)
+    return Outcome(check.describe(), check.expected(), measured, Verdict.HELD, detail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,9 +331,9 @@ def baseline_from_results(results: Results, metric: str = "peak_bytes", toleranc
     methods = sorted({method_of(r) for r in results.records} - {numerator})
     ratios = []
     for method in methods:
-        for point, ratio, kind in pair_cells(results, metric, numerator, method, every_kind=True).ratios:
-            ratios.append({"cell": point, "method": method, "figures": kind, "ratio": round(ratio, 4)})
-    ratios.sort(key=lambda entry: (grid_key(entry["cell"]), entry["method"], entry["figures"]))
+        for r in pair_cells(results, metric, numerator, method, every_kind=True).ratios:
+            ratios.append({"cell": r.point, "method": method, "figures": r.kind, "ratio": round(r.ratio, 4)})
+    ratios.sort(key=lambda entry: (grid_key(entry["cell"]), entry["method"], entry["figures"].value))
     return {"format": BASELINE_FORMAT, "suite": results.name, "metric": metric, "numerator": numerator,
             "tolerance": tolerance, "ratios": ratios}
 
@@ -287,7 +347,9 @@ def write_baseline(path: str | Path, baseline: dict[str, Any]) -> None:
 def read_baseline(path: str | Path, any_format: bool = False) -> dict[str, Any]:
     """Read and validate a baseline; ResultsError (one line) when it is missing or malformed.
 
-    ``any_format`` accepts an older format too (its tolerance and metric, which an update keeps).
+    Each ratio's ``figures`` comes back as a ``FigureKind`` (format 2 named it by its label).
+    ``any_format`` accepts format 1 too (no kinds: only its tolerance and metric, which an update
+    keeps, are of use).
     """
     path = Path(path)
     try:
@@ -301,9 +363,10 @@ def read_baseline(path: str | Path, any_format: bool = False) -> dict[str, Any]:
     missing = [k for k in ("suite", "metric", "tolerance", "ratios") if k not in doc]
     if missing:
         raise ResultsError(f"{path}: missing key(s) {', '.join(missing)}")
-    if doc.get("format", 1) == 1 and not any_format:
+    version = doc.get("format", 1)
+    if version == 1 and not any_format:
         raise ResultsError(f"{path}: a format 1 baseline records no figure kinds; regenerate it with --update-baseline")
-    if doc.get("format", 1) not in (1, BASELINE_FORMAT):
+    if version not in (1, 2, BASELINE_FORMAT):
         raise ResultsError(f"{path}: format {doc.get('format')!r} is not {BASELINE_FORMAT}")
     if doc["metric"] not in METRICS:
         raise ResultsError(f"{path}: metric must be one of {', '.join(METRICS)}, got {doc['metric']!r}")
@@ -317,89 +380,131 @@ def read_baseline(path: str | Path, any_format: bool = False) -> dict[str, Any]:
     for number, entry in enumerate(doc["ratios"]):
         ok = (isinstance(entry, dict) and isinstance(entry.get("cell"), dict) and isinstance(entry.get("method"), str)
               and isinstance(entry.get("ratio"), (int, float)) and not isinstance(entry.get("ratio"), bool)
-              and math.isfinite(entry["ratio"]) and entry["ratio"] > 0
-              and (any_format or isinstance(entry.get("figures"), str)))
+              and math.isfinite(entry["ratio"]) and entry["ratio"] > 0)
+        if ok and version != 1:
+            entry["figures"] = _figure_kind(entry.get("figures"), version)
+            ok = entry["figures"] is not None
         if not ok:
             raise ResultsError(f"{path}: ratios[{number}] needs a 'cell' object, a 'method', its 'figures' kind "
-                               "and a positive 'ratio'")
+                               f"({', '.join(k.value for k in FigureKind)}) and a positive 'ratio'")
     return doc
+
+
+def _figure_kind(value: Any, version: int) -> FigureKind | None:
+    if not isinstance(value, str):
+        return None
+    if version == 2:
+        return FigureKind.from_label(value)
+    return FigureKind(value) if value in FigureKind._value2member_map_ else None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One ratio of a baseline against the results' ratio of the same figure kind.
+
+    ``measured`` is None when the results have no such ratio; ``reason`` says why (a failed
+    cell, a NaN, figures of another kind only -- ``found`` -- or no cells at all).
+    """
+
+    method: str
+    point: dict[str, Any]
+    kind: FigureKind
+    expected: float
+    measured: float | None
+    reason: Reason
+    detail: str = ""
+    found: FigureKind | None = None
 
 
 @dataclass
 class _RatiosByPoint:
     """A ``Pairing`` indexed by grid point (``grid_key``), for baseline lookups."""
 
-    ratios: dict[tuple[str, str], float]  # (point, kind) -> ratio
-    kinds: dict[str, list[str]]  # point -> the kinds of its ratios
-    failures: dict[str, list[tuple[str, str | None]]]  # point -> (why, kind)
+    ratios: dict[tuple[str, FigureKind], float]
+    kinds: dict[str, list[FigureKind]]  # point -> the kinds of its ratios
+    failures: dict[str, list[PointProblem]]
 
     @classmethod
     def of(cls, pairing: Pairing) -> _RatiosByPoint:
         index = cls({}, {}, {})
-        for point, ratio, kind in pairing.ratios:
-            index.ratios[(grid_key(point), kind)] = ratio
-            index.kinds.setdefault(grid_key(point), []).append(kind)
-        for point, why, kind in pairing.failures:
-            index.failures.setdefault(grid_key(point), []).append((why, kind))
+        for r in pairing.ratios:
+            index.ratios[(grid_key(r.point), r.kind)] = r.ratio
+            index.kinds.setdefault(grid_key(r.point), []).append(r.kind)
+        for problem in pairing.failures:
+            index.failures.setdefault(grid_key(problem.point), []).append(problem)
         return index
+
+    def compare(self, method: str, point: dict[str, Any], kind: FigureKind, expected: float,
+                tolerance: float) -> Comparison:
+        key = grid_key(point)
+        measured = self.ratios.get((key, kind))
+        if measured is None:
+            failure = next((p for p in self.failures.get(key, ()) if p.kind in (None, kind)), None)
+            if failure is not None:
+                return Comparison(method, point, kind, expected, None, failure.reason, failure.detail)
+            if key in self.kinds:
+                return Comparison(method, point, kind, expected, None, Reason.KIND_MISMATCH, found=self.kinds[key][0])
+            return Comparison(method, point, kind, expected, None, Reason.NOT_RUN)
+        change = f"{measured / expected - 1:+.1%} against baseline {expected:.3f}×"
+        if measured < expected * (1 - tolerance):
+            return Comparison(method, point, kind, expected, measured, Reason.BELOW_BASELINE, change)
+        if measured > expected * (1 + tolerance):
+            return Comparison(method, point, kind, expected, measured, Reason.IMPROVED,
+                              change + " (--update-baseline keeps it)")
+        return Comparison(method, point, kind, expected, measured, Reason.HELD)
+
+
+def compare_to_baseline(baseline: dict[str, Any], results: Results) -> tuple[list[Comparison], int]:
+    """Every ratio of ``baseline`` (as ``read_baseline`` returns it) compared with the results'
+    ratio of the same grid point, method and figure kind; and how many ratios of the results
+    have no baseline entry."""
+    metric, tolerance = baseline["metric"], float(baseline["tolerance"])
+    numerator = baseline.get("numerator", BASELINE_METHOD)
+    indexes: dict[str, _RatiosByPoint] = {}
+    comparisons = []
+    for entry in baseline["ratios"]:
+        method = entry["method"]
+        if method not in indexes:
+            indexes[method] = _RatiosByPoint.of(pair_cells(results, metric, numerator, method, every_kind=True))
+        comparisons.append(indexes[method].compare(method, entry["cell"], entry["figures"], float(entry["ratio"]),
+                                                   tolerance))
+    seen = {(grid_key(c.point), c.method, c.kind) for c in comparisons}
+    unmatched = sum(1 for method, index in indexes.items() for key, kind in index.ratios
+                    if (key, method, kind) not in seen)
+    return comparisons, unmatched
 
 
 def check_baseline(baseline: dict[str, Any], results: Results) -> tuple[list[Outcome], list[str]]:
-    """One outcome per baseline ratio whose cells are in the results, compared with the results'
-    ratio of the same figure kind; one ``kind mismatch`` outcome per (baseline kind, results kind)
-    counting the ratios whose cells have figures of another kind only; notes on the rest."""
-    metric, tolerance = baseline["metric"], float(baseline["tolerance"])
-    numerator = baseline.get("numerator", BASELINE_METHOD)
+    """The table rows of ``compare_to_baseline``: one per compared ratio, one ``kind mismatch``
+    row per (baseline kind, results kind) counting the ratios whose cells have figures of another
+    kind only; notes on the ratios not run and the results' ratios without a baseline entry."""
+    comparisons, unmatched = compare_to_baseline(baseline, results)
+    metric, numerator = baseline["metric"], baseline.get("numerator", BASELINE_METHOD)
     label = METRIC_LABELS[metric]
     outcomes: list[Outcome] = []
-    notes: list[str] = []
-    not_run = 0
-    mismatches: dict[tuple[str, str], int] = {}
-    seen: set[tuple[str, str, str]] = set()
-    indexes: dict[str, _RatiosByPoint] = {}
-    for entry in baseline["ratios"]:
-        method, point, kind, expected = entry["method"], entry["cell"], entry["figures"], float(entry["ratio"])
-        key = grid_key(point)
-        seen.add((key, method, kind))
-        index = indexes.get(method)
-        if index is None:
-            index = indexes[method] = _RatiosByPoint.of(pair_cells(results, metric, numerator, method, every_kind=True))
-        name = f"{label} {numerator} ÷ {method} · {cell_label(point)} · {kind}"
-        floor = expected * (1 - tolerance)
-        wanted = f"≥ {floor:.3f}×"
-        measured = index.ratios.get((key, kind))
-        if measured is None:
-            failure = next((why for why, k in index.failures.get(key, ()) if k in (None, kind)), None)
-            if failure is not None:
-                outcomes.append(Outcome(name, wanted, "—", "regressed", failure))
-            elif key in index.kinds:
-                found = index.kinds[key][0]
-                mismatches[(kind, found)] = mismatches.get((kind, found), 0) + 1
-            else:
-                not_run += 1
-            continue
-        change = f"{measured / expected - 1:+.1%} against baseline {expected:.3f}×"
-        if measured < floor:
-            result, detail = "regressed", change
-        elif measured > expected * (1 + tolerance):
-            result, detail = "improved", change + " (--update-baseline keeps it)"
-        else:
-            result, detail = "held", ""
-        outcomes.append(Outcome(name, wanted, f"{measured:.3f}×", result, detail))
-    for (kind, found), count in sorted(mismatches.items()):
-        outcomes.append(Outcome(f"baseline {label} ratios of {kind} figures", kind, found, MISMATCH,
-                                f"baseline {kind}, results {found}: {count} ratio(s) not compared"))
+    mismatches: dict[tuple[FigureKind, FigureKind], int] = {}
+    for c in comparisons:
+        if c.reason is Reason.KIND_MISMATCH:
+            mismatches[(c.kind, c.found)] = mismatches.get((c.kind, c.found), 0) + 1
+        elif c.reason.verdict is not None:
+            name = f"{label} {numerator} ÷ {c.method} · {cell_label(c.point)} · {c.kind.label}"
+            wanted = f"≥ {c.expected * (1 - float(baseline['tolerance'])):.3f}×"
+            measured = "—" if c.measured is None else f"{c.measured:.3f}×"
+            outcomes.append(Outcome(name, wanted, measured, c.reason.verdict, c.detail))
+    for (kind, found), count in sorted(mismatches.items(), key=lambda item: (item[0][0].label, item[0][1].label)):
+        outcomes.append(Outcome(f"baseline {label} ratios of {kind.label} figures", kind.label, found.label,
+                                Verdict.KIND_MISMATCH,
+                                f"baseline {kind.label}, results {found.label}: {count} ratio(s) not compared"))
+    notes = []
+    not_run = sum(c.reason is Reason.NOT_RUN for c in comparisons)
     if not_run:
         notes.append(f"{not_run} baseline ratio(s) have no cells in these results (not run)")
-    new = sum(1 for method, index in indexes.items() for key, kind in index.ratios if (key, method, kind) not in seen)
-    if new:
-        notes.append(f"{new} ratio(s) of these results have no baseline entry (--update-baseline adds them)")
+    if unmatched:
+        notes.append(f"{unmatched} ratio(s) of these results have no baseline entry (--update-baseline adds them)")
     if not outcomes:
-        outcomes.append(Outcome(f"baseline {label} ({baseline['suite']})", "its ratios", "—", "regressed",
+        outcomes.append(Outcome(f"baseline {label} ({baseline['suite']})", "its ratios", "—", Verdict.REGRESSED,
                                 "no data: no baseline cell is in these results"))
     return outcomes, notes
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
@@ -419,12 +524,13 @@ def _table(sections: list[list[Outcome]]) -> Table:
     table.add_column("measured", justify="right", no_wrap=True)
     table.add_column("result", no_wrap=True)
     table.add_column("detail", overflow="fold", ratio=2)
-    styles = {"held": "green", "improved": "cyan", "regressed": "bold red", MISMATCH: "yellow"}
+    styles = {Verdict.HELD: "green", Verdict.IMPROVED: "cyan", Verdict.REGRESSED: "bold red",
+              Verdict.KIND_MISMATCH: "yellow"}
     for section in sections:
         for o in section:
             # Text, not markup: method names and messages are user strings ("[...]" is rich markup)
             table.add_row(Text(printable(o.check)), Text(printable(o.expected)), Text(printable(o.measured)),
-                          Text(o.result, style=styles[o.result]), Text(printable(o.detail)))
+                          Text(o.result.value, style=styles[o.result]), Text(printable(o.detail)))
         if section:
             table.add_section()
     return table
@@ -432,7 +538,7 @@ def _table(sections: list[list[Outcome]]) -> Table:
 
 def _only_mismatches(path: Path, outcomes: list[Outcome]) -> ResultsError | None:
     """A baseline none of whose ratios could be compared like with like is the wrong baseline."""
-    if not outcomes or any(o.result != MISMATCH for o in outcomes):
+    if not outcomes or any(o.result is not Verdict.KIND_MISMATCH for o in outcomes):
         return None
     ours = ", ".join(sorted({o.expected for o in outcomes}))
     theirs = ", ".join(sorted({o.measured for o in outcomes}))
@@ -504,9 +610,9 @@ def run_check(results_path: Path, baseline: Path | None = None, update_baseline:
     for note in notes:
         out.print(Text(printable(note), style="dim"))
     regressed = sum(o.regressed for o in outcomes)
-    improved = sum(o.result == "improved" for o in outcomes)
-    mismatched = sum(o.result == MISMATCH for o in outcomes)
+    improved = sum(o.result is Verdict.IMPROVED for o in outcomes)
+    mismatched = sum(o.result is Verdict.KIND_MISMATCH for o in outcomes)
     summary = f"{len(outcomes) - regressed - mismatched} held" + (f" ({improved} improved)" if improved else "")
-    summary += f", {regressed} regressed" + (f", {mismatched} {MISMATCH}" if mismatched else "")
+    summary += f", {regressed} regressed" + (f", {mismatched} {Verdict.KIND_MISMATCH.value}" if mismatched else "")
     out.print(Text(summary, style="bold red" if regressed else "bold green"))
     return 1 if regressed else 0

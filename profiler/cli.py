@@ -8,7 +8,6 @@ written); 130 interrupted (finished cells are kept: rerun with --resume).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from collections import deque
@@ -29,8 +28,10 @@ from rich.text import Text
 
 from profiler import records
 from profiler.methods import METHOD_NAMES_HELP
+from profiler.results import metric_value
 from profiler.suite import MAX_CELLS
 from profiler.terminal import printable
+from profiler.units import format_bytes, format_count
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATUS_STYLES = {"ok": "green", "estimated": "cyan", "oom": "yellow", "error": "bold red", "skipped": "dim"}
@@ -165,31 +166,24 @@ def main(argv: list[str] | None = None) -> int:
 # run
 
 
-def _format_bytes(value: int | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
+def _peak(record: records.Record) -> str:
+    return format_bytes(metric_value(record, "peak_bytes"), missing="-")
 
 
-def _activation_bytes(record: records.Record) -> int | None:
+def _saved(record: records.Record) -> str:
     """Bytes saved for backward (the breakdown's total; the peak's category may be lower)."""
-    items = record.get("activations")
-    return None if items is None else sum(item["bytes"] for item in items)
+    return format_bytes(metric_value(record, "activation_bytes"), missing="-")
 
 
 def _tokens_per_s(record: records.Record) -> str:
-    throughput = record.get("throughput") or {}
-    value = throughput.get("tokens_per_s")
-    return "-" if value is None else f"{value:,.0f}"
+    return format_count((record.get("throughput") or {}).get("tokens_per_s"), missing="-")
 
 
 def _summary_line(index: int, total: int, record: records.Record) -> str:
     width = len(str(total))
-    memory = record.get("memory") or {}
     line = (
         f"[{index:>{width}}/{total}] {printable(record['cell_id'])}  {record['status']}  "
-        f"peak {_format_bytes(memory.get('peak_bytes'))}  saved {_format_bytes(_activation_bytes(record))}  "
-        f"tok/s {_tokens_per_s(record)}"
+        f"peak {_peak(record)}  saved {_saved(record)}  tok/s {_tokens_per_s(record)}"
     )
     if record.get("message") and record["status"] not in ("ok",):
         line += f"  ({printable(record['message'].splitlines()[0])})"
@@ -245,8 +239,7 @@ class _LiveObserver:
             table.add_row(
                 Text(printable(record["cell_id"])), Text(record["status"], style=style),
                 Text(printable(record.get("device"))),
-                _format_bytes((record.get("memory") or {}).get("peak_bytes")),
-                _format_bytes(_activation_bytes(record)), _tokens_per_s(record),
+                _peak(record), _saved(record), _tokens_per_s(record),
             )
         table.caption = "  ".join(f"{status}: {n}" for status, n in sorted(self.counts.items())) or None
         return table
@@ -310,10 +303,10 @@ def _run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{n} {status}" for status, n in sorted(result.statuses.items())) or "nothing to run"
     _say(f"{plan.suite.name}: {summary}; results in {result.results_path}")
     code = EXIT_FAILED if result.statuses.get("error") else EXIT_OK
-    if not args.no_report and importlib.util.find_spec("profiler.report") is not None:
-        try:
-            from profiler.report import render_report
+    if not args.no_report:
+        from profiler.report import render_report
 
+        try:
             html = render_report(result.results_path, result.out_dir)
         except Exception as e:  # noqa: BLE001 -- the measurements are safe; say why the page is not
             _say(f"{result.results_path}: report not rendered: {type(e).__name__}: {e}", sys.stderr)
@@ -342,11 +335,9 @@ def _report(args: argparse.Namespace) -> int:
     problem = _results_problem(args.results) or _out_dir_problem(args.out or args.results.parent)
     if problem:
         return _bad_input([problem])
-    try:
-        from profiler.report import ResultsError, render_report
-    except ImportError as e:
-        _say(f"python -m profiler report: profiler.report is not available: {e}", sys.stderr)
-        return EXIT_FAILED
+    from profiler.report import render_report
+    from profiler.results import ResultsError
+
     try:
         html = render_report(args.results, args.out)
     except ResultsError as e:  # its message names the file and the problem
@@ -361,11 +352,8 @@ def _check(args: argparse.Namespace) -> int:
     problem = _results_problem(args.results)
     if problem:
         return _bad_input([problem])
-    try:
-        from profiler.check import run_check
-    except ImportError as e:
-        _say(f"python -m profiler check: profiler.check is not available: {e}", sys.stderr)
-        return EXIT_FAILED
+    from profiler.check import run_check
+
     if args.tolerance is not None and not args.update_baseline:
         return _bad_input(["--tolerance applies with --update-baseline only"])
     return run_check(args.results, args.baseline, args.update_baseline, Console(highlight=False),

@@ -16,7 +16,6 @@ Backends, each a context manager that undoes everything it installs:
 
 from __future__ import annotations
 
-import statistics
 import time
 import weakref
 from contextlib import ExitStack, nullcontext
@@ -53,11 +52,6 @@ class Measurement:
     flops: int | None = None  # FLOPs of one training step (matmul-class ops)
     estimated: bool = False  # True on meta
     models_device: str = "cpu"  # whose kernels the figures model
-
-    @property
-    def step_time_s(self) -> float | None:
-        """Median of the timed steps, or None when none were timed."""
-        return statistics.median(self.step_times_s) if self.step_times_s else None
 
 
 def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor:

@@ -13,8 +13,7 @@
 =====================  ======================================================================
 
 ``0 < R <= 1``. ``parse(name)`` reads a name once into a ``Method``; ``Method.prepare(model,
-family, seed)`` applies it in place (peft wraps the model, so use the returned module). A method whose library part is missing raises
-``MethodUnavailable`` and the runner records the cell as skipped.
+family, seed)`` applies it in place (peft wraps the model, so use the returned module).
 """
 
 from __future__ import annotations
@@ -29,10 +28,6 @@ from profiler.models import ARCHITECTURES
 
 LORA_RANK = 8
 LORA_ALPHA = 16
-
-
-class MethodUnavailable(RuntimeError):
-    """The method needs a part of the library that is not there (yet)."""
 
 
 class MethodError(ValueError):
@@ -62,13 +57,9 @@ def _checkpointing(model: nn.Module, family: str, ratio: float | None, seed: int
 
 
 def _wtacrs_config(ratio: float, seed: int | None, **switches: bool):
-    try:
-        import wtacrs
+    import wtacrs
 
-        convert, config_class = wtacrs.convert, wtacrs.WTACRSConfig
-    except (ImportError, AttributeError) as e:
-        raise MethodUnavailable(f"wtacrs.convert is not available ({e})") from None
-    return convert, config_class(ratio=ratio, seed=seed, **switches)
+    return wtacrs.convert, wtacrs.WTACRSConfig(ratio=ratio, seed=seed, **switches)
 
 
 def _wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
@@ -90,19 +81,18 @@ def _lora_wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int |
 class MethodEntry:
     pattern: str  # full match against the method name; group "ratio" if the method takes one
     prepare: Callable[[nn.Module, str, float | None, int | None], nn.Module]
-    uses_wtacrs: bool
     summary: str
 
 
 _RATIO = r"@(?P<ratio>[0-9]*\.?[0-9]+(?:[eE]-?[0-9]+)?)"
 
 METHODS: tuple[MethodEntry, ...] = (
-    MethodEntry("full", _full, False, "full fine-tuning"),
-    MethodEntry("lora", _lora, False, f"peft LoRA r={LORA_RANK} on peft's default targets"),
-    MethodEntry("checkpointing", _checkpointing, False, "activation checkpointing of every layer"),
-    MethodEntry("wtacrs" + _RATIO, _wtacrs, True, "WTA-CRS on Linear-Q/K/V/O/U/D and TensorMul-1/2"),
-    MethodEntry("wtacrs-linear" + _RATIO, _wtacrs_linear, True, "WTA-CRS on the Linears only"),
-    MethodEntry("lora\\+wtacrs" + _RATIO, _lora_wtacrs, True, "LoRA, then WTA-CRS on lora_A inputs"),
+    MethodEntry("full", _full, "full fine-tuning"),
+    MethodEntry("lora", _lora, f"peft LoRA r={LORA_RANK} on peft's default targets"),
+    MethodEntry("checkpointing", _checkpointing, "activation checkpointing of every layer"),
+    MethodEntry("wtacrs" + _RATIO, _wtacrs, "WTA-CRS on Linear-Q/K/V/O/U/D, exact attention reusing P"),
+    MethodEntry("wtacrs-linear" + _RATIO, _wtacrs_linear, "WTA-CRS on the Linears only"),
+    MethodEntry("lora\\+wtacrs" + _RATIO, _lora_wtacrs, "LoRA, then WTA-CRS on lora_A inputs"),
 )
 
 METHOD_NAMES_HELP = "full, lora, checkpointing, wtacrs@R, wtacrs-linear@R, lora+wtacrs@R (0 < R <= 1)"
@@ -120,16 +110,6 @@ class Method:
     def prepare(self, model: nn.Module, family: str, seed: int | None = 0) -> nn.Module:
         """Apply the method to ``model`` (in place where the library allows) and return it."""
         return self.entry.prepare(model, family, self.ratio, seed)
-
-    def unavailable(self) -> str | None:
-        """None if the method can run in this install, else the reason it cannot."""
-        if not self.entry.uses_wtacrs:
-            return None
-        try:
-            _wtacrs_config(self.ratio, None)
-        except MethodUnavailable as e:
-            return str(e)
-        return None
 
 
 def parse(name: str) -> Method:

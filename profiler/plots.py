@@ -1,5 +1,6 @@
-"""Seaborn figures of the report, one function per figure; each takes a frame from
-``profiler.report`` and returns a matplotlib Figure (or None when the frame has nothing to draw).
+"""Seaborn figures of the report, one function per figure; each takes a frame that
+``profiler.report`` builds (this module imports nothing of the report) and returns a matplotlib
+Figure, or None when the frame has nothing to draw.
 
 Panels are faceted per model and sequence length (``panel``); memory axes are in GiB or MiB
 (powers of two) and throughput in tokens/s. Estimated cells are drawn dashed with ``X`` markers
@@ -29,7 +30,8 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from profiler.report import BASELINE_METHOD, byte_unit  # noqa: E402
+from profiler.results import BASELINE_METHOD  # noqa: E402
+from profiler.units import byte_unit  # noqa: E402
 
 DPI = 110
 PANEL_HEIGHT = 3.4

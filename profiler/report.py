@@ -1,9 +1,9 @@
 """The HTML report of a results file: ``render_report(results.jsonl) -> report.html``.
 
-The report reads records (``profiler/records.py``) and the ``suite.json`` the runner writes beside
-them, and nothing else. The data side (``load_results``, ``cells_frame``, ``breakdown_frame``,
-``max_batch_frame``, ``summary_frame``) is plain pandas and is shared with ``profiler.check``; the
-figures live in ``profiler.plots``; this module turns both into one self-contained page:
+The report reads results (``profiler.results``: the records and the ``suite.json`` the runner
+writes beside them) and nothing else. Its data side (``cells_frame``, ``breakdown_frame``,
+``max_batch_frame``, ``summary_frame``) is plain pandas; the figures are drawn from those frames by
+``profiler.plots``; this module turns both into one self-contained page:
 
 - no external asset or URL: CSS is inline, PNGs are ``data:`` URIs, and a Content-Security-Policy
   forbids the page from loading anything else;
@@ -20,224 +20,33 @@ import datetime as _dt
 import html
 import json
 import math
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from profiler.records import MEMORY_CATEGORIES, Record, read_records
-
-GiB = 2**30
-MiB = 2**20
-DEFAULT_BUDGETS_GIB = (80.0, 40.0, 24.0)
-BASELINE_METHOD = "full"
-FIGURE_STATUSES = ("ok", "estimated")  # statuses whose memory figures are usable
-METRICS = ("peak_bytes", "activation_bytes")
-PAGE_NAME = "report.html"
-
-# The cell parameters that place a cell on the grid; everything in ``params`` but ``method``.
-GRID_ORDER = ("model", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head",
-              "n_layers", "dtype", "optimizer", "attn_implementation", "family")
-SHORT_NAMES = {"batch_size": "B", "seq_len": "S", "target_len": "T", "d_model": "d_model",
-               "n_head": "n_head", "d_ff": "d_ff", "d_head": "d_head", "n_layers": "layers"}
-
-
-class ResultsError(ValueError):
-    """Bad input to the report or the check: its message is one line that names the file and why."""
-
-
-@dataclass
-class Results:
-    """The records of one results file that are cells of its suite (the last record of each
-    cell), the suite, and how many records were left out as cells of no suite here."""
-
-    path: Path
-    records: list[Record]
-    suite: dict[str, Any] | None
-    outside: int = 0
-
-    def outside_note(self) -> str | None:
-        if not self.outside:
-            return None
-        return f"{self.outside} record(s) of {self.path.name} are not cells of suite.json: ignored"
-
-    @property
-    def name(self) -> str:
-        if self.suite and isinstance(self.suite.get("name"), str):
-            return self.suite["name"]
-        names = {r.get("suite") for r in self.records if r.get("suite")}
-        return ", ".join(sorted(map(str, names))) or self.path.stem
-
-
-_NUMBER, _INTEGER, _TEXT, _OBJECT, _LIST = "a number", "an integer", "text", "an object", "a list"
-# What the report and the check read of a record, by key path, and the JSON type each must have
-# (null allowed where the figure may be unknown). ``activations[]`` is every item of the list.
-_RECORD_FIELDS: tuple[tuple[str, str, bool], ...] = (
-    ("status", _TEXT, False),
-    ("message", _TEXT, True),
-    ("device", _TEXT, True),
-    ("models_device", _TEXT, True),
-    ("memory", _OBJECT, True),
-    ("memory.peak_bytes", _NUMBER, True),
-    ("memory.categories", _OBJECT, True),
-    *((f"memory.categories.{c}", _NUMBER, True) for c in MEMORY_CATEGORIES),
-    ("activations", _LIST, True),
-    ("activations[]", _OBJECT, False),
-    ("activations[].operator", _TEXT, False),
-    ("activations[].category", _TEXT, False),
-    ("activations[].bytes", _INTEGER, False),
-    ("throughput", _OBJECT, True),
-    *((f"throughput.{k}", _NUMBER, True) for k in ("step_time_s", "tokens_per_s", "samples_per_s")),
-    ("estimate", _OBJECT, True),
-    *((f"estimate.{k}", _NUMBER, True) for k in ("peak_bytes", "activation_bytes")),
-    ("env", _OBJECT, True),
+from profiler.records import MEMORY_CATEGORIES
+from profiler.results import (
+    BASELINE_METHOD,
+    FIGURE_STATUSES,
+    GRID_ORDER,
+    SHORT_NAMES,
+    Results,
+    ResultsError,
+    comparable,
+    grid_key,
+    grid_point,
+    load_results,
+    method_of,
+    metric_value,
+    record_kind,
 )
-_CHECKS = {
-    _NUMBER: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    _INTEGER: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    _TEXT: lambda v: isinstance(v, str),
-    _OBJECT: lambda v: isinstance(v, dict),
-    _LIST: lambda v: isinstance(v, list),
-}
+from profiler.units import GiB, byte_unit, format_bytes, format_count, in_unit
 
-
-def _record_problem(record: Record) -> str | None:
-    """The first field of ``_RECORD_FIELDS`` that has the wrong type, as ``KEY: expected ...``."""
-    for path, kind, nullable in _RECORD_FIELDS:
-        for key, value in _values_at(record, path):
-            if value is None and nullable:
-                continue
-            if not _CHECKS[kind](value):
-                return f"{key}: expected {kind}{' or null' if nullable else ''}, got {type(value).__name__}"
-    return None
-
-
-def _values_at(record: Record, path: str) -> list[tuple[str, Any]]:
-    """(key, value) at a key path of ``_RECORD_FIELDS``, for every item at ``[]``; none where a
-    parent is missing, null or of the wrong type (that parent's own entry reports it)."""
-    found: list[tuple[str, Any]] = [("", record)]
-    for part in path.split("."):
-        name, every = part.removesuffix("[]"), part.endswith("[]")
-        found = [(f"{key}.{name}" if key else name, value[name]) for key, value in found
-                 if isinstance(value, dict) and name in value]
-        if every:
-            found = [(f"{key}[{i}]", item) for key, value in found if isinstance(value, list)
-                     for i, item in enumerate(value)]
-    return found
-
-
-def load_results(results_path: str | Path) -> Results:
-    """Read ``results_path`` (JSON lines) and ``suite.json`` beside it, if present.
-
-    Only the records of the suite's cells are its results (``suite_membership``); the others are
-    counted in ``outside``. A later record of the same cell (a ``--resume`` retry) replaces the
-    earlier one. Raises ResultsError, with a one-line message, for a missing or unreadable file, a
-    line that is not JSON, a record without ``params``/``status``, a field of a record with the
-    wrong type (``_RECORD_FIELDS``), no record of the suite, or a malformed suite.json.
-    """
-    path = Path(results_path)
-    if not path.is_file():
-        raise ResultsError(f"{path}: no such results file")
-    try:
-        raw = read_records(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise ResultsError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    except ValueError as e:
-        raise ResultsError(str(e)) from None
-    suite = None
-    suite_path = path.parent / "suite.json"
-    if suite_path.exists():
-        try:
-            suite = json.loads(suite_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ResultsError(f"{suite_path}: not a JSON suite ({e})") from None
-        if not isinstance(suite, dict):
-            raise ResultsError(f"{suite_path}: not a JSON object")
-    member = suite_membership(suite, suite_path)
-    by_cell: dict[str, Record] = {}
-    outside = 0
-    for number, record in enumerate(raw, 1):
-        if not isinstance(record, dict) or not isinstance(record.get("params"), dict) or "status" not in record:
-            raise ResultsError(f"{path}: record {number} is not a cell record (needs 'params' and 'status')")
-        problem = _record_problem(record)
-        if problem:
-            raise ResultsError(f"{path}: record {number}: {problem}")
-        if member is not None and not member(record):
-            outside += 1
-            continue
-        by_cell[str(record.get("cell_key") or record.get("cell_id", number))] = record
-    if not by_cell:
-        raise ResultsError(f"{path}: no records" + (f" of the cells of {suite_path} ({outside} of other cells)"
-                                                    if outside else ""))
-    return Results(path, list(by_cell.values()), suite, outside)
-
-
-def suite_membership(suite: dict[str, Any] | None, where: Path) -> Callable[[Record], bool] | None:
-    """Which records are cells of ``suite``: those with a ``cell_key`` its ``cell_keys`` lists
-    (what the runner writes); for a suite.json without keys (an older runner), those with a
-    ``cell_id`` its ``cells`` lists. None, every record, when there is no suite.json."""
-    if suite is None:
-        return None
-    keys = suite.get("cell_keys")
-    if keys is not None:
-        if not isinstance(keys, dict) or not all(isinstance(k, str) for k in keys.values()):
-            raise ResultsError(f"{where}: cell_keys must map cell ids to keys")
-        wanted = set(keys.values())
-        return lambda record: record.get("cell_key") in wanted
-    cells = suite.get("cells")
-    if isinstance(cells, list):
-        ids = {str(c) for c in cells}
-        return lambda record: str(record.get("cell_id")) in ids
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures of one record, shared with the check.
-
-
-def metric_value(record: Record, metric: str) -> int | None:
-    """``peak_bytes`` or ``activation_bytes`` (saved for backward) of a record; None if unknown.
-
-    Activations are every byte saved for backward in the forward pass: the sum of the breakdown
-    (``activations``). ``memory.categories.activations`` is only the part still alive at the peak
-    instant -- a few KiB when the peak falls in the optimizer step, after backward freed the
-    rest -- and is used only for a record without a breakdown.
-    """
-    memory = record.get("memory") or {}
-    if metric == "peak_bytes":
-        value = memory.get("peak_bytes")
-    elif metric == "activation_bytes":
-        items = record.get("activations")
-        if isinstance(items, list) and items:
-            value = sum(item["bytes"] for item in items)
-        else:
-            value = (memory.get("categories") or {}).get("activations")
-    else:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def grid_point(record: Record) -> dict[str, Any]:
-    """The cell without its method: every parameter but ``method``.
-
-    Two records are compared (ratio against ``full``) when their grid points are equal, and then
-    only through figures of the same kind (``comparable``): with ``device: auto`` the runner
-    measures the cells that fit on the CPU and estimates the others, and a CPU measurement over a
-    cuda estimate is no ratio of methods.
-    """
-    return {k: v for k, v in record["params"].items() if k != "method"}
-
-
-def grid_key(point: dict[str, Any]) -> str:
-    return json.dumps(point, sort_keys=True, default=str)
-
-
-def method_of(record: Record) -> str:
-    return str(record["params"].get("method"))
+DEFAULT_BUDGETS_GIB = (80.0, 40.0, 24.0)
+PAGE_NAME = "report.html"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,53 +68,6 @@ def method_order(results: Results) -> list[str]:
     return seen
 
 
-def figures_label(record: Record) -> str:
-    """How the memory figures were obtained, e.g. ``measured (cpu)``, ``estimated (meta → cuda)``."""
-    device = record.get("device") or "?"
-    if record.get("status") == "estimated":
-        return f"estimated ({device} → {record.get('models_device') or '?'})"
-    if record.get("status") == "ok":
-        return f"measured ({device})"
-    return "—"
-
-
-def record_figures(record: Record, metric: str) -> list[tuple[str, float]]:
-    """The record's figures of ``metric`` by kind (``figures_label``), its own first.
-
-    A cell of ``device: auto`` measured on the CPU also carries the meta estimate made before the
-    run (``estimate``): its figures are a second kind, ``estimated (meta → cuda)``.
-    """
-    out = []
-    if record.get("status") in FIGURE_STATUSES:
-        value = metric_value(record, metric)
-        if value is not None:
-            out.append((figures_label(record), value))
-    estimate = record.get("estimate")
-    if record.get("status") == "ok" and isinstance(estimate, dict):
-        key = "peak_bytes" if metric == "peak_bytes" else "activation_bytes"
-        value = estimate.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append((f"estimated (meta → {estimate.get('models_device') or '?'})", value))
-    return out
-
-
-def comparable(numerator: Record, denominator: Record, metric: str) -> tuple[float, float, str] | str:
-    """``(numerator's figure, denominator's figure, their kind)`` for a ratio, or why there is none.
-
-    A ratio compares figures of one kind: both measured on the same device, or both estimates
-    modelling the same device. The records' own figures come first; when they differ in kind
-    (full estimated, the method measured), the estimates both carry are used.
-    """
-    top = record_figures(numerator, metric)
-    bottom = dict(record_figures(denominator, metric))
-    for kind, value in top:
-        if kind in bottom:
-            return value, bottom[kind], kind
-    if not top or not bottom:
-        return f"no {metric} figure"
-    return f"figures of different kinds: {top[0][0]} vs {next(iter(bottom))}"
-
-
 def cells_frame(results: Results) -> pd.DataFrame:
     """One row per cell: the grid parameters, status, figures in bytes and ratios vs ``full``.
 
@@ -313,7 +75,7 @@ def cells_frame(results: Results) -> pd.DataFrame:
     ``estimated`` (bool), ``figures`` (label), ``peak_bytes``, ``activation_bytes``,
     ``tokens_per_s``, ``samples_per_s``, ``step_time_s``, ``peak_ratio`` and ``activation_ratio``
     (full's figure over this cell's, at the same grid point, from figures of the same kind; see
-    ``comparable``), ``ratio_figures`` (that kind), ``ratio_estimated`` (bool), ``panel`` (the
+    ``comparable``), ``ratio_figures`` (that ``FigureKind``, or None), ``ratio_estimated`` (bool), ``panel`` (the
     facet label: model and every varying grid parameter but batch size and method), ``cell_id``,
     ``key``.
     """
@@ -329,7 +91,7 @@ def cells_frame(results: Results) -> pd.DataFrame:
             status=record.get("status"),
             message=record.get("message") or "",
             estimated=record.get("status") == "estimated",
-            figures=figures_label(record),
+            figures=kind.label if (kind := record_kind(record)) is not None else "—",
             peak_bytes=metric_value(record, "peak_bytes") if ok else None,
             activation_bytes=metric_value(record, "activation_bytes") if ok else None,
             tokens_per_s=throughput.get("tokens_per_s"),
@@ -347,12 +109,12 @@ def cells_frame(results: Results) -> pd.DataFrame:
         row["ratio_figures"] = None
         for metric, column in (("peak_bytes", "peak_ratio"), ("activation_bytes", "activation_ratio")):
             pair = comparable(baseline, record, metric) if baseline is not None else None
-            if isinstance(pair, tuple) and pair[1] > 0:
-                row[column] = pair[0] / pair[1]
-                row["ratio_figures"] = row["ratio_figures"] or pair[2]
+            if pair is not None and pair.denominator > 0:
+                row[column] = pair.numerator / pair.denominator
+                row["ratio_figures"] = row["ratio_figures"] or pair.kind
             else:
                 row[column] = None
-        row["ratio_estimated"] = str(row["ratio_figures"]).startswith("estimated")
+        row["ratio_estimated"] = row["ratio_figures"] is not None and row["ratio_figures"].estimated
     frame = pd.DataFrame(rows)
     order = method_order(results)
     frame["method"] = pd.Categorical(frame["method"].astype(str), categories=order, ordered=True)
@@ -437,38 +199,21 @@ def breakdown_frame(results: Results, cells: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(TiB|GiB|MiB)?\s*$")
-_UNIT_BYTES = {"TiB": 2**40, "GiB": GiB, "MiB": MiB, None: GiB}
-
-
 def memory_budgets(suite: dict[str, Any] | None) -> list[int]:
     """Memory budgets in bytes, largest first, for the "largest batch size" plot.
 
     Read from the suite's ``budgets.memory_gib`` (what ``profiler.suite`` validates and writes to
-    suite.json: a list of GiB), else ``memory_budgets``, ``budget``, ``budgets`` as a list or
-    number, or ``budgets.memory``. A number is GiB; a string is ``"<number> TiB|GiB|MiB"``; ``GB``
-    is refused as ambiguous. Without any of these: 80, 40 and 24 GiB.
+    suite.json: a list of GiB); without it, 80, 40 and 24 GiB.
     """
-    suite = suite or {}
-    raw: Any = suite.get("memory_budgets", suite.get("budget"))
-    budgets_key = suite.get("budgets")
-    if raw is None and isinstance(budgets_key, (list, int, float, str)) and not isinstance(budgets_key, bool):
-        raw = budgets_key
-    if raw is None and isinstance(budgets_key, dict):
-        raw = budgets_key.get("memory_gib", budgets_key.get("memory"))
+    budgets = (suite or {}).get("budgets")
+    raw = budgets.get("memory_gib") if isinstance(budgets, dict) else None
     if raw is None:
         return [int(b * GiB) for b in DEFAULT_BUDGETS_GIB]
     items = raw if isinstance(raw, list) else [raw]
-    budgets = []
     for item in items:
-        if isinstance(item, (int, float)) and not isinstance(item, bool) and 0 < item < math.inf:
-            budgets.append(int(item * GiB))
-            continue
-        match = _BUDGET_RE.match(item) if isinstance(item, str) else None
-        if not match or float(match.group(1)) <= 0:
-            raise ResultsError(f"suite.json: memory budget {item!r} is not a memory size (e.g. 80 or '80 GiB')")
-        budgets.append(int(float(match.group(1)) * _UNIT_BYTES[match.group(2)]))
-    return sorted(set(budgets), reverse=True)
+        if not (isinstance(item, (int, float)) and not isinstance(item, bool) and 0 < item < math.inf):
+            raise ResultsError(f"suite.json: memory budget {item!r} is not a memory size in GiB (e.g. 80)")
+    return sorted({int(item * GiB) for item in items}, reverse=True)
 
 
 def max_batch_size(batch_sizes: Sequence[float], peaks: Sequence[float], budget: float,
@@ -544,19 +289,6 @@ def max_batch_frame(cells: pd.DataFrame, budgets: Sequence[int]) -> pd.DataFrame
 # Formatting
 
 
-def byte_unit(max_bytes: float) -> tuple[str, int]:
-    """GiB for figures of a GiB or more, else MiB (powers of two)."""
-    return ("GiB", GiB) if max_bytes is not None and max_bytes >= GiB else ("MiB", MiB)
-
-
-def format_bytes(value: float | None, unit: int | None = None, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    unit = unit or byte_unit(value)[1]
-    name = "GiB" if unit == GiB else "MiB"
-    return f"{value / unit:,.{digits}f} {name}"
-
-
 def _ratio_range(values: pd.Series) -> str:
     values = values.dropna()
     if values.empty:
@@ -589,7 +321,7 @@ def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
             "peak": _bytes_range(group["peak_bytes"], unit),
             "peak: full ÷ method": _ratio_range(group["peak_ratio"]),
             "activations: full ÷ method": _ratio_range(group["activation_ratio"]),
-            "best tokens/s": f"{tokens.max():,.0f}" if not tokens.empty else "—",
+            "best tokens/s": format_count(tokens.max()) if not tokens.empty else "—",
             "figures": ", ".join(sorted(set(group["figures"]) - {"—"})) or "—",
         })
     return pd.DataFrame(rows)
@@ -606,8 +338,8 @@ def cell_table(cells: pd.DataFrame) -> pd.DataFrame:
     table.insert(len(table.columns), "method", cells["method"].astype(str))
     table["status"] = cells["status"]
     table["figures"] = cells["figures"]
-    table[f"peak ({unit_name})"] = cells["peak_bytes"].map(lambda v: _number(v, unit))
-    table[f"activations ({act_name})"] = cells["activation_bytes"].map(lambda v: _number(v, act_unit))
+    table[f"peak ({unit_name})"] = cells["peak_bytes"].map(lambda v: in_unit(v, unit))
+    table[f"activations ({act_name})"] = cells["activation_bytes"].map(lambda v: in_unit(v, act_unit))
     # a measured cell whose ratio had to come from the estimates (full was not measured) says so
     from_estimates = cells["ratio_estimated"] & ~cells["estimated"]
 
@@ -617,13 +349,9 @@ def cell_table(cells: pd.DataFrame) -> pd.DataFrame:
 
     table["peak: full ÷ method"] = ratio(cells["peak_ratio"])
     table["activations: full ÷ method"] = ratio(cells["activation_ratio"])
-    table["tokens/s"] = cells["tokens_per_s"].map(lambda v: "—" if pd.isna(v) else f"{v:,.0f}")
+    table["tokens/s"] = cells["tokens_per_s"].map(format_count)
     table["message"] = cells["message"]
     return table
-
-
-def _number(value: Any, unit: int) -> str:
-    return "—" if value is None or pd.isna(value) else f"{value / unit:,.2f}"
 
 
 def _html_table(frame: pd.DataFrame, classes: str = "") -> str:

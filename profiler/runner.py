@@ -55,7 +55,6 @@ from typing import Any
 
 import torch
 
-from profiler import methods as methods_table
 from profiler import records
 from profiler.models import MetaMaskChecks, build_model, make_batch, quiet_transformers, tokens_per_step
 from profiler.suite import Cell, Suite
@@ -503,15 +502,10 @@ class CellRunner:
         # the env names the thread count
         with cpu_threads(cell.threads if device == "cpu" else None):
             try:
-                unavailable = cell.method.unavailable()
-                if unavailable:
-                    return record(status="skipped", message=unavailable)
                 with quiet_transformers():
                     return record(_measure_on(cell, device, models_device, self.measure, self.cache))
             except KeyboardInterrupt:
                 raise
-            except methods_table.MethodUnavailable as e:
-                return record(status="skipped", message=str(e))
             except BaseException as e:  # noqa: BLE001 -- one failing cell must not stop the suite
                 self.cache.clear()
                 return record(status="oom" if _is_oom(e) else "error", message=_short(e),

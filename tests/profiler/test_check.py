@@ -17,7 +17,7 @@ from profiler.check import (
     write_baseline,
 )
 from profiler.records import read_records
-from profiler.report import load_results
+from profiler.results import FigureKind, load_results
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -224,7 +224,7 @@ def test_a_baseline_records_the_kind_of_each_figure(results):
     doc = baseline_from_results(load_results(results))
     kinds = {(e["cell"]["model"], e["figures"]) for e in doc["ratios"]}
     # t5-small was measured on the CPU, t5-base estimated on meta for cuda kernels
-    assert kinds == {("t5-small", "measured (cpu)"), ("t5-base", "estimated (meta → cuda)")}
+    assert kinds == {("t5-small", FigureKind.MEASURED_CPU), ("t5-base", FigureKind.ESTIMATED_CUDA)}
 
 
 def _as_meta_estimates(results: Path, model: str, peak_scale: float) -> None:
@@ -273,4 +273,26 @@ def test_a_baseline_without_figure_kinds_is_refused(results, tmp_path):
     assert "records no figure kinds; regenerate it with --update-baseline" in out
     # --update-baseline rewrites it, keeping its tolerance
     assert check(results, baseline=path, update_baseline=True)[0] == 0
-    assert read_baseline(path)["format"] == 2
+    assert read_baseline(path)["format"] == 3
+
+
+def test_a_format_2_baseline_names_kinds_by_label_and_is_still_read(results, tmp_path):
+    path = tmp_path / "b.json"
+    doc = baseline_from_results(load_results(results))
+    doc["format"] = 2
+    for entry in doc["ratios"]:
+        entry["figures"] = entry["figures"].label  # "measured (cpu)", "estimated (meta → cuda)"
+    path.write_text(json.dumps(doc))
+    set_checks(results, [])
+    code, out = check(results, baseline=path)
+    assert code == 0 and "39 held, 0 regressed" in out, out
+
+
+def test_a_baseline_ratio_of_no_known_kind_exits_2_with_one_line(results, tmp_path):
+    path = tmp_path / "b.json"
+    doc = baseline_from_results(load_results(results))
+    doc["ratios"][0]["figures"] = "measured (cpu)"  # a format 2 label in a format 3 file
+    path.write_text(json.dumps(doc))
+    code, out = check(results, baseline=path)
+    assert code == 2 and one_error_line(out), out
+    assert "ratios[0] needs a 'cell' object, a 'method', its 'figures' kind (measured-cpu" in out

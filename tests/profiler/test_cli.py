@@ -139,7 +139,7 @@ def test_run_meta_then_resume_via_cli(write_suite, tmp_path, capsys, monkeypatch
 
 @pytest.mark.slow
 def test_smoke_suite_end_to_end(tmp_path, capsys):
-    """What CI runs (.ci/run): the smoke suite through the real CLI in a subprocess -- every cell
+    """What CI runs (.ci/run runs the smoke suite here, once): the smoke suite through the real CLI in a subprocess -- every cell
     measured on the CPU after its meta estimate, a report rendered -- then the gate: the suite's
     bounds and the committed baseline hold."""
     out = tmp_path / "smoke"

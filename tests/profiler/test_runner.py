@@ -96,7 +96,7 @@ def test_a_failing_method_is_recorded_and_the_suite_goes_on(write_suite, tmp_pat
         raise ValueError("this method always fails")
 
     monkeypatch.setattr(methods_table, "METHODS",
-                        methods_table.METHODS + (methods_table.MethodEntry("boom", explode, False, "fails"),))
+                        methods_table.METHODS + (methods_table.MethodEntry("boom", explode, "fails"),))
     text = write_suite().read_text().replace("methods: [full, lora]", "methods: [full, boom, lora]")
     _, result = run(write_suite(text), tmp_path / "out", fake_measure)
     rows = records.read_records(result.results_path)

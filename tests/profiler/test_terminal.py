@@ -23,7 +23,7 @@ def _hostile_method(monkeypatch):
         raise ValueError(HOSTILE)
 
     monkeypatch.setattr(methods_table, "METHODS",
-                        methods_table.METHODS + (methods_table.MethodEntry("boom", explode, False, "fails"),))
+                        methods_table.METHODS + (methods_table.MethodEntry("boom", explode, "fails"),))
 
 
 @pytest.mark.parametrize("quiet", [True, False])
