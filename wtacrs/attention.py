@@ -109,7 +109,7 @@ from wtacrs.config import WTACRSConfig
 from wtacrs.estimator import weighted_product
 from wtacrs.functional import _gather_rows
 from wtacrs.gradnorm import token_grad_norm
-from wtacrs.modules import Generators
+from wtacrs.rng import ATTENTION_SEED_OFFSET, GeneratorPool, generator_for
 
 NAME = "wtacrs"
 FALLBACKS = ("eager", "sdpa")
@@ -128,7 +128,7 @@ class AttentionSettings:
 
     config: WTACRSConfig
     fallback: str = field(default="eager", metadata={"help": "The implementation the model used before conversion ('eager' or 'sdpa'); used in eval / no_grad and when tm1 and tm2 are both off."})
-    generator: torch.Generator | Generators | None = field(default=None, metadata={"help": "Generator (or per-device wtacrs.modules.Generators pool) for the row sampling, not for dropout, which uses torch's default generator like eager. None: a private per-device pool, so sampling never shifts the global RNG stream."})
+    generator: torch.Generator | GeneratorPool | None = field(default=None, metadata={"help": "Generator, or per-device wtacrs.rng.GeneratorPool (a conversion passes its own), for the row sampling, not for dropout, which uses torch's default generator like eager. None: at the first draw the settings get a pool of their own, seeded off torch.initial_seed(), so sampling never shifts the global RNG stream (wtacrs.rng)."})
     query_stream: str | None = field(default=None, metadata={"help": "Token-mask stream of the queries (wtacrs.token_mask), read when config.probability is 'auto': pad queries get a small gradient-norm proxy (wtacrs.gradnorm.GRAD_NORM_FLOOR). None: no mask. T5 cross-attention queries are 'decoder' tokens."})
 
     def __post_init__(self) -> None:
@@ -340,21 +340,12 @@ def _query_norm(stream: str | None, query: Tensor) -> Tensor | None:
     return None if g is None else g.reshape(b, 1, q)
 
 
-_PRIVATE_GENERATORS: Generators | None = None
-
-
 def _generator(settings: AttentionSettings, device: torch.device) -> torch.Generator | None:
-    """The sampling generator for ``device``: the settings' (a generator or a per-device pool), or
-    a private pool seeded off ``torch.initial_seed()``, so sampling never shifts the global stream."""
-    global _PRIVATE_GENERATORS
-    g = settings.generator
-    if isinstance(g, Generators):
-        return g.for_device(device)
-    if g is not None:
-        return g
-    if _PRIVATE_GENERATORS is None:
-        _PRIVATE_GENERATORS = Generators(torch.initial_seed() + 0x5EED)
-    return _PRIVATE_GENERATORS.for_device(device)
+    """The sampling generator for ``device`` (:func:`wtacrs.rng.generator_for`). Settings without
+    one get a pool of their own here, seeded off ``torch.initial_seed()``."""
+    if settings.generator is None:
+        settings.generator = GeneratorPool(torch.initial_seed() + ATTENTION_SEED_OFFSET)
+    return generator_for(settings.generator, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +440,7 @@ class _TM1Sampler:
         n_q, n_k = query.shape[-2], key.shape[-2]
         kq, kk = budget(n_q, cfg.ratio, cfg.min_k), budget(n_k, cfg.ratio, cfg.min_k)
         lead = probs.shape[:-2]
-        if query.device.type == "meta" and estimator.META_SHAPES_ONLY:
+        if estimator.shapes_only(query):
             if self.need_query_rows:
                 rows, idx = query_sample_shapes(n_q, kq) if s.p_aware else (kq, kq)
                 q_sample = (query, None, None) if kq >= n_q else self._empty(query, lead, rows, idx, n_q)
@@ -786,7 +777,7 @@ def _tm2_value(settings, value, value_states, generator, need_grad_p, probs, que
     if k >= d:
         return value.detach(), None, None
     columns = value_states.detach().transpose(-1, -2)  # [B, H, d, kv]
-    if columns.device.type == "meta" and estimator.META_SHAPES_ONLY:
+    if estimator.shapes_only(columns):
         return _TM1Sampler._empty(columns, columns.shape[:-2], k, k, d)
     with torch.no_grad():
         score = None

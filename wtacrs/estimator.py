@@ -28,6 +28,12 @@ INDEX_DTYPE_LIMIT = 2**31
 META_SHAPES_ONLY = True
 
 
+def shapes_only(t: Tensor) -> bool:
+    """Whether ops given ``t`` emit their static-shape outputs without sampling: ``t`` is on the
+    meta device and :data:`META_SHAPES_ONLY` is on (read at each call)."""
+    return t.device.type == "meta" and META_SHAPES_ONLY
+
+
 class RowSample(NamedTuple):
     """Which rows to keep and how to weight them.
 
@@ -99,7 +105,7 @@ def wtacrs_sample(
     if k >= n:
         indices = torch.arange(n, device=p.device).expand(*p.shape[:-1], n)
         return RowSample(indices, torch.ones(p.shape, dtype=torch.float32, device=p.device))
-    if p.device.type == "meta" and META_SHAPES_ONLY:
+    if shapes_only(p):
         return _meta_sample(p, k)
     p = p.float()
     if forced is None:
@@ -152,7 +158,7 @@ def crs_sample(p: Tensor, k: int, generator: torch.Generator | None = None) -> R
     n = p.shape[-1]
     if k >= n:
         return wtacrs_sample(p, k, generator)
-    if p.device.type == "meta" and META_SHAPES_ONLY:
+    if shapes_only(p):
         return _meta_sample(p, k)
     p = p.float()
     draws = _residual_draws(p, k, generator)
@@ -188,7 +194,7 @@ def sample_rows(
     weights in backward.
     """
     n = x.shape[-2]
-    if x.device.type == "meta" and META_SHAPES_ONLY:
+    if shapes_only(x):
         lead = x.shape[:-2]
         return (
             x.new_empty(*lead, k, x.shape[-1]),

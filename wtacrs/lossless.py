@@ -206,6 +206,7 @@ class DropoutMask:
 
 
 def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator | None:
+    """``generator``, or the device's default generator (whose state the regenerated mask saves)."""
     if generator is not None:
         return generator
     if device.type == "cpu":
@@ -284,9 +285,7 @@ class RegeneratedDropout(torch.autograd.Function):
     def forward(ctx, x, p, generator, info):
         fused = info.fused
         if fused:
-            gen = generator
-            if gen is None and x.device.type == "cuda":
-                gen = _private_cuda_generator(x.device)
+            gen = _generator_for(x.device, generator)  # bernoulli_ on it: a draw state can replay
             state = _get_state(x.device, gen)
             keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=gen)
             out = torch.ops.aten.native_dropout_backward(x, keep, _scale(p))
@@ -304,19 +303,6 @@ class RegeneratedDropout(torch.autograd.Function):
     def backward(ctx, grad, _grad_state):
         (state,) = ctx.saved_tensors
         return ctx.info.apply(grad, state), None, None, None
-
-
-_PRIVATE_CUDA_GENERATORS: dict[int, torch.Generator] = {}
-
-
-def _private_cuda_generator(device: torch.device) -> torch.Generator:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    gen = _PRIVATE_CUDA_GENERATORS.get(idx)
-    if gen is None:
-        gen = torch.Generator(device=f"cuda:{idx}")
-        gen.manual_seed(torch.initial_seed())
-        _PRIVATE_CUDA_GENERATORS[idx] = gen
-    return gen
 
 
 def dropout_with_mask(
