@@ -39,8 +39,8 @@ attention, bit for bit under the same dropout seed; only what is saved for backw
   the softmax's own output ``P`` (the same storage, so byte accounting counts it once) and the
   dropout's packed mask (the same storage as the dropout node's), and rebuilds ``dropout(P)``
   bitwise in backward for ``dV = dropout(P)^T dO`` (exact). For ``dP = dO V^T`` it stores V
-  (``tm2_v="store"``: exact) or ``k`` sampled head-dim columns of V (``tm2_v="sample"``, the
-  :class:`~wtacrs.WTACRSConfig` default: unbiased; with ``probability="auto"`` drawn by how much
+  (``tm2_v="store"``, the :class:`~wtacrs.WTACRSConfig` default: exact) or ``k`` sampled head-dim
+  columns of V (``tm2_v="sample"``: unbiased; with ``probability="auto"`` drawn by how much
   each column moves ``dS``, :func:`value_column_scores`). For GQA models V is stored before
   ``repeat_kv``.
 
@@ -48,30 +48,11 @@ Sampled rows (of Q, K and V's columns) are stored as they are, with their fp32 w
 them; backward applies the weights in fp32 (:func:`wtacrs.estimator.weighted_product`), so
 half-precision rows cannot overflow.
 
-``python benchmarks/attention_tm2.py`` measures the options on one attention call of BERT-Base
-shape (B=4, 12 heads, S=128, head dim 64, dropout 0.1) and on the real activations of the tiny
-T5 of ``benchmarks/convergence.py`` (S=16, head dim 16), ratio 0.3, 20 seeds (relative MSE of
-the gradients; eager saves 13.5 MiB per BERT call; "act" = ``probability="activation"``; saved
-MiB from :func:`saved_bytes_per_call`, rows plus their fp32 weights and int32 indices):
-
-================  =================  =========  ============  ============  ============  ============
-TensorMul-1       TensorMul-2        saved MiB  BERT dQ       BERT dK       tiny T5 dQ    tiny T5 dK
-================  =================  =========  ============  ============  ============  ============
-exact             V stored           7.59       0             0             0             0
-exact             V sampled, act     6.57       2.86          3.32          2.07          2.12
-exact             V sampled, P-aware 6.57       2.76          3.33          1.95          2.03
-sampled, act      V stored           5.54       0.95          1.68          4.80          3.31
-sampled, P-aware  V stored           5.54       0.46          1.29          1.32          1.92
-sampled, act      V sampled, act     4.51       6.94          10.4          16.3          11.8
-sampled, P-aware  V sampled, P-aware 4.51       4.67          8.36          6.25          8.12
-================  =================  =========  ============  ============  ============  ============
-
-P-aware probabilities with centering cut the TensorMul-1 error 2-3.6x on the trained model
-(causal and cross attention are peaked; activation norms cannot see that). Sampled V columns
-multiply the error by ``1 + relMSE(V)`` (about 3x): head-dim columns have no winners, and better
-column probabilities gain only ~5%. ``tm2_v="store"`` keeps ``dP``, the softmax gradient, T5's
-relative position bias gradient and ``dV`` exact, at the cost of storing V (``d_head / S`` of P:
-1/2 at S=128, 1/8 at S=512).
+``tm2_v="store"`` keeps ``dP``, the softmax gradient, T5's relative position bias gradient and
+``dV`` exact, at the cost of storing V (``d_head / S`` of P's bytes). ``tm2_v="sample"`` adds the
+error of the sampled columns to every gradient downstream of ``dP``. ``python
+benchmarks/attention_tm2.py`` measures the gradient error and the saved bytes of each combination
+(latest figures in ``benchmarks/RESULTS.md``).
 
 Otherwise -- eval mode, ``torch.no_grad()``, or ``tm1`` and ``tm2`` both False -- it calls the
 implementation the model had before (``fallback``: the family's own ``eager_attention_forward``,

@@ -6,7 +6,7 @@ Every function works on a batch of independent problems: the row dimension is th
 ``n`` and ``k``, never on values, so the same code runs on the meta device and under
 FakeTensorMode.
 
-Winner-take-all (SPEC section 2): sort the probabilities, keep the ``m`` largest rows
+Winner-take-all column-row sampling: sort the probabilities, keep the ``m`` largest rows
 deterministically (weight 1) when that lowers ``(1 - q_C) / (k - m)`` below the plain-CRS value
 ``1/k``, and spend the other ``k - m`` slots on i.i.d. draws from the residual distribution with
 weight ``(1 - q_C) / ((k - m) p_j)``. The estimate is unbiased in every path.
@@ -23,8 +23,8 @@ from torch import Tensor
 INDEX_DTYPE_LIMIT = 2**31
 
 # On the meta device there are no values to sample from: emit the static-shape outputs directly
-# instead of running the ~40 elementwise ops of the winner-set search through meta kernels (a
-# 10x slower meta estimate otherwise). Set False to run the full code path on meta.
+# instead of running the ~40 elementwise ops of the winner-set search through meta kernels, which
+# would dominate a meta estimate's time. Set False to run the full code path on meta.
 META_SHAPES_ONLY = True
 
 

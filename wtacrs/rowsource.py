@@ -5,7 +5,7 @@ function of tensors other ops already keep for their own backward -- a LayerNorm
 (the norm keeps its input), a linear's output computed from such rows, an activation or a
 dropout of those -- the linear stores only the ``k`` indices and weights and recomputes the rows.
 This is how Linear-Q/K/V/U read the norm's saved input and Linear-D reads GeLU/ReLU's input and
-the dropout mask instead of storing rows of their own (SPEC section 3).
+the dropout mask instead of storing rows of their own.
 
 Producers (the lean norm, sampled linears, lossless activations and dropouts) call
 :func:`register` on their output during a training forward; consumers call :func:`lookup` on
