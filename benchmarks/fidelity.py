@@ -20,7 +20,7 @@ sequence; loss: cross-entropy on the task labels.
 
    rows with ``p_i = 0`` contributing 0 (all three baselines give ``p_i = 0`` only where
    ``||h_i|| ||dz_i|| = 0``). relMSE is that over ``||G||_F^2``, for naive CRS
-   (``p ∝ ||h_i||``, the SPEC's denominator), plain CRS (``p = 1/n``) and oracle CRS
+   (``p ∝ ||h_i||``, activation norms only), plain CRS (``p = 1/n``) and oracle CRS
    (``p ∝ ||h_i|| ||dz_i||``, the best any CRS can do). A Monte Carlo check with
    ``wtacrs.estimator.crs_sample`` confirms the formula on one layer before anything is reported.
 3. Each config: ``wtacrs.convert(copy, WTACRSConfig(ratio, seed=s, **overrides))``, backward
@@ -29,7 +29,7 @@ sequence; loss: cross-entropy on the task labels.
    attention, noise reaches lower layers' output gradients too; the figure is the whole model's.
 
 Prints, per config, the median over the 36 layers of project relMSE / baseline relMSE and the
-median per operator, against naive and against plain CRS, and the SPEC target (median <= 0.8
+median per operator, against naive and against plain CRS, and the target (median <= 0.8
 against naive, no operator above 1.0). "rel. SE" is the median over layers of the relative
 standard error of the project's relMSE over the seeds.
 
@@ -275,7 +275,7 @@ for baseline in ("naive", "plain"):
         rel_se = statistics.median(se[n] / rel[n] for n in layers)
         print(f"| {label} | `{json.dumps(overrides)}` | {cells} | {statistics.median(rel.values()):.3f} | {rel_se:.0%} |")
 
-print("\nSPEC target against naive CRS: median <= 0.8, no operator above 1.0")
+print("\ntarget against naive CRS: median <= 0.8, no operator above 1.0")
 for label, _, rel, _, _ in rows:
     median, *per_op = medians(rel, baselines["naive"])
     worst = max(zip(per_op, OPERATORS.values()))

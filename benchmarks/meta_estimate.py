@@ -1,4 +1,4 @@
-"""Time of a meta-device estimate of one training step (SPEC section 6: T5-3B in < 30 s on 2 cores).
+"""Time of a meta-device estimate of one training step (target: T5-3B in < 30 s on 2 cores).
 
 Builds T5 models from ``transformers.T5Config`` on the meta device (random weights, nothing
 downloaded), runs ``profiler.measure.measure_training_step`` with AdamW at B=64, S=128 (target

@@ -1,4 +1,5 @@
-"""Whole-model weight-gradient fidelity against plain CRS (SPEC section 6), on a tiny BERT.
+"""Whole-model weight-gradient fidelity against plain CRS, on a tiny BERT: the median layer and
+every operator must be less noisy than plain CRS.
 
 The figure is each converted Linear's relative MSE ``E ||dW_hat - dW||^2 / ||dW||^2`` with the
 whole model converted, measured over ``DRAWS`` sampled backward passes. The baseline is plain

@@ -129,7 +129,7 @@ def test_regenerated_dropout_saves_generator_state():
 def test_torch_dropout_saves_full_mask_on_cpu():
     x = torch.randn(1000, requires_grad=True)
     _, saved = saved_storages(lambda: F.dropout(x, 0.5, True))
-    assert sum(s[2] for s in saved) == 4000  # the fp32 noise (SPEC section 4)
+    assert sum(s[2] for s in saved) == 4000  # the fp32 noise: 4 bytes per element
 
 
 @pytest.mark.parametrize("mode", ["packed", "regenerate"])

@@ -39,8 +39,8 @@ attention, bit for bit under the same dropout seed; only what is saved for backw
   the softmax's own output ``P`` (the same storage, so byte accounting counts it once) and the
   dropout's packed mask (the same storage as the dropout node's), and rebuilds ``dropout(P)``
   bitwise in backward for ``dV = dropout(P)^T dO`` (exact). For ``dP = dO V^T`` it stores V
-  (``tm2_v="store"``: exact) or ``k`` sampled head-dim columns of V (``tm2_v="sample"``, the
-  :class:`~wtacrs.WTACRSConfig` default: unbiased; with ``probability="auto"`` drawn by how much
+  (``tm2_v="store"``, the :class:`~wtacrs.WTACRSConfig` default: exact) or ``k`` sampled head-dim
+  columns of V (``tm2_v="sample"``: unbiased; with ``probability="auto"`` drawn by how much
   each column moves ``dS``, :func:`value_column_scores`). For GQA models V is stored before
   ``repeat_kv``.
 
@@ -48,30 +48,11 @@ Sampled rows (of Q, K and V's columns) are stored as they are, with their fp32 w
 them; backward applies the weights in fp32 (:func:`wtacrs.estimator.weighted_product`), so
 half-precision rows cannot overflow.
 
-``python benchmarks/attention_tm2.py`` measures the options on one attention call of BERT-Base
-shape (B=4, 12 heads, S=128, head dim 64, dropout 0.1) and on the real activations of the tiny
-T5 of ``benchmarks/convergence.py`` (S=16, head dim 16), ratio 0.3, 20 seeds (relative MSE of
-the gradients; eager saves 13.5 MiB per BERT call; "act" = ``probability="activation"``; saved
-MiB from :func:`saved_bytes_per_call`, rows plus their fp32 weights and int32 indices):
-
-================  =================  =========  ============  ============  ============  ============
-TensorMul-1       TensorMul-2        saved MiB  BERT dQ       BERT dK       tiny T5 dQ    tiny T5 dK
-================  =================  =========  ============  ============  ============  ============
-exact             V stored           7.59       0             0             0             0
-exact             V sampled, act     6.57       2.86          3.32          2.07          2.12
-exact             V sampled, P-aware 6.57       2.76          3.33          1.95          2.03
-sampled, act      V stored           5.54       0.95          1.68          4.80          3.31
-sampled, P-aware  V stored           5.54       0.46          1.29          1.32          1.92
-sampled, act      V sampled, act     4.51       6.94          10.4          16.3          11.8
-sampled, P-aware  V sampled, P-aware 4.51       4.67          8.36          6.25          8.12
-================  =================  =========  ============  ============  ============  ============
-
-P-aware probabilities with centering cut the TensorMul-1 error 2-3.6x on the trained model
-(causal and cross attention are peaked; activation norms cannot see that). Sampled V columns
-multiply the error by ``1 + relMSE(V)`` (about 3x): head-dim columns have no winners, and better
-column probabilities gain only ~5%. ``tm2_v="store"`` keeps ``dP``, the softmax gradient, T5's
-relative position bias gradient and ``dV`` exact, at the cost of storing V (``d_head / S`` of P:
-1/2 at S=128, 1/8 at S=512).
+``tm2_v="store"`` keeps ``dP``, the softmax gradient, T5's relative position bias gradient and
+``dV`` exact, at the cost of storing V (``d_head / S`` of P's bytes). ``tm2_v="sample"`` adds the
+error of the sampled columns to every gradient downstream of ``dP``. ``python
+benchmarks/attention_tm2.py`` measures the gradient error and the saved bytes of each combination
+(latest figures in ``benchmarks/RESULTS.md``).
 
 Otherwise -- eval mode, ``torch.no_grad()``, or ``tm1`` and ``tm2`` both False -- it calls the
 implementation the model had before (``fallback``: the family's own ``eager_attention_forward``,
@@ -109,7 +90,7 @@ from wtacrs.config import WTACRSConfig
 from wtacrs.estimator import weighted_product
 from wtacrs.functional import _gather_rows
 from wtacrs.gradnorm import token_grad_norm
-from wtacrs.modules import Generators
+from wtacrs.rng import ATTENTION_SEED_OFFSET, GeneratorPool, generator_for
 
 NAME = "wtacrs"
 FALLBACKS = ("eager", "sdpa")
@@ -128,7 +109,7 @@ class AttentionSettings:
 
     config: WTACRSConfig
     fallback: str = field(default="eager", metadata={"help": "The implementation the model used before conversion ('eager' or 'sdpa'); used in eval / no_grad and when tm1 and tm2 are both off."})
-    generator: torch.Generator | Generators | None = field(default=None, metadata={"help": "Generator (or per-device wtacrs.modules.Generators pool) for the row sampling, not for dropout, which uses torch's default generator like eager. None: a private per-device pool, so sampling never shifts the global RNG stream."})
+    generator: torch.Generator | GeneratorPool | None = field(default=None, metadata={"help": "Generator, or per-device wtacrs.rng.GeneratorPool (a conversion passes its own), for the row sampling, not for dropout, which uses torch's default generator like eager. None: at the first draw the settings get a pool of their own, seeded off torch.initial_seed(), so sampling never shifts the global RNG stream (wtacrs.rng)."})
     query_stream: str | None = field(default=None, metadata={"help": "Token-mask stream of the queries (wtacrs.token_mask), read when config.probability is 'auto': pad queries get a small gradient-norm proxy (wtacrs.gradnorm.GRAD_NORM_FLOOR). None: no mask. T5 cross-attention queries are 'decoder' tokens."})
 
     def __post_init__(self) -> None:
@@ -340,21 +321,12 @@ def _query_norm(stream: str | None, query: Tensor) -> Tensor | None:
     return None if g is None else g.reshape(b, 1, q)
 
 
-_PRIVATE_GENERATORS: Generators | None = None
-
-
 def _generator(settings: AttentionSettings, device: torch.device) -> torch.Generator | None:
-    """The sampling generator for ``device``: the settings' (a generator or a per-device pool), or
-    a private pool seeded off ``torch.initial_seed()``, so sampling never shifts the global stream."""
-    global _PRIVATE_GENERATORS
-    g = settings.generator
-    if isinstance(g, Generators):
-        return g.for_device(device)
-    if g is not None:
-        return g
-    if _PRIVATE_GENERATORS is None:
-        _PRIVATE_GENERATORS = Generators(torch.initial_seed() + 0x5EED)
-    return _PRIVATE_GENERATORS.for_device(device)
+    """The sampling generator for ``device`` (:func:`wtacrs.rng.generator_for`). Settings without
+    one get a pool of their own here, seeded off ``torch.initial_seed()``."""
+    if settings.generator is None:
+        settings.generator = GeneratorPool(torch.initial_seed() + ATTENTION_SEED_OFFSET)
+    return generator_for(settings.generator, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +421,7 @@ class _TM1Sampler:
         n_q, n_k = query.shape[-2], key.shape[-2]
         kq, kk = budget(n_q, cfg.ratio, cfg.min_k), budget(n_k, cfg.ratio, cfg.min_k)
         lead = probs.shape[:-2]
-        if query.device.type == "meta" and estimator.META_SHAPES_ONLY:
+        if estimator.shapes_only(query):
             if self.need_query_rows:
                 rows, idx = query_sample_shapes(n_q, kq) if s.p_aware else (kq, kq)
                 q_sample = (query, None, None) if kq >= n_q else self._empty(query, lead, rows, idx, n_q)
@@ -786,7 +758,7 @@ def _tm2_value(settings, value, value_states, generator, need_grad_p, probs, que
     if k >= d:
         return value.detach(), None, None
     columns = value_states.detach().transpose(-1, -2)  # [B, H, d, kv]
-    if columns.device.type == "meta" and estimator.META_SHAPES_ONLY:
+    if estimator.shapes_only(columns):
         return _TM1Sampler._empty(columns, columns.shape[:-2], k, k, d)
     with torch.no_grad():
         score = None

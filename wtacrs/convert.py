@@ -38,7 +38,8 @@ from transformers.pytorch_utils import Conv1D
 
 from wtacrs.config import WTACRSConfig
 from wtacrs.gradnorm import SAMPLE_IDS_KEY, PositionGradNorms, token_mask
-from wtacrs.modules import Generators, LeanNorm, LosslessActivation, LosslessDropout, SampleShare, WTACRSConv1D, WTACRSLinear
+from wtacrs.modules import LeanNorm, LosslessActivation, LosslessDropout, SampleShare, WTACRSConv1D, WTACRSLinear
+from wtacrs.rng import GeneratorPool
 from wtacrs.taxonomy import Family, Operator, family_of
 
 _STATE = "_wtacrs_state"
@@ -60,7 +61,7 @@ class _ConversionState:
     configs: list[tuple[nn.Module, PretrainedConfig]] = field(default_factory=list)  # (module, its config before)
     share: SampleShare = field(default_factory=SampleShare)
     positions: PositionGradNorms = field(default_factory=PositionGradNorms)
-    generators: Generators | None = None
+    generators: GeneratorPool | None = None  # the one pool every sampled op of the model draws from (wtacrs.rng)
     hooks: list[RemovableHandle] = field(default_factory=list)
     scopes: list[contextlib.ExitStack] = field(default_factory=list)  # open during a forward only
 
@@ -130,7 +131,7 @@ def convert(model: nn.Module, config: WTACRSConfig | None = None) -> nn.Module:
     # original does, so the same seed gives the same dropout masks
     seed = config.seed if config.seed is not None else _derived_seed()
     state = _ConversionState(config=dataclasses.replace(config, seed=seed), family=family)
-    state.generators = Generators(seed)
+    state.generators = GeneratorPool(seed)
 
     sampling = dict(
         ratio=config.ratio,

@@ -6,7 +6,7 @@ Every function works on a batch of independent problems: the row dimension is th
 ``n`` and ``k``, never on values, so the same code runs on the meta device and under
 FakeTensorMode.
 
-Winner-take-all (SPEC section 2): sort the probabilities, keep the ``m`` largest rows
+Winner-take-all column-row sampling: sort the probabilities, keep the ``m`` largest rows
 deterministically (weight 1) when that lowers ``(1 - q_C) / (k - m)`` below the plain-CRS value
 ``1/k``, and spend the other ``k - m`` slots on i.i.d. draws from the residual distribution with
 weight ``(1 - q_C) / ((k - m) p_j)``. The estimate is unbiased in every path.
@@ -23,9 +23,15 @@ from torch import Tensor
 INDEX_DTYPE_LIMIT = 2**31
 
 # On the meta device there are no values to sample from: emit the static-shape outputs directly
-# instead of running the ~40 elementwise ops of the winner-set search through meta kernels (a
-# 10x slower meta estimate otherwise). Set False to run the full code path on meta.
+# instead of running the ~40 elementwise ops of the winner-set search through meta kernels, which
+# would dominate a meta estimate's time. Set False to run the full code path on meta.
 META_SHAPES_ONLY = True
+
+
+def shapes_only(t: Tensor) -> bool:
+    """Whether ops given ``t`` emit their static-shape outputs without sampling: ``t`` is on the
+    meta device and :data:`META_SHAPES_ONLY` is on (read at each call)."""
+    return t.device.type == "meta" and META_SHAPES_ONLY
 
 
 class RowSample(NamedTuple):
@@ -99,7 +105,7 @@ def wtacrs_sample(
     if k >= n:
         indices = torch.arange(n, device=p.device).expand(*p.shape[:-1], n)
         return RowSample(indices, torch.ones(p.shape, dtype=torch.float32, device=p.device))
-    if p.device.type == "meta" and META_SHAPES_ONLY:
+    if shapes_only(p):
         return _meta_sample(p, k)
     p = p.float()
     if forced is None:
@@ -152,7 +158,7 @@ def crs_sample(p: Tensor, k: int, generator: torch.Generator | None = None) -> R
     n = p.shape[-1]
     if k >= n:
         return wtacrs_sample(p, k, generator)
-    if p.device.type == "meta" and META_SHAPES_ONLY:
+    if shapes_only(p):
         return _meta_sample(p, k)
     p = p.float()
     draws = _residual_draws(p, k, generator)
@@ -188,7 +194,7 @@ def sample_rows(
     weights in backward.
     """
     n = x.shape[-2]
-    if x.device.type == "meta" and META_SHAPES_ONLY:
+    if shapes_only(x):
         lead = x.shape[:-2]
         return (
             x.new_empty(*lead, k, x.shape[-1]),

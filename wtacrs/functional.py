@@ -2,6 +2,8 @@
 
 Both ops store their activations with ``save_for_backward`` only, so
 ``torch.autograd.graph.saved_tensors_hooks`` (and therefore the profiler) sees every byte.
+``generator=`` draws the sampled rows; None draws from torch's default generator (the rule for
+calls outside a conversion is stated once, in :mod:`wtacrs.rng`).
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def sample_input(
     with torch.no_grad():
         if row_source is None:
             return sample_rows(x, k, grad_norm=grad_norm, generator=generator)
-        if x.device.type == "meta" and estimator.META_SHAPES_ONLY:
+        if estimator.shapes_only(x):
             return None, torch.empty(k, dtype=torch.float32, device="meta"), torch.empty(k, dtype=index_dtype(n), device="meta")
         norms = row_norms(x)
         p = row_probabilities(x, grad_norm, norms=norms)

@@ -1,6 +1,6 @@
 """Where the output-gradient row norms ``g_i`` of the sampling probabilities come from.
 
-During the forward pass ``||dZ_i||`` is unknown. In order of preference (SPEC section 2):
+During the forward pass ``||dZ_i||`` is unknown. In order of preference (the first source available is used):
 
 1. :class:`GradNormCache` -- the norms seen for the same samples in an earlier backward pass,
    when the training loop says which samples are in the batch (``with cache.batch(sample_ids)``);

@@ -20,34 +20,21 @@ and its gradient is the one torch computes (``native_dropout_backward`` / ``grad
 Two ways of keeping the mask are implemented (``mode=``):
 
 * ``"packed"`` (:class:`PackedDropout`, the default): a 1-bit mask, ``ceil(numel / 8)`` uint8.
-* ``"regenerate"`` (:class:`RegeneratedDropout`): only the generator state taken before the mask
-  was drawn (5056 bytes for CPU's Mersenne Twister, 16 for a CUDA Philox generator); backward
-  replays the draw. On CPU and meta this replays torch's composite path, so the forward is still
-  bitwise ``F.dropout``. On CUDA torch's ``native_dropout`` draws from the global generator in a
-  layout-dependent way that cannot be replayed safely, so there the mask comes from
-  ``bernoulli_`` on a private generator stream: exact and consistent between forward and backward,
-  but a different mask than ``F.dropout`` draws.
+* ``"regenerate"`` (:class:`RegeneratedDropout`): only the state of the generator about to draw
+  the mask (``generator``, else the device's default generator; its ``get_state()`` size, e.g. 5056
+  bytes for CPU's Mersenne Twister, 16 for a CUDA Philox generator); backward replays the draw.
+  On CPU and meta this replays torch's composite path, so the forward is still bitwise
+  ``F.dropout``. On CUDA torch's ``native_dropout`` draws in a layout-dependent way that cannot
+  be replayed safely, so there the mask comes from ``bernoulli_`` on that generator: exact and
+  consistent between forward and backward, but a different mask than ``F.dropout`` draws.
 
-``python benchmarks/lossless.py`` measures both against ``F.dropout`` (fp32, CPU, one thread,
-median of interleaved forward+backward steps, p = 0.1):
-
-=========================  ==================  ===========  ================
-method                     saved bytes/elem    attn. P      FFN activations
-=========================  ==================  ===========  ================
-F.dropout (CPU fp32 mask)  4                   1.00         1.00
-packed mask                1/8                 1.27         1.39
-regenerated mask           ~0 (5056 B/call)    1.95         1.91
-=========================  ==================  ===========  ================
-
-(times relative to ``F.dropout``; attention P is 16x12x128x128, FFN 4096x3072.)
-
-**Default: packed.** Regenerating saves at most another 1/32 of the fp32 mask (1/8 of CUDA's
-bool mask) -- for T5-Base at B=64, S=128 that is 0.17 GiB of 18 GiB -- but it costs a second
-Bernoulli draw per backward (the slowest part of CPU dropout: 1.9x against 1.3-1.4x), it cannot
-reproduce CUDA's ``native_dropout`` mask (so it would break the bitwise-equal forward there),
-and replaying a generator state is fragile under re-entrant backward, CUDA graphs and
-``torch.compile``. The packed mask is the same bits on every device; packing is a few passes
-over 8-byte words and unpacking one gather from a 256-entry table.
+**Default: packed.** The packed mask is the same bits on every device and needs no generator
+state in backward. Regenerating saves at most another 1/32 of an fp32 mask (1/8 of CUDA's bool
+mask) at the cost of a second Bernoulli draw per backward. It cannot reproduce CUDA's
+``native_dropout`` mask (so the forward is not bitwise ``F.dropout`` there), and replaying a
+generator state is fragile under re-entrant backward, CUDA graphs and ``torch.compile``.
+``python benchmarks/lossless.py`` times both against ``F.dropout`` (latest figures in
+``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -206,6 +193,7 @@ class DropoutMask:
 
 
 def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator | None:
+    """``generator``, or the device's default generator (whose state the regenerated mask saves)."""
     if generator is not None:
         return generator
     if device.type == "cpu":
@@ -284,9 +272,7 @@ class RegeneratedDropout(torch.autograd.Function):
     def forward(ctx, x, p, generator, info):
         fused = info.fused
         if fused:
-            gen = generator
-            if gen is None and x.device.type == "cuda":
-                gen = _private_cuda_generator(x.device)
+            gen = _generator_for(x.device, generator)  # bernoulli_ on it: a draw state can replay
             state = _get_state(x.device, gen)
             keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=gen)
             out = torch.ops.aten.native_dropout_backward(x, keep, _scale(p))
@@ -304,19 +290,6 @@ class RegeneratedDropout(torch.autograd.Function):
     def backward(ctx, grad, _grad_state):
         (state,) = ctx.saved_tensors
         return ctx.info.apply(grad, state), None, None, None
-
-
-_PRIVATE_CUDA_GENERATORS: dict[int, torch.Generator] = {}
-
-
-def _private_cuda_generator(device: torch.device) -> torch.Generator:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    gen = _PRIVATE_CUDA_GENERATORS.get(idx)
-    if gen is None:
-        gen = torch.Generator(device=f"cuda:{idx}")
-        gen.manual_seed(torch.initial_seed())
-        _PRIVATE_CUDA_GENERATORS[idx] = gen
-    return gen
 
 
 def dropout_with_mask(

@@ -11,30 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wtacrs import functional, lossless, rowsource
+from wtacrs.rng import GeneratorPool, generator_for
 from wtacrs.gradnorm import PositionGradNorms, resolve_grad_norm
 from wtacrs.rowsource import RowSource
 
 _layer_ids = itertools.count()
-
-
-class Generators:
-    """One seeded ``torch.Generator`` per device, created on first use (none on meta).
-
-    Sampling draws from these instead of torch's default generator, so a converted model consumes
-    the default generator exactly as the original does: same seed, same dropout masks.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._by_device: dict[torch.device, torch.Generator] = {}
-
-    def for_device(self, device: torch.device) -> torch.Generator | None:
-        if device.type == "meta":
-            return None
-        g = self._by_device.get(device)
-        if g is None:
-            g = self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return g
 
 
 class SampleShare:
@@ -76,7 +57,7 @@ class _Sampled:
 
     ratio: float
     min_k: int
-    generator: torch.Generator | None
+    generator: torch.Generator | GeneratorPool | None
     stream: str
     key: str
     share: SampleShare | None
@@ -99,7 +80,7 @@ class _Sampled:
         if self.use_grad_norm:
             grad_norm, sink, source = resolve_grad_norm(self.key, self.stream, input.shape[:-1], input.device, self.positions)
         row_source = rowsource.lookup(input) if self.recompute_rows else None
-        generator = self._generator_for(input)
+        generator = generator_for(self.generator, input.device)
 
         def sample_fn():
             return functional.sample_input(
@@ -125,14 +106,6 @@ class _Sampled:
             rowsource.register(out, row_source.then(lambda rows: F.linear(rows.to(weight.dtype), weight, bias)))
         return out
 
-    def _generator_for(self, input: Tensor) -> torch.Generator | None:
-        g = self.generator
-        if isinstance(g, Generators):
-            return g.for_device(input.device)
-        if g is None or input.device.type == "meta" or g.device != input.device:
-            return None
-        return g
-
     def _sampling_repr(self) -> str:
         return f"ratio={self.ratio}, min_k={self.min_k}, stream={self.stream!r}"
 
@@ -147,7 +120,8 @@ class WTACRSLinear(nn.Linear, _Sampled):
 
     ``stream`` names the token mask the layer reads (see :func:`wtacrs.token_mask`); ``key``
     identifies it in a :class:`wtacrs.GradNormCache`; layers given the same ``share`` reuse one
-    sample of a common input.
+    sample of a common input. ``generator`` draws the rows (:func:`wtacrs.rng.generator_for`:
+    None means torch's default generator).
     """
 
     def __init__(
@@ -156,7 +130,7 @@ class WTACRSLinear(nn.Linear, _Sampled):
         *,
         ratio: float,
         min_k: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | GeneratorPool | None = None,
         stream: str = "default",
         key: str | None = None,
         share: SampleShare | None = None,

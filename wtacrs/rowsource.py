@@ -5,17 +5,16 @@ function of tensors other ops already keep for their own backward -- a LayerNorm
 (the norm keeps its input), a linear's output computed from such rows, an activation or a
 dropout of those -- the linear stores only the ``k`` indices and weights and recomputes the rows.
 This is how Linear-Q/K/V/U read the norm's saved input and Linear-D reads GeLU/ReLU's input and
-the dropout mask instead of storing rows of their own (SPEC section 3).
+the dropout mask instead of storing rows of their own.
 
 Producers (the lean norm, sampled linears, lossless activations and dropouts) call
 :func:`register` on their output during a training forward; consumers call :func:`lookup` on
-their input. Entries die with the output tensor, so nothing outlives the forward pass except
-what autograd saved.
+their input. A registration is held by the output tensor itself and dies with it, so nothing
+outlives the forward pass except what autograd saved.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,24 +49,37 @@ class RowSource:
         return RowSource(self.tensors + tuple(extra), composed)
 
 
-_sources: dict[int, tuple[weakref.ref, int, RowSource]] = {}
+_ATTRIBUTE = "_wtacrs_row_source"
+
+
+class _Registration:
+    """A row source as registered on an output tensor, with the tensor's version at registration.
+
+    It pickles (``torch.save``, ``copy.deepcopy`` of the tensor) as no registration: the source's
+    closure does not pickle, and a copy is not the tensor the producer computed.
+    """
+
+    __slots__ = ("source", "version")
+
+    def __init__(self, source: RowSource | None = None, version: int = -1) -> None:
+        self.source, self.version = source, version
+
+    def __reduce__(self):
+        return (_Registration, ())
 
 
 def register(output: Tensor, source: RowSource) -> None:
-    """Declare that the rows of ``output`` (``[..., d]``, tokens flattened) come from ``source``."""
-    key = id(output)
+    """Declare that the rows of ``output`` (``[..., d]``, tokens flattened) come from ``source``.
 
-    def forget(_ref, key=key):
-        entry = _sources.get(key)
-        if entry is not None and entry[0]() is None:
-            del _sources[key]
-
-    _sources[key] = (weakref.ref(output, forget), output._version, source)
+    The registration is an attribute of ``output`` itself, so it lives exactly as long as the
+    tensor and no table outlives the forward pass.
+    """
+    setattr(output, _ATTRIBUTE, _Registration(source, output._version))
 
 
 def lookup(input: Tensor) -> RowSource | None:
     """The row source registered for ``input`` (same tensor object, not modified since)."""
-    entry = _sources.get(id(input))
-    if entry is None or entry[0]() is not input or entry[1] != input._version:
+    entry = getattr(input, _ATTRIBUTE, None)
+    if entry is None or entry.source is None or entry.version != input._version:
         return None
-    return entry[2]
+    return entry.source
