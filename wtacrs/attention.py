@@ -110,6 +110,7 @@ from wtacrs.estimator import weighted_product
 from wtacrs.functional import _gather_rows
 from wtacrs.gradnorm import token_grad_norm
 from wtacrs.modules import Generators
+from wtacrs.taxonomy import Category, Operator
 
 NAME = "wtacrs"
 FALLBACKS = ("eager", "sdpa")
@@ -525,6 +526,11 @@ class SampledScoresSoftmax(torch.autograd.Function):
     only costs variance.
     """
 
+    operator = Operator.TENSORMUL_1
+    category = Category.SAMPLED
+    # P (the softmax's exact backward) and the softcap's tanh output are the softmax's
+    saved_operators = {0: (Operator.SOFTMAX, Category.UNCOMPRESSED), 7: (Operator.SOFTMAX, Category.UNCOMPRESSED)}
+
     @staticmethod
     def forward(ctx, query, key, bias, mask, scaling, softmax_dtype, sampler, softcap=None):
         scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
@@ -603,11 +609,19 @@ class ReusedPV(torch.autograd.Function):
     ``v_weights`` and ``v_idx`` (V before ``repeat_kv`` and two None, or sampled head-dim columns
     of V as rows ``[..., k, kv]``, their fp32 weights and indices ``[..., k]``). ``meta`` carries
     the cast dtype, the :class:`~wtacrs.lossless.DropoutMask` and the ``repeat_kv`` factor.
+
+    ``P`` and the mask are attributed where they were first saved; what is left here is V
+    itself (uncompressed), or its sampled head-dim columns: then ``ctx.category`` is sampled.
     """
+
+    operator = Operator.TENSORMUL_2
+    category = Category.UNCOMPRESSED
 
     @staticmethod
     def forward(ctx, pd, v, p_src, mask_saved, v_store, v_weights, v_idx, meta):
         ctx.meta = meta
+        if v_idx is not None:
+            ctx.category = Category.SAMPLED
         ctx.dtypes = (pd.dtype, v.dtype)
         ctx.save_for_backward(p_src, mask_saved, v_store, v_weights, v_idx)
         return torch.matmul(pd, v)  # under autocast this runs in the autocast dtype, as eager's
@@ -633,18 +647,6 @@ class ReusedPV(torch.autograd.Function):
                 grad_pd = weighted_product(grad_cols, v_store, v_weights, compute)
             grad_pd = grad_pd.to(pd_dtype)
         return grad_pd, grad_v, None, None, None, None, None, None
-
-
-class SampledPV(ReusedPV):
-    """:class:`ReusedPV` with V's head-dim columns sampled (``tm2_v="sample"``).
-
-    The same op; its own class gives its autograd node its own name (``SampledPVBackward``), so
-    byte accounting can tell sampled V columns from a whole stored V.
-    """
-
-
-def _pv_op(v_idx: Tensor | None) -> type[ReusedPV]:
-    return ReusedPV if v_idx is None else SampledPV
 
 
 @dataclass
@@ -757,11 +759,11 @@ def _sampled_forward(module, settings, query, key, value, attention_mask, scalin
         else:
             v_sample = _tm2_value(settings, value, value_states, generator, dropped.requires_grad, probs, query_norm)
             meta = _PVMeta(cast, drop_mask, n_rep)
-            out = _pv_op(v_sample[2]).apply(dropped, value_states, probs.detach(), drop_saved, *v_sample, meta)
+            out = ReusedPV.apply(dropped, value_states, probs.detach(), drop_saved, *v_sample, meta)
     elif cfg.tm2:  # non-lossless dropout: dropout(P) cannot be rebuilt from P, store it
         v_sample = _tm2_value(settings, value, value_states, generator, dropped.requires_grad, probs, query_norm)
         meta = _PVMeta(None, None, n_rep)
-        out = _pv_op(v_sample[2]).apply(dropped, value_states, dropped.detach(), None, *v_sample, meta)
+        out = ReusedPV.apply(dropped, value_states, dropped.detach(), None, *v_sample, meta)
     else:
         out = torch.matmul(dropped, value_states)
 
@@ -852,7 +854,6 @@ def saved_bytes_per_call(
 __all__ = [
     "AttentionSettings",
     "ReusedPV",
-    "SampledPV",
     "SampledScoresSoftmax",
     "additive_mask",
     "disable",

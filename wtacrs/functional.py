@@ -15,6 +15,7 @@ from torch import Tensor
 from wtacrs import estimator
 from wtacrs.estimator import budget, index_dtype, row_norms, row_probabilities, sample_rows, weighted_product, wtacrs_sample
 from wtacrs.rowsource import RowSource
+from wtacrs.taxonomy import Category
 
 GradNormSink = Callable[[Tensor], None]
 
@@ -41,6 +42,9 @@ class SampledLinear(torch.autograd.Function):
     The weights are applied in backward by :func:`wtacrs.estimator.weighted_product`, in fp32, so
     fp16 rows times weights of about ``n / k`` cannot overflow.
     """
+
+    operator = None  # a matmul: the module decides (its Linear-Q/K/V/O/U/D entry)
+    category = Category.SAMPLED
 
     @staticmethod
     def forward(ctx, input, weight, bias, rows, weights, indices, grad_norm_sink, row_source, *source_tensors):
@@ -164,6 +168,9 @@ class SampledMatmul(torch.autograd.Function):
     a_idx, b_cols, b_weights, b_idx``; unused slots are None. The weights are applied in backward
     (:func:`wtacrs.estimator.weighted_product`).
     """
+
+    operator = None  # a matmul: the module decides (a Linear's entry, the attention's call order)
+    category = Category.SAMPLED
 
     @staticmethod
     def forward(ctx, a, b, a_rows, a_weights, a_idx, b_cols, b_weights, b_idx):
