@@ -13,9 +13,14 @@ parameter and buffer storages excluded. Two facts decide the attribution:
   (a pack hook fires while its node is built, before the op runs for inputs and after for
   outputs, so the node, not the last op, is the reliable witness).
 
-``SAVER_RULES`` maps a node class name to a small function of the save site, registered with
-``@register_saver`` (in the manner of ``torch.utils.flop_counter.register_flop_formula``). A rule
-returns ``(Operator, Category)`` or None to fall back on the module's role.
+The wtacrs autograd Functions declare what they save (:func:`declared_attribution`): class
+attributes ``operator`` (None for a matmul whose operator the calling module decides) and
+``category``, optionally ``saved_operators`` (slot index -> ``(Operator, Category)``) for slots
+that belong to another operator, and ``ctx.category`` where the category depends on the call.
+For built-in nodes, ``SAVER_RULES`` maps a node class name to a small function of the save site,
+registered with ``@register_saver`` (in the manner of
+``torch.utils.flop_counter.register_flop_formula``). A rule returns ``(Operator, Category)`` or
+None to fall back on the module's role.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class SaveSite:
     ``random_mask``: the storage was filled by a random op (a composite dropout's mask).
     ``call_index``: the node's rank among matmul nodes of the same attention module, in forward
     order (0 for ``Q K^T``, 1 for ``P V``).
+    ``declared``: what the node's wtacrs op declares for this slot (:func:`declared_attribution`),
+    None for built-in nodes.
     """
 
     node: str
@@ -66,6 +73,11 @@ class SaveSite:
     role: ModuleRole
     random_mask: bool = False
     call_index: int = 0
+    declared: tuple[Operator | None, Category] | None = None
+
+    @property
+    def category(self) -> Category:
+        return Category.UNCOMPRESSED if self.declared is None else self.declared[1]
 
 
 @dataclass(frozen=True)
@@ -84,21 +96,6 @@ class SavedActivation:
 # -- the registry ---------------------------------------------------------------------------------
 SAVER_RULES: dict[str, Callable[[SaveSite], Attribution | None]] = {}
 
-# Nodes of wtacrs ops (and others) whose saved tensors are not stored as the exact op stores them.
-NODE_CATEGORIES: dict[str, Category] = {
-    "SampledLinearBackward": Category.SAMPLED,
-    "SampledMatmulBackward": Category.SAMPLED,
-    "PackedDropoutBackward": Category.LOSSLESS,
-    "RegeneratedDropoutBackward": Category.LOSSLESS,
-    "PackedReLUBackward": Category.LOSSLESS,
-    "SavedInputActivationBackward": Category.LOSSLESS,
-    # P V from the softmax's own P and the dropout's mask (both attributed where they were saved):
-    # the bytes left here are V itself, or its sampled head-dim columns
-    "ReusedPVBackward": Category.UNCOMPRESSED,
-    "SampledPVBackward": Category.SAMPLED,
-    "SampledScoresSoftmaxBackward": Category.SAMPLED,
-}
-
 ROLE_OPERATORS: dict[str, Operator] = {
     "layernorm": Operator.LAYERNORM,
     "dropout": Operator.DROPOUT,
@@ -114,8 +111,6 @@ MATMUL_NODES = (
     "BaddbmmBackward0",
     "MvBackward0",
     "DotBackward0",
-    "SampledLinearBackward",
-    "SampledMatmulBackward",
 )
 
 
@@ -130,13 +125,28 @@ def register_saver(*node_names: str):
     return decorator
 
 
-def node_category(node: str) -> Category:
-    return NODE_CATEGORIES.get(node, Category.UNCOMPRESSED)
+def declared_attribution(node, slot: str) -> tuple[Operator | None, Category] | None:
+    """``(operator, category)`` the forward class of a custom Function ``node`` declares for
+    ``slot`` (``saved_tensors[i]``), or None when it declares nothing (built-in nodes, other
+    libraries' Functions). The operator is None for a matmul the calling module names."""
+    op = getattr(type(node), "_forward_cls", None)
+    category = getattr(op, "category", None)
+    if not isinstance(category, Category):
+        return None
+    per_slot = getattr(op, "saved_operators", {})
+    index = int(slot[len("saved_tensors[") : -1]) if slot.startswith("saved_tensors[") else None
+    if index in per_slot:
+        return per_slot[index]
+    return op.operator, getattr(node, "category", category)
+
+
+def _is_matmul(name: str, declared: tuple[Operator | None, Category] | None) -> bool:
+    return name in MATMUL_NODES if declared is None else declared[0] is None
 
 
 @register_saver(*MATMUL_NODES)
 def _matmul(site: SaveSite) -> Attribution | None:
-    category = node_category(site.node)
+    category = site.category
     if site.role.kind == "linear" and site.role.operator is not None:
         return site.role.operator, category
     if site.role.kind == "attention":
@@ -181,39 +191,17 @@ def _tanh(site: SaveSite) -> Attribution | None:
     return (Operator.SOFTMAX, Category.UNCOMPRESSED) if site.role.kind == "attention" else None
 
 
-@register_saver("SampledScoresSoftmaxBackward")
-def _sampled_scores_softmax(site: SaveSite) -> Attribution:
-    # wtacrs.attention.SampledScoresSoftmax saves (P, q_rows, q_weights, q_idx, k_rows, k_weights,
-    # k_idx, tanh): P for the softmax's exact backward, the sampled rows of Q and K with their
-    # fp32 weights and indices for TensorMul-1, the softcap's tanh output (as eager's tanh keeps it)
-    if site.slot in ("saved_tensors[0]", "saved_tensors[7]"):
-        return Operator.SOFTMAX, Category.UNCOMPRESSED
-    return Operator.TENSORMUL_1, Category.SAMPLED
-
-
-@register_saver("ReusedPVBackward", "SampledPVBackward")
-def _reused_pv(site: SaveSite) -> Attribution:
-    return Operator.TENSORMUL_2, node_category(site.node)
-
-
-@register_saver("NativeDropoutBackward0", "PackedDropoutBackward", "RegeneratedDropoutBackward")
+@register_saver("NativeDropoutBackward0")
 def _dropout(site: SaveSite) -> Attribution:
-    return Operator.DROPOUT, node_category(site.node)
+    return Operator.DROPOUT, Category.UNCOMPRESSED
 
 
-@register_saver(
-    "ReluBackward0",
-    "ThresholdBackward0",
-    "GeluBackward0",
-    "SiluBackward0",
-    "PackedReLUBackward",
-    "SavedInputActivationBackward",
-)
+@register_saver("ReluBackward0", "ThresholdBackward0", "GeluBackward0", "SiluBackward0")
 def _activation(site: SaveSite) -> Attribution:
-    return Operator.ACTIVATION, node_category(site.node)
+    return Operator.ACTIVATION, Category.UNCOMPRESSED
 
 
-@register_saver("NativeLayerNormBackward0", "NativeGroupNormBackward0", "FusedRmsNormBackward0", "RecomputedNormBackward")
+@register_saver("NativeLayerNormBackward0", "NativeGroupNormBackward0", "FusedRmsNormBackward0")
 def _layernorm(site: SaveSite) -> Attribution:
     return Operator.LAYERNORM, Category.UNCOMPRESSED
 
@@ -224,17 +212,19 @@ def _embedding(site: SaveSite) -> Attribution:
 
 
 def attribute(site: SaveSite) -> Attribution:
-    """The operator and category of one saved tensor: random masks are dropout, then the node's
-    rule, then the module's role."""
+    """The operator and category of one saved tensor: random masks are dropout, then what the
+    node's op declares or the node's rule, then the module's role."""
     if site.random_mask:
-        return Operator.DROPOUT, node_category(site.node)
-    rule = SAVER_RULES.get(site.node)
+        return Operator.DROPOUT, site.category
+    if site.declared is not None and site.declared[0] is not None:
+        return site.declared
+    rule = _matmul if site.declared is not None else SAVER_RULES.get(site.node)
     attribution = rule(site) if rule is not None else None
     if attribution is not None:
         return attribution
     if site.role.kind == "linear" and site.role.operator is not None:
-        return site.role.operator, node_category(site.node)
-    return ROLE_OPERATORS.get(site.role.kind, Operator.OTHER), node_category(site.node)
+        return site.role.operator, site.category
+    return ROLE_OPERATORS.get(site.role.kind, Operator.OTHER), site.category
 
 
 # -- module roles ---------------------------------------------------------------------------------
@@ -413,13 +403,14 @@ class SavedActivationBreakdown:
                     continue
                 role = packed.roles[min(packed.consumed, len(packed.roles) - 1)]
                 packed.consumed += 1
-                if name in MATMUL_NODES and role.kind == "attention" and matmul_rank is None:
+                declared = declared_attribution(node, slot)
+                if _is_matmul(name, declared) and role.kind == "attention" and matmul_rank is None:
                     matmul_rank = attention_matmuls.get(role.path, 0)
                     attention_matmuls[role.path] = matmul_rank + 1
                 if sid in attributed:
                     continue
                 attributed.add(sid)
-                site = SaveSite(name, slot, role, packed.random, matmul_rank or 0)
+                site = SaveSite(name, slot, role, packed.random, matmul_rank or 0, declared)
                 operator, category = attribute(site)
                 self.saved.append(SavedActivation(operator, category, packed.nbytes, name, slot, role.path))
         for sid, packed in self._packed.items():

@@ -168,3 +168,19 @@ def test_crs_sample_weights_are_inverse_probabilities():
     p = torch.tensor([0.25, 0.25, 0.5])
     s = crs_sample(p, 2, torch.Generator().manual_seed(0))
     torch.testing.assert_close(s.weights, 1 / (2 * p[s.indices]))
+
+
+def test_support_share_keeps_rows_whose_score_is_zero_drawable_and_unbiased():
+    # the score gives rows 1..7 probability 0; a 10% uniform support share makes every row drawable
+    x = torch.ones(8, 3)
+    score = torch.tensor([1.0] + [0.0] * 7)
+    g = torch.Generator().manual_seed(0)
+    _, w, idx = sample_rows(x, 3, grad_norm=score, generator=g)
+    assert bool((w[idx != 0] == 0).all())  # without: rows 1..7 are padding, weight 0
+    counts = torch.zeros(8)
+    draws = 4000
+    for _ in range(draws):
+        _, w, idx = sample_rows(x, 3, grad_norm=score, generator=g, support_share=0.1)
+        counts.index_add_(0, idx.long(), w)
+    # sum_t w_t e_{idx_t} estimates the all-ones vector (each row once in X^T Y)
+    torch.testing.assert_close(counts / draws, torch.ones(8), atol=0.15, rtol=0)

@@ -178,6 +178,12 @@ def topk_sample(p: Tensor, k: int, generator: torch.Generator | None = None) -> 
 SAMPLERS = {"wtacrs": wtacrs_sample, "crs": crs_sample, "topk": topk_sample}
 
 
+def gather_rows(x: Tensor, indices: Tensor) -> Tensor:
+    """``x[..., indices, :]`` for ``x`` ``[..., n, d]`` and ``indices`` ``[..., k]``."""
+    idx = indices.long().unsqueeze(-1).expand(*indices.shape, x.shape[-1])
+    return torch.gather(x, -2, idx)
+
+
 def sample_rows(
     x: Tensor,
     k: int,
@@ -185,6 +191,8 @@ def sample_rows(
     grad_norm: Tensor | None = None,
     generator: torch.Generator | None = None,
     method: str = "wtacrs",
+    support: Tensor | None = None,
+    support_share: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample ``k`` rows of ``x`` ``[..., n, d]``: what a sampled op stores.
 
@@ -192,6 +200,11 @@ def sample_rows(
     (no weight folded in, so half-precision rows cannot overflow); ``weights`` ``[..., k]`` fp32;
     ``indices`` ``[..., k]`` int32 (int64 when n >= 2^31). :func:`weighted_product` applies the
     weights in backward.
+
+    With ``support_share`` ``s > 0`` ("defensive" importance sampling) the probabilities are
+    ``(1 - s) p(grad_norm) + s p(support)`` (each :func:`row_probabilities`; ``support`` None
+    means 1). A ``support`` that is nonzero wherever a gradient row can be keeps the estimate
+    unbiased where ``grad_norm`` underflows to 0.
     """
     n = x.shape[-2]
     if shapes_only(x):
@@ -203,6 +216,8 @@ def sample_rows(
         )
     norms = row_norms(x)
     p = row_probabilities(x, grad_norm, norms=norms)
+    if support_share > 0:
+        p = p.mul_(1 - support_share).add_(row_probabilities(x, support, norms=norms), alpha=support_share)
     if method == "wtacrs":
         # a non-finite norm means a NaN/Inf in the row (or an overflow): keep the row exactly
         sample = wtacrs_sample(p, k, generator, forced=~torch.isfinite(norms))
@@ -211,7 +226,7 @@ def sample_rows(
     if x.dim() == 2:  # index_select is much faster than gather on CPU
         rows = x.index_select(0, sample.indices)
     else:
-        rows = torch.gather(x, -2, sample.indices.unsqueeze(-1).expand(*sample.indices.shape, x.shape[-1]))
+        rows = gather_rows(x, sample.indices)
     return rows, sample.weights, sample.indices.to(index_dtype(n))
 
 
@@ -249,5 +264,5 @@ def estimate_product(
 ) -> Tensor:
     """Estimate ``x^T y`` (``[..., n, a]`` and ``[..., n, b]`` -> ``[..., a, b]``) from k rows."""
     rows, weights, indices = sample_rows(x, k, grad_norm=grad_norm, generator=generator, method=method)
-    y_rows = torch.gather(y, -2, indices.long().unsqueeze(-1).expand(*indices.shape, y.shape[-1]))
+    y_rows = gather_rows(y, indices)
     return weighted_product(rows, y_rows, weights, torch.promote_types(x.dtype, y.dtype))

@@ -15,16 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wtacrs import estimator
-from wtacrs.estimator import budget, index_dtype, row_norms, row_probabilities, sample_rows, weighted_product, wtacrs_sample
+from wtacrs.estimator import budget, gather_rows, index_dtype, row_norms, row_probabilities, sample_rows, weighted_product, wtacrs_sample
 from wtacrs.rowsource import RowSource
+from wtacrs.taxonomy import Category
 
 GradNormSink = Callable[[Tensor], None]
-
-
-def _gather_rows(x: Tensor, indices: Tensor) -> Tensor:
-    """``x[..., indices, :]`` for ``x`` ``[..., n, d]`` and ``indices`` ``[..., k]``."""
-    idx = indices.long().unsqueeze(-1).expand(*indices.shape, x.shape[-1])
-    return torch.gather(x, -2, idx)
 
 
 class SampledLinear(torch.autograd.Function):
@@ -43,6 +38,9 @@ class SampledLinear(torch.autograd.Function):
     The weights are applied in backward by :func:`wtacrs.estimator.weighted_product`, in fp32, so
     fp16 rows times weights of about ``n / k`` cannot overflow.
     """
+
+    operator = None  # a matmul: the module decides (its Linear-Q/K/V/O/U/D entry)
+    category = Category.SAMPLED
 
     @staticmethod
     def forward(ctx, input, weight, bias, rows, weights, indices, grad_norm_sink, row_source, *source_tensors):
@@ -167,6 +165,9 @@ class SampledMatmul(torch.autograd.Function):
     (:func:`wtacrs.estimator.weighted_product`).
     """
 
+    operator = None  # a matmul: the module decides (a Linear's entry, the attention's call order)
+    category = Category.SAMPLED
+
     @staticmethod
     def forward(ctx, a, b, a_rows, a_weights, a_idx, b_cols, b_weights, b_idx):
         ctx.a_shape, ctx.b_shape = a.shape, b.shape
@@ -183,14 +184,14 @@ class SampledMatmul(torch.autograd.Function):
             if b_idx is None:  # b_cols is b itself
                 grad_a = torch.matmul(grad, b_cols.transpose(-1, -2).to(dtype))
             else:
-                grad_cols = _gather_rows(grad.transpose(-1, -2), b_idx)  # [..., kN, M]
+                grad_cols = gather_rows(grad.transpose(-1, -2), b_idx)  # [..., kN, M]
                 grad_a = weighted_product(grad_cols, b_cols, b_weights, dtype)
             grad_a = grad_a.sum_to_size(ctx.a_shape).to(ctx.a_dtype)
         if ctx.needs_input_grad[1]:
             if a_idx is None:  # a_rows is a itself
                 grad_b = torch.matmul(a_rows.transpose(-1, -2).to(dtype), grad)
             else:
-                grad_rows = _gather_rows(grad, a_idx)  # [..., kM, N]
+                grad_rows = gather_rows(grad, a_idx)  # [..., kM, N]
                 grad_b = weighted_product(a_rows, grad_rows, a_weights, dtype)
             grad_b = grad_b.sum_to_size(ctx.b_shape).to(ctx.b_dtype)
         return grad_a, grad_b, None, None, None, None, None, None

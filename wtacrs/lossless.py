@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wtacrs.taxonomy import Category, Operator
+
 DropoutMode = Literal["packed", "regenerate"]
 DEFAULT_DROPOUT_MODE: DropoutMode = "packed"
 
@@ -246,6 +248,9 @@ class PackedDropout(torch.autograd.Function):
     the Function as an output, not through a side channel, which ``torch.compile`` requires.
     """
 
+    operator = Operator.DROPOUT
+    category = Category.LOSSLESS
+
     @staticmethod
     def forward(ctx, x, p, generator, info):
         out, keep, _ = _draw(x, p, generator)
@@ -267,6 +272,9 @@ class RegeneratedDropout(torch.autograd.Function):
     ``apply(x, p, generator, info)`` returns ``(out, state)``, the state a non-differentiable
     output (see :class:`PackedDropout`).
     """
+
+    operator = Operator.DROPOUT
+    category = Category.LOSSLESS
 
     @staticmethod
     def forward(ctx, x, p, generator, info):
@@ -353,6 +361,9 @@ class PackedReLU(torch.autograd.Function):
     is torch's bit for bit (NaN passes the gradient through, an infinite gradient at a dead
     unit becomes 0, as in torch).
     """
+
+    operator = Operator.ACTIVATION
+    category = Category.LOSSLESS
 
     @staticmethod
     def forward(ctx, x):

@@ -14,6 +14,7 @@ from wtacrs import functional, lossless, rowsource
 from wtacrs.rng import GeneratorPool, generator_for
 from wtacrs.gradnorm import PositionGradNorms, resolve_grad_norm
 from wtacrs.rowsource import RowSource
+from wtacrs.taxonomy import Category, Operator
 
 _layer_ids = itertools.count()
 
@@ -267,19 +268,25 @@ class RecomputedModule(torch.autograd.Function):
 
 
 class RecomputedNorm(RecomputedModule):
-    """A LayerNorm / RMSNorm that stores only its input (node ``RecomputedNormBackward``).
+    """A LayerNorm / RMSNorm that stores only its input.
 
     Eager LayerNorm keeps its input and a normalised copy (T5's RMSNorm: input, normalised copy
     and the reciprocal RMS), so this halves the norm's share of saved activations.
     """
 
+    operator = Operator.LAYERNORM
+    category = Category.UNCOMPRESSED  # the input, as the eager norm stores it
+
 
 class SavedInputActivation(RecomputedModule):
-    """An elementwise activation that stores only its input (node ``SavedInputActivationBackward``).
+    """An elementwise activation that stores only its input.
 
     Composite activations such as transformers' ``NewGELUActivation`` (the tanh formula in plain
     ops) or SiLU otherwise save several full-size intermediates.
     """
+
+    operator = Operator.ACTIVATION
+    category = Category.LOSSLESS
 
 
 class LeanNorm(nn.Module):

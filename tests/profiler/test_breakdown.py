@@ -108,6 +108,9 @@ def test_total_equals_plain_pack_hook_count_without_parameters():
 class SampledLinear(torch.autograd.Function):
     """Stands in for wtacrs' op: saves k rows of the input and their int32 indices."""
 
+    operator = None  # the module names it
+    category = Category.SAMPLED
+
     @staticmethod
     def forward(ctx, x, weight, k):
         rows = x.reshape(-1, x.shape[-1])[:k].clone()
@@ -123,6 +126,9 @@ class SampledLinear(torch.autograd.Function):
 
 class PackedDropout(torch.autograd.Function):
     """Stands in for wtacrs.lossless: saves a 1-bit packed mask (uint8, numel / 8 bytes)."""
+
+    operator = Operator.DROPOUT
+    category = Category.LOSSLESS
 
     @staticmethod
     def forward(ctx, x):
@@ -202,3 +208,31 @@ def test_breakdown_leaves_no_hooks_behind():
     assert dict(torch.nn.modules.module._global_forward_hooks) == forward_hooks
     assert torch._C._len_torch_dispatch_stack() == 0
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_an_op_declares_its_operator_category_and_slots():
+    class Scaled(torch.autograd.Function):
+        operator = Operator.SOFTMAX
+        category = Category.LOSSLESS
+        saved_operators = {1: (Operator.DROPOUT, Category.UNCOMPRESSED)}
+
+        @staticmethod
+        def forward(ctx, x, sampled):
+            if sampled:  # a category that depends on the call is set on ctx
+                ctx.category = Category.SAMPLED
+            ctx.save_for_backward(x, x * 3.0)
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad, None
+
+    x = torch.randn(4, 4, requires_grad=True)  # 64 bytes
+    for sampled, category in ((False, "lossless"), (True, "sampled")):
+        with SavedActivationBreakdown(nn.Module(), None) as breakdown:
+            out = Scaled.apply(x * 1.0, sampled)
+        breakdown.attribute(out)
+        assert breakdown.by_operator() == [
+            {"operator": "Softmax", "category": category, "bytes": 64},
+            {"operator": "Dropout", "category": "uncompressed", "bytes": 64},
+        ]
