@@ -45,7 +45,11 @@ def wtacrs_attention_forward(
         or not module.training
         or not torch.is_grad_enabled()
         or not (query.requires_grad or key.requires_grad or value.requires_grad)
+        or (torch.compiler.is_compiling() and not settings.config.samples_attention)
     ):
+        # Under torch.compile the exact attention that reuses P gives NaN losses (inductor, CPU,
+        # torch 2.13; tests/test_workflows.py): a compiled model runs the model's own exact
+        # attention instead, which stores dropout(P) as eager does.
         return fallback_forward(module, query, key, value, attention_mask, fallback=fallback, scaling=scaling, dropout=dropout, **kwargs)
     call = _Call.of(module, settings, query, key, value, attention_mask, scaling, kwargs)
     probs = _scores_softmax(call)
