@@ -232,7 +232,7 @@ def measure_training_step(
 
         tracked_types = {device_type} if models_device != "cpu" else {device_type, "cpu"}
         tracker = StorageTracker(tracked_types, round_to=CUDA_BLOCK_BYTES if models_device == "cuda" else 1)
-        tracker.track_existing(_step_state(model, batch, optimizer))
+        tracker.track_existing(step_state(model, batch, optimizer))
         warmup_grads = [p.grad for p in model.parameters() if p.grad is not None]
         labels = _labels(tracker, {"gradients": warmup_grads})
         del warmup_grads
@@ -281,16 +281,19 @@ def measure_training_step(
     )
 
 
-def _step_state(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer):
-    """Every tensor alive before the tracked step that the step uses."""
+def step_state(model: nn.Module, inputs, optimizer: torch.optim.Optimizer | None):
+    """Every tensor alive before the tracked step that the step uses: parameters, buffers,
+    gradients, optimizer state and ``inputs`` (a batch dict or an iterable of tensors)."""
     yield from model.parameters()
     yield from model.buffers()
     yield from (p.grad for p in model.parameters() if p.grad is not None)
     yield from _optimizer_tensors(optimizer)
-    yield from (v for v in batch.values() if isinstance(v, torch.Tensor))
+    yield from (v for v in (inputs.values() if isinstance(inputs, dict) else inputs) if isinstance(v, torch.Tensor))
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer):
+def _optimizer_tensors(optimizer: torch.optim.Optimizer | None):
+    if optimizer is None:
+        return
     for state in optimizer.state.values():
         for value in state.values():
             if isinstance(value, torch.Tensor):

@@ -30,7 +30,7 @@ from torch import nn
 from wtacrs.taxonomy import UnsupportedModelError, family_of
 
 from .breakdown import SavedActivation, SavedActivationBreakdown
-from .measure import CudaKernelBehaviour
+from .measure import CudaKernelBehaviour, step_state
 from .tracker import CUDA_BLOCK_BYTES, StorageTracker
 
 
@@ -117,7 +117,7 @@ class profile_step:  # noqa: N801 -- a context manager named like torch's (``no_
 
     # -- the block ------------------------------------------------------------------------------
     def __enter__(self) -> profile_step:
-        self.tracker.track_existing(self._existing())
+        self.tracker.track_existing(step_state(self.model, self.inputs, self.optimizer))
         with ExitStack() as stack:
             if self._kernels is not None:
                 stack.enter_context(self._kernels)
@@ -146,12 +146,3 @@ class profile_step:  # noqa: N801 -- a context manager named like torch's (``no_
         self._attributed = True
         self.breakdown.__exit__(None, None, None)
         self.breakdown.attribute([outputs] if isinstance(outputs, torch.Tensor) else list(outputs))
-
-    def _existing(self) -> Iterable[torch.Tensor]:
-        yield from self.model.parameters()
-        yield from self.model.buffers()
-        yield from (p.grad for p in self.model.parameters() if p.grad is not None)
-        if self.optimizer is not None:
-            for state in self.optimizer.state.values():
-                yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-        yield from (t for t in self.inputs if isinstance(t, torch.Tensor))

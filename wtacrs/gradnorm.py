@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 GRAD_NORM_FLOOR = 0.1
 """The smallest gradient-norm proxy, relative to a typical token: pad tokens get it (real tokens
@@ -73,10 +74,12 @@ def token_grad_norm(stream: str, n: int, device: torch.device) -> tuple[Tensor |
     fp32 ``[n]`` on ``device``: 1 for real tokens, :data:`GRAD_NORM_FLOOR` for padding tokens.
     """
     mask, mask_id = stream_mask(stream, n)
-    if mask is None:
-        return None, None
-    real = mask.to(device) != 0
-    return torch.where(real, 1.0, GRAD_NORM_FLOOR).to(torch.float32), mask_id
+    return (None, None) if mask is None else (_mask_proxies(mask, device), mask_id)
+
+
+def _mask_proxies(mask: Tensor, device: torch.device) -> Tensor:
+    """fp32 ``[n]``: 1 where ``mask`` is nonzero (real tokens), :data:`GRAD_NORM_FLOOR` elsewhere."""
+    return torch.where(mask.to(device) != 0, 1.0, GRAD_NORM_FLOOR).to(torch.float32)
 
 
 def stream_mask(stream: str, n: int) -> tuple[Tensor | None, int | None]:
@@ -301,8 +304,6 @@ class PositionGradNorms:
 
 
 def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return isinstance(t, FakeTensor)
 
 
@@ -335,16 +336,16 @@ def resolve_grad_norm(
         sinks.append(functools.partial(cache.update, key, ids))
         if grad_norm is not None:
             return grad_norm, _fan_out(sinks), None
-    mask_norm, mask_id = token_grad_norm(stream, n, device)
+    mask, mask_id = stream_mask(stream, n)  # a view of the batch's mask: nothing new is kept
     if positions is not None and len(shape) == 2:
         table, group = positions
         batch, seq = shape
         grad_norm = table.lookup(group, batch, seq, device)
         if grad_norm is not None:
             source = ("positions", group)
-        mask, _ = stream_mask(stream, n)  # a view of the batch's mask: nothing new is kept
         sinks.append(functools.partial(table.add, group, batch=batch, seq=seq, mask=mask))
-    if mask_norm is not None:
+    if mask is not None:
+        mask_norm = _mask_proxies(mask, device)
         grad_norm = mask_norm if grad_norm is None else grad_norm * mask_norm
         source = (*source, "mask", mask_id)
     return grad_norm, _fan_out(sinks), source
