@@ -77,10 +77,9 @@ def test_pack_on_meta_and_fake():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["packed", "regenerate"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(13, 17), (4, 3, 33, 9), (1,)])
-def test_dropout_bitwise_equals_torch(mode, dtype, shape):
+def test_dropout_bitwise_equals_torch(dtype, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     p = 0.3
@@ -89,26 +88,25 @@ def test_dropout_bitwise_equals_torch(mode, dtype, shape):
     after_ref = torch.rand(4)
     (gref,) = torch.autograd.grad(ref, x, grad)
     torch.manual_seed(7)
-    out = L.dropout(x, p, True, mode=mode)
+    out = L.dropout(x, p, True)
     after = torch.rand(4)
     (got,) = torch.autograd.grad(out, x, grad)
     assert bits_equal(out, ref)
     assert bits_equal(got, gref)
     assert torch.equal(after, after_ref)  # the same RNG consumption
-    assert out.grad_fn.name() == ("PackedDropoutBackward" if mode == "packed" else "RegeneratedDropoutBackward")
+    assert out.grad_fn.name() == "PackedDropoutBackward"
 
 
 def test_dropout_non_contiguous_input():
     base = torch.randn(9, 6, 5, generator=torch.Generator().manual_seed(0))
     x = base.permute(2, 0, 1).requires_grad_()
-    for mode in ("packed", "regenerate"):
-        torch.manual_seed(3)
-        ref = F.dropout(x, 0.4, True)
-        (gref,) = torch.autograd.grad(ref, x, torch.ones_like(ref))
-        torch.manual_seed(3)
-        out = L.dropout(x, 0.4, mode=mode)
-        (got,) = torch.autograd.grad(out, x, torch.ones_like(out))
-        assert torch.equal(out, ref) and torch.equal(got, gref)
+    torch.manual_seed(3)
+    ref = F.dropout(x, 0.4, True)
+    (gref,) = torch.autograd.grad(ref, x, torch.ones_like(ref))
+    torch.manual_seed(3)
+    out = L.dropout(x, 0.4)
+    (got,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(out, ref) and torch.equal(got, gref)
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 1001])
@@ -119,24 +117,16 @@ def test_dropout_saves_packed_mask_only(numel):
     out.sum().backward()
 
 
-def test_regenerated_dropout_saves_generator_state():
-    x = torch.randn(4096, requires_grad=True)
-    _, saved = saved_storages(lambda: L.dropout(x, 0.5, mode="regenerate"))
-    assert len(saved) == 1 and saved[0][1] == torch.uint8
-    assert saved[0][2] == torch.default_generator.get_state().numel()  # 5056 bytes, any numel
-
-
 def test_torch_dropout_saves_full_mask_on_cpu():
     x = torch.randn(1000, requires_grad=True)
     _, saved = saved_storages(lambda: F.dropout(x, 0.5, True))
     assert sum(s[2] for s in saved) == 4000  # the fp32 noise: 4 bytes per element
 
 
-@pytest.mark.parametrize("mode", ["packed", "regenerate"])
-def test_dropout_identity_cases_save_nothing(mode):
+def test_dropout_identity_cases_save_nothing():
     x = torch.randn(10, requires_grad=True)
     for p, training in [(0.0, True), (0.5, False)]:
-        out, saved = saved_storages(lambda p=p, training=training: L.dropout(x, p, training, mode=mode))
+        out, saved = saved_storages(lambda p=p, training=training: L.dropout(x, p, training))
         assert out is x and saved == []
     empty = torch.randn(0, requires_grad=True)
     assert L.dropout(empty, 0.5) is empty
@@ -150,8 +140,6 @@ def test_dropout_p_one_and_invalid_p():
     assert saved == ref_saved == [((), torch.float32, 4)]  # torch's x * zeros({}) keeps the 0-dim zero
     with pytest.raises(ValueError):
         L.dropout(x, 1.5)
-    with pytest.raises(ValueError):
-        L.dropout(x, 0.5, mode="nope")
 
 
 def test_dropout_with_generator_is_reproducible_and_leaves_global_rng():
@@ -180,7 +168,7 @@ def test_dropout_mask_rebuilds_output_and_rows():
     x = torch.randn(6, 16, requires_grad=True)
     torch.manual_seed(0)
     out, mask, saved = L.dropout_with_mask(x, 0.25)
-    assert mask.mode == "packed" and not mask.fused
+    assert not mask.fused
     assert bits_equal(mask.apply(x.detach(), saved), out.detach())
     keep = mask.keep(saved)
     assert torch.equal(keep, out.detach() != 0)
@@ -191,34 +179,36 @@ def test_dropout_mask_rebuilds_output_and_rows():
     assert not hasattr(mask, "__dict__")
 
 
-def test_dropout_double_backward():
+def test_dropout_double_backward_is_the_squared_noise():
+    """d^2/dx^2 of sum(dropout(x)^2) / 2 is noise^2 = keep / (1 - p)^2, elementwise."""
     x = torch.randn(20, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(0)
     out = L.dropout(x, 0.3)
-    (g,) = torch.autograd.grad(out, x, torch.ones_like(out), create_graph=True)
-    assert g.requires_grad is False or g.grad_fn is not None
+    (g,) = torch.autograd.grad(out.square().sum() / 2, x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    keep = (out != 0).double()
+    assert 0 < keep.sum() < 20
+    torch.testing.assert_close(gg, keep / 0.7**2, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["packed", "regenerate"])
-def test_dropout_on_meta_and_fake_saves_the_same_shapes(mode):
+def test_dropout_on_meta_and_fake_saves_the_same_shapes():
     shape = (3, 4, 11)
     x = torch.randn(shape, requires_grad=True)
-    _, cpu_saved = saved_storages(lambda: L.dropout(x, 0.1, mode=mode))
+    _, cpu_saved = saved_storages(lambda: L.dropout(x, 0.1))
     xm = torch.empty(shape, device="meta", requires_grad=True)
-    out, meta_saved = saved_storages(lambda: L.dropout(xm, 0.1, mode=mode))
+    out, meta_saved = saved_storages(lambda: L.dropout(xm, 0.1))
     out.sum().backward()
     assert xm.grad.shape == shape
-    if mode == "packed":
-        assert [s[:2] for s in meta_saved] == [s[:2] for s in cpu_saved]
+    assert [s[:2] for s in meta_saved] == [s[:2] for s in cpu_saved]
     with FakeTensorMode():
         xf = torch.empty(shape, requires_grad=True)
-        out, fake_saved = saved_storages(lambda: L.dropout(xf, 0.1, mode=mode))
+        out, fake_saved = saved_storages(lambda: L.dropout(xf, 0.1))
         out.sum().backward()
     assert [s[:2] for s in fake_saved] == [s[:2] for s in cpu_saved]
 
 
 # ---------------------------------------------------------------------------------------------
-# ReLU / GeLU
+# ReLU
 # ---------------------------------------------------------------------------------------------
 
 

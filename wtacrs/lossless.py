@@ -17,38 +17,19 @@ Dropout
 
 and its gradient is the one torch computes (``native_dropout_backward`` / ``grad * noise``).
 
-Two ways of keeping the mask are implemented (``mode=``):
-
-* ``"packed"`` (:class:`PackedDropout`, the default): a 1-bit mask, ``ceil(numel / 8)`` uint8.
-* ``"regenerate"`` (:class:`RegeneratedDropout`): only the state of the generator about to draw
-  the mask (``generator``, else the device's default generator; its ``get_state()`` size, e.g. 5056
-  bytes for CPU's Mersenne Twister, 16 for a CUDA Philox generator); backward replays the draw.
-  On CPU and meta this replays torch's composite path, so the forward is still bitwise
-  ``F.dropout``. On CUDA torch's ``native_dropout`` draws in a layout-dependent way that cannot
-  be replayed safely, so there the mask comes from ``bernoulli_`` on that generator: exact and
-  consistent between forward and backward, but a different mask than ``F.dropout`` draws.
-
-**Default: packed.** The packed mask is the same bits on every device and needs no generator
-state in backward. Regenerating saves at most another 1/32 of an fp32 mask (1/8 of CUDA's bool
-mask) at the cost of a second Bernoulli draw per backward. It cannot reproduce CUDA's
-``native_dropout`` mask (so the forward is not bitwise ``F.dropout`` there), and replaying a
-generator state is fragile under re-entrant backward, CUDA graphs and ``torch.compile``.
-``python benchmarks/lossless.py`` times both against ``F.dropout`` (latest figures in
-``benchmarks/RESULTS.md``).
+The mask is kept as 1 bit per element (:class:`PackedDropout`): ``ceil(numel / 8)`` uint8, the
+same bits on every device, and backward needs no generator state. (Regenerating the mask from a
+saved generator state instead is measured in ``benchmarks/lossless.py``; figures in
+``benchmarks/RESULTS.md``.)
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from wtacrs.taxonomy import Category, Operator
-
-DropoutMode = Literal["packed", "regenerate"]
-DEFAULT_DROPOUT_MODE: DropoutMode = "packed"
 
 # --------------------------------------------------------------------------------------------
 # bit packing
@@ -117,12 +98,6 @@ def _check_packed(packed: Tensor, shape: torch.Size) -> None:
         )
 
 
-def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
-
-
 # --------------------------------------------------------------------------------------------
 # dropout
 # --------------------------------------------------------------------------------------------
@@ -159,25 +134,19 @@ def _fused_apply(x: Tensor, mask: Tensor, p: float) -> Tensor:
 class DropoutMask:
     """How to rebuild a dropout's keep-mask from the tensor its node saved (no tensor inside).
 
-    Returned by :func:`dropout_with_mask` together with that saved tensor (packed bits, or a
-    generator state). An op that needs the same mask -- TensorMul-2 recomputing ``dropout(P)`` --
+    Returned by :func:`dropout_with_mask` together with that saved tensor (the packed bits). An op that needs the same mask -- TensorMul-2 recomputing ``dropout(P)`` --
     saves that very tensor with ``save_for_backward``, so its storage is counted once, and calls
     :meth:`apply` in backward.
     """
 
-    __slots__ = ("device", "dtype", "fused", "mode", "p", "shape", "stride")
+    __slots__ = ("fused", "p", "shape")
 
-    def __init__(self, p: float, mode: str, x: Tensor):
-        self.p, self.mode, self.fused = p, mode, _fused_device(x, p)
-        self.shape, self.device, self.dtype = x.shape, x.device, x.dtype
-        # the layout of the forward's empty_like(x) noise, which a replayed draw must fill the same way
-        self.stride = torch.empty_like(x, device="meta").stride() if mode == "regenerate" else x.stride()
+    def __init__(self, p: float, x: Tensor):
+        self.p, self.fused, self.shape = p, _fused_device(x, p), x.shape
 
     def keep(self, saved: Tensor) -> Tensor:
         """The bool keep-mask (``True`` = kept) of shape :attr:`shape`."""
-        if self.mode == "packed":
-            return unpack_bits(saved, self.shape)
-        return _replay_mask(saved, self)
+        return unpack_bits(saved, self.shape)
 
     def apply(self, x: Tensor, saved: Tensor) -> Tensor:
         """``dropout(x)`` with this mask, computed as torch's kernel on this device computes it.
@@ -185,45 +154,13 @@ class DropoutMask:
         For the tensor the dropout read this is bitwise its output; for a gradient it is torch's
         dropout backward (``native_dropout_backward`` / ``grad * noise``).
         """
-        if self.mode == "packed" and not self.fused:
+        if not self.fused:
             # CPU noise straight from the bytes: a [256, 8] table of {0, 1 / (1 - p)} in x's dtype,
             # divided exactly as torch divides its noise
             _check_packed(saved, self.shape)
             table = _bits_table(saved.device).to(x.dtype).div_(1.0 - self.p)
             return _composite_apply(x, _unpack_rows(saved, table, self.shape))
         return dropout_rows(x, self.keep(saved), self.p, fused=self.fused)
-
-
-def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator | None:
-    """``generator``, or the device's default generator (whose state the regenerated mask saves)."""
-    if generator is not None:
-        return generator
-    if device.type == "cpu":
-        return torch.default_generator
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.cuda.default_generators[idx]
-    return None
-
-
-def _get_state(device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """A copy of the state of the generator about to draw the mask (a CPU uint8 tensor)."""
-    gen = _generator_for(device, generator)
-    if gen is None or device.type == "meta":  # meta / fake: a placeholder, a Philox state's size
-        return torch.zeros(16, dtype=torch.uint8, device=device)
-    return gen.get_state()
-
-
-def _replay_mask(state: Tensor, info: DropoutMask) -> Tensor:
-    if info.device.type == "meta" or _is_fake(state):
-        return torch.empty_strided(info.shape, info.stride, dtype=torch.bool, device=info.device)
-    gen = torch.Generator(device=info.device)
-    gen.set_state(state)
-    if info.fused:
-        return torch.empty(info.shape, dtype=torch.bool, device=info.device).bernoulli_(1.0 - info.p, generator=gen)
-    # the forward's empty_like(x): same dtype and layout, so bernoulli_ fills it the same way
-    noise = torch.empty_strided(info.shape, info.stride, dtype=info.dtype, device=info.device)
-    return noise.bernoulli_(1.0 - info.p, generator=gen).ne(0)
 
 
 def _draw(x: Tensor, p: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor, bool]:
@@ -266,47 +203,11 @@ class PackedDropout(torch.autograd.Function):
         return ctx.info.apply(grad, packed), None, None, None
 
 
-class RegeneratedDropout(torch.autograd.Function):
-    """Dropout that saves only the generator state and redraws the mask in backward.
-
-    ``apply(x, p, generator, info)`` returns ``(out, state)``, the state a non-differentiable
-    output (see :class:`PackedDropout`).
-    """
-
-    operator = Operator.DROPOUT
-    category = Category.LOSSLESS
-
-    @staticmethod
-    def forward(ctx, x, p, generator, info):
-        fused = info.fused
-        if fused:
-            gen = _generator_for(x.device, generator)  # bernoulli_ on it: a draw state can replay
-            state = _get_state(x.device, gen)
-            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=gen)
-            out = torch.ops.aten.native_dropout_backward(x, keep, _scale(p))
-        else:
-            state = _get_state(x.device, generator)
-            noise = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
-            noise.div_(1.0 - p)
-            out = x * noise
-        ctx.info = info
-        ctx.save_for_backward(state)
-        ctx.mark_non_differentiable(state)
-        return out, state
-
-    @staticmethod
-    def backward(ctx, grad, _grad_state):
-        (state,) = ctx.saved_tensors
-        return ctx.info.apply(grad, state), None, None, None
-
-
 def dropout_with_mask(
     x: Tensor,
     p: float = 0.5,
     training: bool = True,
     generator: torch.Generator | None = None,
-    *,
-    mode: DropoutMode | None = None,
 ) -> tuple[Tensor, DropoutMask | None, Tensor | None]:
     """:func:`dropout`, also returning ``(mask, saved)``: a :class:`DropoutMask` and the tensor
     the dropout node saved (``(None, None)`` when nothing is dropped or no graph is recorded).
@@ -316,18 +217,14 @@ def dropout_with_mask(
     """
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    mode = DEFAULT_DROPOUT_MODE if mode is None else mode
-    if mode not in ("packed", "regenerate"):
-        raise ValueError(f"unknown dropout mode {mode!r}; expected 'packed' or 'regenerate'")
     if not training or p == 0.0 or x.numel() == 0:
         return x, None, None
     if p == 1.0:  # torch: input * zeros({}) (NaN stays NaN); its gradient needs nothing saved
         return x * torch.zeros((), dtype=x.dtype, device=x.device), None, None
     if not (torch.is_grad_enabled() and x.requires_grad):  # nothing will be saved
         return (F.dropout(x, p, True) if generator is None else _draw(x, p, generator)[0]), None, None
-    info = DropoutMask(p, mode, x)
-    fn = PackedDropout if mode == "packed" else RegeneratedDropout
-    out, saved = fn.apply(x, p, generator, info)
+    info = DropoutMask(p, x)
+    out, saved = PackedDropout.apply(x, p, generator, info)
     return out, info, saved
 
 
@@ -336,17 +233,14 @@ def dropout(
     p: float = 0.5,
     training: bool = True,
     generator: torch.Generator | None = None,
-    *,
-    mode: DropoutMode | None = None,
 ) -> Tensor:
     """``F.dropout(x, p, training)`` (bitwise, the same RNG draw) that saves a 1-bit mask.
 
     ``p == 0``, ``training=False`` or an empty ``x`` return ``x`` itself and save nothing, like
     torch. ``generator`` draws the mask instead of the device's default generator (then the mask
-    is not the one ``F.dropout`` would draw). ``mode`` is ``"packed"`` (default,
-    :data:`DEFAULT_DROPOUT_MODE`) or ``"regenerate"``; see the module docstring.
+    is not the one ``F.dropout`` would draw).
     """
-    return dropout_with_mask(x, p, training, generator, mode=mode)[0]
+    return dropout_with_mask(x, p, training, generator)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,11 +293,9 @@ def dropout_rows(x_rows: Tensor, keep_rows: Tensor, p: float, *, fused: bool) ->
 
 
 __all__ = [
-    "DEFAULT_DROPOUT_MODE",
     "DropoutMask",
     "PackedDropout",
     "PackedReLU",
-    "RegeneratedDropout",
     "dropout",
     "dropout_rows",
     "dropout_with_mask",

@@ -203,7 +203,7 @@ class LosslessDropout(nn.Dropout):
         out, mask, saved = lossless.dropout_with_mask(input, self.p, self.training)
         source = rowsource.lookup(input)
         width = input.shape[-1]
-        if source is not None and mask is not None and mask.mode == "packed" and width % 8 == 0:
+        if source is not None and mask is not None and width % 8 == 0:
             p, fused = self.p, mask.fused
 
             def drop_rows(rows, packed, *, indices):
