@@ -5,128 +5,26 @@ import math
 
 import pytest
 import torch
-import transformers as tf
 from torch import nn
 
 import wtacrs
+from tests.factory import DROPOUT_KEYS, MODELS, tiny_batch, tiny_model
+from tests.stats import pooled_bias_statistic
 from wtacrs.modules import LeanNorm, LosslessActivation, LosslessDropout, WTACRSConv1D, WTACRSLinear
 
 
-def _t5(ff="relu", **kw):
-    cfg = tf.T5Config(
-        vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2,
-        feed_forward_proj=ff, decoder_start_token_id=0, pad_token_id=0, relative_attention_num_buckets=8, **kw,
-    )
-    return tf.T5ForConditionalGeneration, cfg
-
-
-def _bert(**kw):
-    cfg = tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                        max_position_embeddings=32, num_labels=3, **kw)
-    return tf.BertForSequenceClassification, cfg
-
-
-def _gpt2(**kw):
-    cfg = tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0, **kw)
-    return tf.GPT2LMHeadModel, cfg
-
-
-def _llama(**kw):
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
-    return tf.LlamaForCausalLM, cfg
-
-
-def _roberta(**kw):
-    cfg = tf.RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                           max_position_embeddings=40, num_labels=3, pad_token_id=1, bos_token_id=0, eos_token_id=2, **kw)
-    return tf.RobertaForSequenceClassification, cfg
-
-
-def _mt5(cls=tf.MT5ForConditionalGeneration, config=tf.MT5Config, **kw):
-    cfg = config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2,
-                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, relative_attention_num_buckets=8, **kw)
-    return cls, cfg
-
-
-def _decoder(cls, config, **kw):
-    """A LLaMA-style decoder: GQA (4 query heads, 2 key/value heads), head dim 8."""
-    cfg = config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=8, max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
-                 pad_token_id=0, **kw)
-    return cls, cfg
-
-
-# Gemma 2 / 3 with a 4-token sliding window on their first layer (the batches are 6 tokens long)
-# and a query_pre_attn_scalar that is not the head dim; Gemma 2's logit softcap is small enough
-# for tanh to bend these tiny random scores
-_SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
-
-FAMILIES = {
-    "t5": lambda **kw: _t5("relu", **kw),
-    "t5-gated": lambda **kw: _t5("gated-gelu", **kw),
-    "mt5": lambda **kw: _mt5(feed_forward_proj="gated-gelu", **kw),
-    "umt5": lambda **kw: _mt5(tf.UMT5ForConditionalGeneration, tf.UMT5Config, feed_forward_proj="gated-gelu", **kw),
-    "bert": _bert,
-    "roberta": _roberta,
-    "gpt2": _gpt2,
-    "llama": _llama,
-    "mistral": lambda **kw: _decoder(tf.MistralForCausalLM, tf.MistralConfig, sliding_window=4, **kw),
-    "qwen2": lambda **kw: _decoder(tf.Qwen2ForCausalLM, tf.Qwen2Config, **kw),
-    "qwen3": lambda **kw: _decoder(tf.Qwen3ForCausalLM, tf.Qwen3Config, **kw),
-    "gemma": lambda **kw: _decoder(tf.GemmaForCausalLM, tf.GemmaConfig, **kw),
-    "gemma2": lambda **kw: _decoder(tf.Gemma2ForCausalLM, tf.Gemma2Config, query_pre_attn_scalar=12,
-                                    attn_logit_softcapping=0.01, final_logit_softcapping=3.0, **_SLIDING, **kw),
-    "gemma3": lambda **kw: _decoder(tf.Gemma3ForCausalLM, tf.Gemma3TextConfig, query_pre_attn_scalar=12, **_SLIDING, **kw),
-}
-ENCODER_DECODER = ("t5", "t5-gated", "mt5", "umt5")
-ENCODERS = ("bert", "roberta")
-RMSNORM_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")  # no nn.Dropout modules
-
-
-def _dropout(family: str, p: float) -> dict:
-    if family in ENCODER_DECODER:
-        return dict(dropout_rate=p)
-    if family in ENCODERS:
-        return dict(hidden_dropout_prob=p, attention_probs_dropout_prob=p)
-    if family == "gpt2":
-        return dict(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
-    return dict(attention_dropout=p)
-
-
-def build(family, dropout=True, attn="eager", device=None, seed=0):
-    cls, cfg = FAMILIES[family](**_dropout(family, 0.1 if dropout else 0.0))
-    torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
-        model = cls._from_config(cfg, attn_implementation=attn)
-    return model
-
-
-def batch(family, B=2, S=6, seed=1, pad=True):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 64, (B, S), generator=g)
-    mask = torch.ones(B, S, dtype=torch.long)
-    if pad:
-        mask[1, S - 2 :] = 0
-    if family in ENCODER_DECODER:
-        labels = torch.randint(1, 64, (B, 4), generator=g)
-        if pad:
-            labels[1, 3:] = -100
-        return dict(input_ids=ids, attention_mask=mask, labels=labels)
-    if family in ENCODERS:
-        return dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]))
-    labels = ids.masked_fill(mask == 0, -100)
-    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+# families whose only dropout is the attention's (no nn.Dropout modules): the LLaMA-style decoders
+NO_DROPOUT_MODULES = tuple(name for name, tiny in MODELS.items() if tiny.family not in DROPOUT_KEYS)
 
 
 def out_tensor(out):
     return out.logits
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(MODELS))
 def test_eval_outputs_are_bitwise_the_originals(family):
-    model = build(family).eval()
-    b = batch(family)
+    model = tiny_model(family).eval()
+    b = tiny_batch(family)
     with torch.no_grad():
         ref = out_tensor(model(**b))
     wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3))
@@ -135,10 +33,10 @@ def test_eval_outputs_are_bitwise_the_originals(family):
     assert torch.equal(out_tensor(model(**b)), ref)  # eval with grad enabled too
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(MODELS))
 def test_train_forward_with_same_dropout_seed_is_bitwise_the_originals(family):
-    model = build(family).train()
-    b = batch(family)
+    model = tiny_model(family).train()
+    b = tiny_batch(family)
     torch.manual_seed(123)
     ref = model(**b)
     wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3, seed=0))
@@ -149,9 +47,9 @@ def test_train_forward_with_same_dropout_seed_is_bitwise_the_originals(family):
     got.loss.backward()  # and it trains
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(MODELS))
 def test_state_dict_keys_and_parameters_are_unchanged(family):
-    model = build(family)
+    model = tiny_model(family)
     keys = list(model.state_dict())
     params = {n: p for n, p in model.named_parameters()}
     wtacrs.convert(model, wtacrs.WTACRSConfig())
@@ -160,16 +58,16 @@ def test_state_dict_keys_and_parameters_are_unchanged(family):
     kinds = {type(m) for m in model.modules()}
     assert (WTACRSConv1D if family == "gpt2" else WTACRSLinear) in kinds
     assert LeanNorm in kinds and LosslessActivation in kinds
-    if family not in RMSNORM_DECODERS:
+    if family not in NO_DROPOUT_MODULES:
         assert LosslessDropout in kinds
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(MODELS))
 def test_every_norm_and_activation_takes_the_lean_or_lossless_path(family):
     """LayerNorm / RMSNorm modules (Qwen3's and Gemma 3's q_norm / k_norm included) become
     LeanNorm, activation modules of the blocks (GELUTanh, SiLU, ...) LosslessActivation: none is
     missed. (BERT's pooler tanh belongs to the head, which stays eager.)"""
-    model = build(family)
+    model = tiny_model(family)
     norms = {n for n, m in model.named_modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))}
     activations = {
         n for n, m in model.named_modules()
@@ -184,10 +82,10 @@ def test_every_norm_and_activation_takes_the_lean_or_lossless_path(family):
     assert {n for n in activations if not isinstance(modules[n], LosslessActivation)} == set()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(MODELS))
 def test_revert_restores_exact_behaviour(family):
-    model = build(family).train()
-    b = batch(family)
+    model = tiny_model(family).train()
+    b = tiny_batch(family)
     torch.manual_seed(5)
     ref = model(**b)
     ref.loss.backward()
@@ -206,43 +104,57 @@ def test_revert_restores_exact_behaviour(family):
             assert torch.equal(p.grad, ref_grads[n]), n
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_gradients_average_to_the_exact_gradient(family):
-    """Every parameter's gradient, averaged over many sampled backward passes, is the exact one."""
-    model = build(family, dropout=False).train()
-    b = batch(family)
+def _sampled_gradient_draws(family: str, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(draws [D, m], exact [m])``: every parameter gradient of one batch, flattened, exact and
+    from ``draws`` sampled backward passes (ratio 0.4, no dropout)."""
+    model = tiny_model(family, dropout=0.0)
+    b = tiny_batch(family)
     model(**b).loss.backward()
-    exact = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    names = [n for n, p in model.named_parameters() if p.grad is not None]
+    exact = torch.cat([model.get_parameter(n).grad.reshape(-1) for n in names])
     wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.4, seed=0))
-    trials = 300
-    total = {n: torch.zeros_like(g) for n, g in exact.items()}
-    total_sq = {n: torch.zeros_like(g) for n, g in exact.items()}
-    for _ in range(trials):
+    rows = []
+    for _ in range(draws):
         model.zero_grad()
         model(**b).loss.backward()
-        for n, p in model.named_parameters():
-            if n in exact:
-                total[n] += p.grad
-                total_sq[n] += p.grad**2
-    sampled = 0
-    for n, g in exact.items():
-        mean = total[n] / trials
-        sd = (total_sq[n] / trials - mean**2).clamp_min(0).sqrt()
-        sampled += int((sd > 0).any())
-        # 6 standard errors per entry, plus float noise of the exact product
-        bound = 6 * sd / math.sqrt(trials) + 1e-5 + 1e-4 * g.abs().max()
-        assert ((mean - g).abs() <= bound).all(), (n, ((mean - g).abs() - bound).max())
-    assert sampled >= 6  # the test did exercise sampled gradients
+        rows.append(torch.cat([model.get_parameter(n).grad.reshape(-1) for n in names]))
+    return torch.stack(rows), exact
+
+
+DRAWS = 24  # the bound is derived from the draws' spread; a biased estimator still fails it
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_gradients_average_to_the_exact_gradient(family):
+    """Every parameter's gradient, averaged over sampled backward passes, is the exact one: the
+    pooled statistic of all entries (:func:`tests.stats.pooled_bias_statistic`) stays under the
+    bound its estimated spread sets."""
+    draws, exact = _sampled_gradient_draws(family, DRAWS)
+    statistic, bound = pooled_bias_statistic(draws, exact)
+    assert statistic <= bound, (statistic, bound)
+    assert int((draws.var(0) > 0).sum()) > exact.numel() // 4  # the test did exercise sampled gradients
+
+
+@pytest.mark.parametrize("family", ["t5", "bert", "llama"])
+def test_an_estimator_without_its_weights_fails_the_same_statistic(family, monkeypatch):
+    """Power check: sampled rows summed without their ``1 / (k p)`` weights (a biased
+    estimator) put the same statistic, from as many draws, over its bound."""
+    from wtacrs import functional
+
+    product = functional.weighted_product
+    monkeypatch.setattr(functional, "weighted_product", lambda lhs, rhs, w, dtype: product(lhs, rhs, torch.ones_like(w), dtype))
+    draws, exact = _sampled_gradient_draws(family, DRAWS)
+    statistic, bound = pooled_bias_statistic(draws, exact)
+    assert statistic > bound, (statistic, bound)
 
 
 def test_token_masks_reach_the_layers_when_the_model_is_called_as_usual():
     """The batch's pad tokens reach every sampled layer's probabilities (grad_norm = the floor there)."""
     from wtacrs.gradnorm import GRAD_NORM_FLOOR, resolve_grad_norm
 
-    model = build("t5", dropout=False).train()
+    model = tiny_model("t5", dropout=0.0).train()
     wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3, seed=0))
-    b = batch("t5")
+    b = tiny_batch("t5")
     seen = {}
 
     def spy(name):
@@ -270,7 +182,7 @@ def test_token_masks_reach_the_layers_when_the_model_is_called_as_usual():
 def test_lora_samples_only_lora_A_and_trains_only_lora():
     from peft import LoraConfig, get_peft_model
 
-    model = build("t5", dropout=False)
+    model = tiny_model("t5", dropout=0.0)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q", "v"], lora_dropout=0.0))
     wtacrs.convert(peft_model, wtacrs.WTACRSConfig(ratio=0.3, seed=0))
     sampled = [n for n, m in peft_model.named_modules() if isinstance(m, WTACRSLinear)]
@@ -280,7 +192,7 @@ def test_lora_samples_only_lora_A_and_trains_only_lora():
     peft_model.train()
     for _ in range(2):
         opt.zero_grad()
-        peft_model(**batch("t5")).loss.backward()
+        peft_model(**tiny_batch("t5")).loss.backward()
         opt.step()
     changed = {n for n, p in peft_model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
@@ -289,7 +201,7 @@ def test_lora_samples_only_lora_A_and_trains_only_lora():
 def test_frozen_base_layers_store_no_input():
     from peft import LoraConfig, get_peft_model
 
-    model = build("t5", dropout=False)
+    model = tiny_model("t5", dropout=0.0)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q", "v"], lora_dropout=0.0))
     wtacrs.convert(peft_model, wtacrs.WTACRSConfig(ratio=0.5, seed=0, lean_norm=False))
     peft_model.train()
@@ -321,11 +233,11 @@ def test_config_validation_names_the_field():
     assert "ratio" in wtacrs.WTACRSConfig.help()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(MODELS))
 def test_conversion_and_a_training_step_run_on_meta(family):
-    model = build(family, device="meta").train()
+    model = tiny_model(family, device="meta").train()
     wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.3))
-    b = {k: v.to("meta") for k, v in batch(family).items() if k != "attention_mask"}
+    b = {k: v.to("meta") for k, v in tiny_batch(family).items() if k != "attention_mask"}
     loss = model(**b).loss
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -338,10 +250,7 @@ def test_saved_bytes_of_a_t5_encoder_block_by_operator_match_a_hand_count(attent
     attention (TensorMul-1 on, V's columns sampled)."""
     from profiler.breakdown import SavedActivationBreakdown
 
-    cls, cfg = _t5("relu", dropout_rate=0.1)
-    cfg.num_layers = 1
-    torch.manual_seed(0)
-    model = cls._from_config(cfg, attn_implementation="eager").train()
+    model = tiny_model("t5", n_layers=1)
     sampled = {"tm1": True, "tm2_v": "sample"} if attention == "sampled" else {}
     wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.5, seed=0, **sampled))
     B, S, d, d_ff, H, d_kv = 2, 6, 16, 32, 2, 8
@@ -378,12 +287,9 @@ def test_saved_bytes_of_a_t5_encoder_block_by_operator_match_a_hand_count(attent
 # -- padding: pads read by a head must keep a nonzero sampling probability ------------------------
 
 
-def _pooled_bert(hidden=32, intermediate=64, vocab=64):
-    cfg = tf.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=intermediate, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    return tf.BertModel._from_config(cfg, attn_implementation="eager").train()
+def _pooled_bert(**size):
+    """BERT without a head, no dropout (``size``: :func:`tiny_model`'s, default ``d_model`` 32)."""
+    return tiny_model("bert", head="BASE", dropout=0.0, **{"d_model": 32, **size})
 
 
 def _padding(side, B=2, S=8):
@@ -458,7 +364,7 @@ def test_left_padded_pooler_gradient_is_not_always_zero():
     """The issue's repro: bert-tiny shape, dropout 0, ``mask[:, :3] = 0``, ratio 0.5. The last
     layer's ``output.dense`` gradient comes only from position 0, a pad; it was exactly 0 on
     every seed. Pads are now drawn with a small probability (about 1 draw in 10 here)."""
-    model = _pooled_bert(hidden=128, intermediate=512, vocab=100)
+    model = _pooled_bert(d_model=128, d_ff=512, vocab=100)
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[:, :3] = 0
     ids = torch.randint(1, 100, mask.shape, generator=torch.Generator().manual_seed(1))
@@ -478,9 +384,7 @@ def test_t5_in_fp16_with_large_wo_inputs_keeps_finite_gradients_at_ratio_0_1():
     """``wi`` scaled so Linear-D's (``wo``) inputs reach about 1e4: the exact fp16 gradients are
     finite, and so are the sampled ones (measured: with the weights folded into the fp16 rows,
     ``wo.weight.grad`` was inf on 3 of these 5 seeds)."""
-    cls, cfg = _t5("relu", dropout_rate=0.0)
-    torch.manual_seed(0)
-    model = cls._from_config(cfg, attn_implementation="eager")
+    model = tiny_model("t5", dropout=0.0)
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__ == "T5DenseActDense":
