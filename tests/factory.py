@@ -123,16 +123,19 @@ def tiny_model(
     key of :data:`HEADS` (default: the profiler's head of the family); ``config`` goes to
     :func:`tiny_config`."""
     cfg = tiny_config(name, **config)
-    tiny = MODELS[name]
-    arch = ARCHITECTURES[tiny.family]
-    if tiny.model_type is None and head in (None, arch.peft_task_type):
-        cls = arch.model_class
-    else:
-        cls = HEADS[head_of(name, head)]._model_mapping[type(cfg)]
     torch.manual_seed(seed)
     with warnings.catch_warnings(), torch.device(device or "cpu"):
         warnings.simplefilter("ignore")
-        return cls._from_config(cfg, attn_implementation=attn).train()
+        return model_class(name, head)._from_config(cfg, attn_implementation=attn).train()
+
+
+def model_class(name: str, head: str | None = None) -> type[tf.PreTrainedModel]:
+    """The transformers model class :func:`tiny_model` builds for ``name`` and ``head``."""
+    tiny = MODELS[name]
+    arch = ARCHITECTURES[tiny.family]
+    if tiny.model_type is None and head in (None, arch.peft_task_type):
+        return arch.model_class
+    return HEADS[head_of(name, head)]._model_mapping[type(tiny_config(name))]
 
 
 def tiny_batch(

@@ -9,7 +9,7 @@ import torch
 
 import wtacrs
 from tests.test_attention import Attention, qkv, settings
-from tests.test_convert import batch, build
+from tests.factory import tiny_batch, tiny_model
 from wtacrs import rowsource
 from wtacrs.attention import wtacrs_attention_forward
 from wtacrs.modules import WTACRSConv1D, WTACRSLinear
@@ -19,7 +19,7 @@ from wtacrs.rowsource import RowSource
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
 def test_every_sampled_op_of_a_conversion_draws_from_its_one_pool(family):
-    model = build(family).train()
+    model = tiny_model(family).train()
     wtacrs.convert(model, wtacrs.WTACRSConfig(seed=7, tm1=True))
     pool = model._wtacrs_state.generators
     linears = [m for m in model.modules() if isinstance(m, (WTACRSLinear, WTACRSConv1D))]
@@ -27,7 +27,7 @@ def test_every_sampled_op_of_a_conversion_draws_from_its_one_pool(family):
     assert isinstance(pool, GeneratorPool) and pool.seed == 7
     assert linears and all(m.generator is pool for m in linears)
     assert attention and all(s.generator is pool for s in attention)
-    stock, b = build(family).train(), batch(family)
+    stock, b = tiny_model(family).train(), tiny_batch(family)
     torch.manual_seed(0)
     stock(**b).loss.backward()
     expected = torch.rand(3)

@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 
 import wtacrs
-from tests.test_convert import FAMILIES, _dropout, batch, build
+from tests.factory import model_class, tiny_batch, tiny_config, tiny_model
 from wtacrs.modules import WTACRSConv1D, WTACRSLinear
 
 WTACRS_MODULES = (WTACRSLinear, WTACRSConv1D)
@@ -45,10 +45,10 @@ def layout(model):
 
 @pytest.mark.parametrize("family", ["t5", "bert"])
 def test_deepcopy_of_a_converted_model_trains_the_copy_only(family):
-    model = build(family).train()
+    model = tiny_model(family).train()
     wtacrs.convert(model, wtacrs.WTACRSConfig(seed=0))
     clone = copy.deepcopy(model)
-    b = batch(family)
+    b = tiny_batch(family)
     loss = loss_at(clone, b, 3)
     loss.backward()
     assert all(g is None for g in grads(model).values())
@@ -70,9 +70,9 @@ def test_deepcopy_of_a_converted_model_trains_the_copy_only(family):
 
 
 def test_torch_save_and_load_of_a_converted_model_gives_a_converted_model_that_trains():
-    model = build("t5").train()
+    model = tiny_model("t5").train()
     wtacrs.convert(model, wtacrs.WTACRSConfig(seed=0))
-    b = batch("t5")
+    b = tiny_batch("t5")
     loss_at(model, b, 0).backward()  # generators and the sample share have been used
     model.zero_grad(set_to_none=True)
     buffer = io.BytesIO()
@@ -99,7 +99,7 @@ def test_torch_save_and_load_of_a_converted_model_gives_a_converted_model_that_t
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_converting_a_model_leaves_the_config_it_shares_alone(family):
-    cls, cfg = FAMILIES[family](**_dropout(family, 0.1))
+    cls, cfg = model_class(family), tiny_config(family)
     first, second = (cls._from_config(cfg, attn_implementation="eager").train() for _ in range(2))
     second.load_state_dict(first.state_dict())
     assert first.config is second.config  # transformers shares it: the case to survive
@@ -108,7 +108,7 @@ def test_converting_a_model_leaves_the_config_it_shares_alone(family):
     assert {m.config._attn_implementation for m in second.modules() if hasattr(m, "config")} == {"eager"}
     assert {m.config._attn_implementation for m in first.modules() if hasattr(m, "config")} == {"wtacrs"}
     wtacrs.convert(second, wtacrs.WTACRSConfig(seed=0))  # failed: fallback 'wtacrs'
-    b = batch(family)
+    b = tiny_batch(family)
     assert torch.equal(loss_at(second, b, 0), loss_at(first, b, 0))
     wtacrs.revert(first)
     assert first.config is cfg and all(m.config is cfg for m in first.modules() if hasattr(m, "config"))
@@ -118,12 +118,12 @@ def test_converting_a_model_leaves_the_config_it_shares_alone(family):
 def test_a_model_whose_config_says_wtacrs_is_converted_like_the_eager_model_it_runs():
     """A model built from a converted model's config reads "wtacrs" without being converted: it
     runs eager attention, and converting it keeps eager as the fallback."""
-    cls, cfg = FAMILIES["bert"](**_dropout("bert", 0.1))
+    cls, cfg = model_class("bert"), tiny_config("bert")
     first = wtacrs.convert(cls._from_config(cfg, attn_implementation="eager"), wtacrs.WTACRSConfig(seed=0))
     torch.manual_seed(0)
     other = cls._from_config(first.config).train()
     assert other.config._attn_implementation == "wtacrs" and not wtacrs.is_converted(other)
-    b = batch("bert")
+    b = tiny_batch("bert")
     ref = loss_at(other, b, 1)
     wtacrs.convert(other, wtacrs.WTACRSConfig(seed=0))
     assert {m.wtacrs_attention.fallback for m in other.modules() if "wtacrs_attention" in m.__dict__} == {"eager"}
@@ -145,14 +145,11 @@ def test_a_model_whose_config_says_wtacrs_is_converted_like_the_eager_model_it_r
 def test_compiled_training_with_the_default_config_matches_eager():
     """Inductor on CPU, the default config (lossless dropout on). With inductor drawing random
     numbers as eager does, a compiled copy gives the eager losses and the same sampled gradients."""
-    cls, cfg = FAMILIES["bert"](**_dropout("bert", 0.1))
-    cfg.num_hidden_layers = 1  # compile time grows with every converted layer
-    torch.manual_seed(0)
-    model = wtacrs.convert(cls._from_config(cfg, attn_implementation="eager").train(), wtacrs.WTACRSConfig(seed=0))
+    model = wtacrs.convert(tiny_model("bert", n_layers=1), wtacrs.WTACRSConfig(seed=0))  # compile time grows per layer
     compiled_model = copy.deepcopy(model)  # same weights, same generator states
     compiled = torch.compile(compiled_model)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, compiled_model)]
-    b = batch("bert")
+    b = tiny_batch("bert")
     with torch._inductor.config.patch(fallback_random=True):
         for step in range(2):
             for opt in opts:
@@ -190,7 +187,7 @@ def test_config_round_trips_through_a_dict_and_a_directory(tmp_path):
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
 def test_saved_converted_model_loads_into_a_stock_model_and_reconverts_identically(family, tmp_path):
-    model = build(family).train()
+    model = tiny_model(family).train()
     wtacrs.convert(model, wtacrs.WTACRSConfig(ratio=0.4, tm2_v="store"))  # seed derived by convert
     wtacrs.save_pretrained(model, tmp_path)
     assert {"config.json", "model.safetensors", "wtacrs_config.json"} <= {p.name for p in tmp_path.iterdir()}
@@ -206,7 +203,7 @@ def test_saved_converted_model_loads_into_a_stock_model_and_reconverts_identical
     state = model.state_dict()
     assert list(stock.state_dict()) == list(state)
     assert all(torch.equal(v, state[k]) for k, v in stock.state_dict().items())
-    b = batch(family)
+    b = tiny_batch(family)
     # same seed: the same dropout masks and the same sampled gradient
     loss, ref = loss_at(stock, b, 2), loss_at(model, b, 2)
     loss.backward()
@@ -221,7 +218,7 @@ def test_saved_converted_model_loads_into_a_stock_model_and_reconverts_identical
 
 def test_save_pretrained_of_an_unconverted_model_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="not converted"):
-        wtacrs.save_pretrained(build("bert"), tmp_path)
+        wtacrs.save_pretrained(tiny_model("bert"), tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -250,7 +247,7 @@ def _trainer(model, tmp_path, train_dataset, **kwargs):
 
 
 def test_trainer_trains_a_model_converted_before_it(tmp_path):
-    model = wtacrs.convert(build("bert"), wtacrs.WTACRSConfig(seed=0))
+    model = wtacrs.convert(tiny_model("bert"), wtacrs.WTACRSConfig(seed=0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _trainer(model, tmp_path, _examples(6))
     result = trainer.train()
@@ -267,7 +264,7 @@ def test_trainer_trains_a_model_converted_before_it(tmp_path):
 
 
 def test_grad_norm_cache_gets_sample_ids_through_a_trainer_collator(tmp_path):
-    model = wtacrs.convert(build("bert", dropout=False), wtacrs.WTACRSConfig(seed=0))
+    model = wtacrs.convert(tiny_model("bert", dropout=0.0), wtacrs.WTACRSConfig(seed=0))
     cache = wtacrs.GradNormCache()
     lookups = []
     lookup = cache.lookup
