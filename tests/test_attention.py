@@ -1,6 +1,5 @@
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -17,96 +16,24 @@ from wtacrs.attention import (
     wtacrs_attention_forward,
 )
 
-transformers = pytest.importorskip("transformers")
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GemmaConfig,
-    GemmaForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from tests.factory import tiny_batch, tiny_model
 
-# LLaMA-style decoders beyond LLaMA: head dim 8, GQA; Gemma 2 / 3 slide a 4-token window on their
-# first layer. Gemma 2's softcap is small enough for tanh to bend these tiny random scores
-# (|scores| up to ~5x the cap), so a wrong softcap gradient shows.
-_SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
-DECODERS = {
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
-    "gemma": (GemmaConfig, GemmaForCausalLM, {}),
-    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(attn_logit_softcapping=0.01, query_pre_attn_scalar=12, **_SLIDING)),
-    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(query_pre_attn_scalar=12, **_SLIDING)),
-}
-FAMILIES = ["t5", "t5-gated-gelu", "bert", "gpt2", "llama", *DECODERS]
+DECODERS = ["qwen3", "gemma", "gemma2", "gemma3"]  # LLaMA-style decoders beyond LLaMA (GQA, head dim 8)
+FAMILIES = ["t5", "t5-gated", "bert", "gpt2", "llama", *DECODERS]
 NO_SDPA = {"gemma2"}  # transformers gives Gemma 2 no SDPA path (it cannot softcap)
+HEADS = {"bert": "MASKED_LM"}  # a loss on every token: every attention row gets a gradient
+SIZE = dict(d_model=32, n_head=4, d_head=8, d_ff=64, vocab=50)
 
 
 def make_model(family, impl="eager", **overrides):
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if family.startswith("t5"):
-            extra = {"feed_forward_proj": "gated-gelu"} if family == "t5-gated-gelu" else {}
-            cfg = T5Config(
-                vocab_size=50, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
-                dropout_rate=0.1, attn_implementation=impl, **extra, **overrides,
-            )
-            return T5ForConditionalGeneration(cfg)
-        if family == "bert":
-            cfg = BertConfig(
-                vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1, max_position_embeddings=64,
-                attn_implementation=impl, **overrides,
-            )
-            return BertForMaskedLM(cfg)
-        if family == "gpt2":
-            cfg = GPT2Config(
-                vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.1, resid_pdrop=0.1,
-                embd_pdrop=0.1, bos_token_id=0, eos_token_id=0, attn_implementation=impl, **overrides,
-            )
-            return GPT2LMHeadModel(cfg)
-        if family in DECODERS:
-            config, model, extra = DECODERS[family]
-            cfg = config(
-                vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=8, intermediate_size=64, attention_dropout=0.1, max_position_embeddings=64,
-                attn_implementation=impl, **extra, **overrides,
-            )
-            return model(cfg)
-        cfg = LlamaConfig(
-            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, attention_dropout=0.1, max_position_embeddings=64, attn_implementation=impl,
-            **overrides,
-        )
-        return LlamaForCausalLM(cfg)
+    """:func:`tests.factory.tiny_model` at this file's size, dropout 0.1."""
+    return tiny_model(family, head=HEADS.get(family), attn=impl, **SIZE, **overrides)
 
 
 def make_batch(family, pad=True, device="cpu"):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 50, (3, 10), generator=g)
-    mask = torch.ones(3, 10, dtype=torch.long)
-    if pad:
-        mask[1, 7:] = 0
-        mask[2, 4:] = 0
-    kw = {"input_ids": ids}
-    if pad:
-        kw["attention_mask"] = mask
-    if family.startswith("t5"):
-        kw["decoder_input_ids"] = ids[:, :6].contiguous()
-        kw["labels"] = ids[:, 1:7].contiguous()
-    else:
-        kw["labels"] = ids
-    return {k: v.to(device) for k, v in kw.items()}
+    """3 sequences of 10 tokens; with ``pad`` the second ends in 3 pads, the third in 6."""
+    return tiny_batch(family, 3, 10, pads=(0, 3, 6) if pad else None, target_len=6, head=HEADS.get(family),
+                      vocab=SIZE["vocab"], device=device)
 
 
 SAMPLED_ATTENTION = {"tm1": True, "tm2_v": "sample"}
@@ -250,7 +177,7 @@ def test_sampled_training_step(family, tm2_v):
     out = converted(**batch)
     assert torch.equal(out.logits, ref.logits)  # the forward stays exact
     names = graph_node_names(out.loss)
-    n_attention = {"t5": 6, "t5-gated-gelu": 6}.get(family, 2)  # T5: encoder, decoder and cross-attention
+    n_attention = {"t5": 6, "t5-gated": 6}.get(family, 2)  # T5: encoder, decoder and cross-attention
     assert names.count("SampledScoresSoftmaxBackward") == n_attention
     assert "SoftmaxBackward0" not in names  # the fused node keeps P (the loss uses log_softmax)
     assert names.count("ReusedPVBackward") == n_attention
@@ -283,8 +210,7 @@ def test_gpt2_reorder_and_upcast_fallback():
 
 @pytest.mark.parametrize("family", ["t5", "bert", "gpt2", "llama", *DECODERS])
 def test_models_run_on_meta(family):
-    with torch.device("meta"):
-        model = make_model(family)
+    model = make_model(family, device="meta")
     converted = convert(model, ratio=0.3)
     converted.train()
     batch = make_batch(family, pad=False, device="meta")
