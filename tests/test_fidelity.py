@@ -15,9 +15,9 @@ import functools
 
 import pytest
 import torch
-import transformers as tf
 
 import wtacrs
+from tests.factory import tiny_model
 from wtacrs.estimator import budget
 
 DRAWS = 60
@@ -34,10 +34,7 @@ SAMPLED_ATTENTION = pytest.param(
 
 
 def _model_and_batch():
-    cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    model = tf.BertForMaskedLM._from_config(cfg, attn_implementation="eager").train()
+    model = tiny_model("bert", head="MASKED_LM", d_model=32, vocab=100, dropout=0.0)
     ids = torch.randint(1, 100, (4, 16), generator=torch.Generator().manual_seed(1))
     mask = (torch.arange(16)[None] < torch.tensor([16, 13, 10, 8])[:, None]).long()  # right padding
     return model, dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))

@@ -6,10 +6,10 @@ import io
 
 import pytest
 import torch
-import transformers as tf
 
 import wtacrs
 from profiler.measure import measure_training_step
+from tests.factory import tiny_model
 from wtacrs.loss import ChunkedLossForward
 
 VOCAB = 300
@@ -17,39 +17,25 @@ B, S, T = 2, 8, 6  # batch, source length, T5 target length
 CHUNK = 5  # tokens per chunk: 2 * 8 = 16 decoder-only tokens are 4 chunks, the last one short
 
 
-def _t5(cls=tf.T5ForConditionalGeneration, config=tf.T5Config, **kw):
-    return cls, config(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=1, num_decoder_layers=1,
-                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, relative_attention_num_buckets=8,
-                       dropout_rate=0.1, **kw)
-
-
-def _decoder(cls, config, **kw):
-    return cls, config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=8, max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
-                       pad_token_id=0, attention_dropout=0.1, **kw)
-
-
-MODELS = {
-    "t5": lambda: _t5(),
-    "t5-untied": lambda: _t5(tie_word_embeddings=False),  # no d_model ** -0.5 scaling before the head
-    "mt5": lambda: _t5(tf.MT5ForConditionalGeneration, tf.MT5Config),
-    "umt5": lambda: _t5(tf.UMT5ForConditionalGeneration, tf.UMT5Config),
-    "gpt2": lambda: (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32,
-                                                       bos_token_id=0, eos_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1,
-                                                       attn_pdrop=0.1)),
-    "llama": lambda: _decoder(tf.LlamaForCausalLM, tf.LlamaConfig),
-    "mistral": lambda: _decoder(tf.MistralForCausalLM, tf.MistralConfig),
-    "qwen2": lambda: _decoder(tf.Qwen2ForCausalLM, tf.Qwen2Config),
-    "qwen3": lambda: _decoder(tf.Qwen3ForCausalLM, tf.Qwen3Config),
+MODELS = {  # name -> (tests.factory model, config values over it)
+    "t5": ("t5", {}),
+    "t5-untied": ("t5", dict(tie_word_embeddings=False)),  # no d_model ** -0.5 scaling before the head
+    "mt5": ("mt5", {}),
+    "umt5": ("umt5", {}),
+    "gpt2": ("gpt2", {}),
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
 }
 SEQ2SEQ = ("t5", "t5-untied", "mt5", "umt5")
 
 
 def build(name, device="cpu", seed=0):
-    cls, cfg = MODELS[name]()
-    torch.manual_seed(seed)
-    with torch.device(device):
-        return cls._from_config(cfg, attn_implementation="eager").train()
+    """One block per stack, ``d_model`` 32, the vocabulary :data:`VOCAB`, dropout 0.1."""
+    model, config = MODELS[name]
+    d_head = 16 if name in SEQ2SEQ else 8
+    return tiny_model(model, d_model=32, d_head=d_head, n_layers=1, vocab=VOCAB, device=device, seed=seed, **config)
 
 
 def batch(name, device="cpu"):
@@ -271,13 +257,10 @@ def test_signature_is_the_stock_forwards():
 
 
 def test_unsupported_models_and_bad_arguments_raise_value_error():
-    gemma2 = tf.Gemma2ForCausalLM(tf.Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                                  final_logit_softcapping=3.0))
+    gemma2 = tiny_model("gemma2")  # final_logit_softcapping 3
     with pytest.raises(ValueError, match="softcaps the logits"):
         wtacrs.chunked_loss(gemma2)
-    bert = tf.BertForMaskedLM(tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                            intermediate_size=32))
+    bert = tiny_model("bert", head="MASKED_LM")
     with pytest.raises(ValueError, match="does not support BertForMaskedLM; supported: T5ForConditionalGeneration"):
         wtacrs.chunked_loss(bert)
     model = build("gpt2")

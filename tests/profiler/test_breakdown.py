@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import T5Config
 from transformers.models.t5.modeling_t5 import T5Block
 
 from profiler.breakdown import SAVER_RULES, SavedActivationBreakdown, register_saver
 from profiler.measure import CudaKernelBehaviour
+from tests.factory import tiny_config
 from wtacrs.taxonomy import FAMILIES, Category, Operator
 
 T5 = FAMILIES["t5"]
@@ -20,7 +20,7 @@ F32 = 4
 
 def t5_block() -> T5Block:
     torch.manual_seed(0)
-    config = T5Config(d_model=D, d_ff=DFF, num_heads=H, d_kv=DKV, dropout_rate=0.1, vocab_size=32)
+    config = tiny_config("t5", d_model=D, d_ff=DFF, n_head=H, d_head=DKV, vocab=32)
     config._attn_implementation = "eager"
     block = T5Block(config, has_relative_attention_bias=True, layer_idx=0)
     return block.train()

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import T5Config, T5ForConditionalGeneration
 
 from profiler.measure import Measurement, measure_training_step, training_step
 from profiler.records import MEMORY_CATEGORIES
+from tests.factory import tiny_model
 from wtacrs.taxonomy import FAMILIES
 
 T5 = FAMILIES["t5"]
@@ -39,14 +39,7 @@ def mlp_cell(device: str = "cpu"):
 
 
 def t5_cell(device: str = "cpu", d_model: int = 32, layers: int = 2, batch_size: int = 2, seq_len: int = 6):
-    torch.manual_seed(0)
-    config = T5Config(
-        d_model=d_model, d_ff=2 * d_model, num_layers=layers, num_decoder_layers=layers, num_heads=4,
-        d_kv=d_model // 4, vocab_size=50, decoder_start_token_id=0, pad_token_id=0,
-    )
-    with torch.device(device):
-        model = T5ForConditionalGeneration._from_config(config, attn_implementation="eager")
-    model.train()
+    model = tiny_model("t5", d_model=d_model, n_head=4, d_head=d_model // 4, n_layers=layers, vocab=50, device=device)
     ids = torch.randint(1, 50, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids.to(device), "labels": ids.clone().to(device)}
     return model, batch, torch.optim.AdamW(model.parameters(), lr=1e-3), T5
