@@ -330,11 +330,16 @@ def test_t5_presets_build_on_meta_with_the_published_sizes(preset):
     assert next(model.parameters()).device.type == "meta"
 
 
-def test_t5_3b_preset_matches_the_spec():
-    assert preset_dims("t5-3b", {}) == preset_dims("t5-3b-gated", {})
-    dims = preset_dims("t5-3b", {})
-    assert (dims.d_model, dims.d_ff, dims.n_layers, dims.n_head, dims.d_head) == (1024, 16384, 24, 32, 128)
-    assert PRESETS["t5-base-gated"].config["feed_forward_proj"] == "gated-gelu"
+@pytest.mark.parametrize("preset", ["t5-base", "t5-3b"])
+def test_gated_t5_presets_add_one_gate_projection_per_block(preset):
+    """``<preset>-gated`` has the dimensions of ``<preset>`` and a gated-GeLU FFN: one more
+    ``d_model x d_ff`` projection (``wi_1``) in every encoder and decoder block."""
+    dims = preset_dims(preset, {})
+    assert preset_dims(f"{preset}-gated", {}) == dims
+    plain, gated = (build_model(_cell_for(p), "meta") for p in (preset, f"{preset}-gated"))
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert count(gated) - count(plain) == 2 * dims.n_layers * dims.d_model * dims.d_ff
+    assert type(gated.encoder.block[0].layer[1].DenseReluDense).__name__ == "T5DenseGatedActDense"
 
 
 def test_resolve_dims_rejects_heads_that_do_not_divide():
