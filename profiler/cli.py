@@ -211,7 +211,8 @@ class _QuietObserver:
 
 
 class _LiveObserver:
-    """A progress bar over the cells and a table of the latest results (rich.live)."""
+    """A progress bar over the cells and a table of the latest results (rich.live): the last
+    ``ROWS`` cells on a terminal, every cell when the output is not one."""
 
     ROWS = 12
 
@@ -222,7 +223,9 @@ class _LiveObserver:
             TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("{task.fields[current]}", markup=False), console=console,
         )
-        self.rows: deque[records.Record] = deque(maxlen=self.ROWS)
+        # a terminal shows the latest ROWS cells live; anything else (a file, a CI log) gets the
+        # table once, at the end, so it holds every cell
+        self.rows: deque[records.Record] = deque(maxlen=self.ROWS if console.is_terminal else None)
         self.counts: dict[str, int] = {}
         self.live: Live | None = None
         self.task = None

@@ -459,9 +459,9 @@ def fits_matrix(fit: pd.DataFrame) -> Figure | None:
     width = 1.2 + 0.9 * table["batch_size"].nunique()
     figure, axes = plt.subplots(rows, wrap, figsize=(wrap * width + 1.5, rows * (0.8 + 0.42 * len(methods))),
                                 squeeze=False)
-    mixed = table["estimated"].nunique() > 1
     for ax, panel in zip(axes.flat, panels):
-        _fits_panel(ax, table[table["panel"] == panel], methods, cmap, len(budgets), unit, mixed)
+        in_panel = table[table["panel"] == panel]  # "est." only where a panel mixes kinds
+        _fits_panel(ax, in_panel, methods, cmap, len(budgets), unit, in_panel["estimated"].nunique() > 1)
         ax.set_title(panel)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
