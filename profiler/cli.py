@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections import deque
 from pathlib import Path
 from typing import NoReturn
@@ -186,13 +187,14 @@ def _add_estimate(commands) -> None:
     from profiler.fits import MARGIN_NOTE
     from profiler.models import PRESETS
 
+    # wrapped here, not by argparse, so that no preset name is split at its hyphens
+    description = "\n\n".join(textwrap.fill(text, 90, break_on_hyphens=False) for text in (
+        "Estimate the peak memory (and, where available, the step time) of one training step per method and "
+        "batch size on the meta device, modelling cuda kernels, and say which memory budgets each fits.",
+        MARGIN_NOTE, "Presets: " + ", ".join(PRESETS) + "."))
     estimate = commands.add_parser(
         "estimate", help="does a fine-tuning step fit a GPU? (meta estimates, no suite file)",
-        description=(
-            "Estimate the peak memory (and, where available, the step time) of one training step per method and "
-            "batch size on the meta device, modelling cuda kernels, and say which memory budgets each fits. "
-            + MARGIN_NOTE + " Presets: " + ", ".join(PRESETS) + "."
-        ),
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     estimate.add_argument("--model", required=True, metavar="PRESET|config.json",
                           help="a preset (listed above) or a local Hugging Face config.json (model_type picks the family)")
