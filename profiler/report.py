@@ -2,7 +2,7 @@
 
 The report reads results (``profiler.results``: the records and the ``suite.json`` the runner
 writes beside them) and nothing else. Its data side (``cells_frame``, ``breakdown_frame``,
-``max_batch_frame``, ``summary_frame``) is plain pandas; the figures are drawn from those frames by
+``max_batch_frame``, ``summary_frame``, ``checks_frame``, and ``profiler.fits.fits_frame``) is plain pandas; the figures are drawn from those frames by
 ``profiler.plots``; this module turns both into one self-contained page:
 
 - no external asset or URL: CSS is inline, PNGs are ``data:`` URIs, and a Content-Security-Policy
