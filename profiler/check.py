@@ -509,7 +509,8 @@ def check_baseline(baseline: dict[str, Any], results: Results) -> tuple[list[Out
 # Entry point
 
 
-def _parse_checks(results: Results) -> list[RatioCheck]:
+def parse_checks(results: Results) -> list[RatioCheck]:
+    """The bounds of the results' suite.json (``checks``); ResultsError for a malformed one."""
     raw = (results.suite or {}).get("checks") or []
     source = results.path.parent / "suite.json"
     if not isinstance(raw, list):
@@ -560,7 +561,7 @@ def run_check(results_path: Path, baseline: Path | None = None, update_baseline:
     notes: list[str] = []
     try:
         results = load_results(results_path)
-        checks = _parse_checks(results)
+        checks = parse_checks(results)
         path = Path(baseline) if baseline is not None else default_baseline_path(results.name)
         if update_baseline:
             kept, metric = DEFAULT_TOLERANCE, "peak_bytes"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections import deque
 from pathlib import Path
 from typing import NoReturn
@@ -154,7 +155,65 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --update-baseline: the relative drop of a ratio that counts as a regression "
                             "(default: the existing baseline's, else 0.05)")
     check.set_defaults(handler=_check)
+    _add_estimate(commands)
     return parser
+
+
+def _sizes(text: str) -> list[int]:
+    """``8,16,32`` -> [8, 16, 32]: positive whole numbers, comma-separated."""
+    values = [_positive(part.strip()) for part in text.split(",")]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a batch size is given twice in {text!r}")
+    return values
+
+
+def _budget_list(text: str) -> list[int]:
+    from profiler.fits import parse_budget
+
+    try:
+        return [parse_budget(part) for part in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _method_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"an empty method name in {text!r}")
+    return names
+
+
+def _add_estimate(commands) -> None:
+    from profiler.fits import MARGIN_NOTE
+    from profiler.models import PRESETS
+
+    # wrapped here, not by argparse, so that no preset name is split at its hyphens
+    description = "\n\n".join(textwrap.fill(text, 90, break_on_hyphens=False) for text in (
+        "Estimate the peak memory (and, where available, the step time) of one training step per method and "
+        "batch size on the meta device, modelling cuda kernels, and say which memory budgets each fits.",
+        MARGIN_NOTE, "Presets: " + ", ".join(PRESETS) + "."))
+    estimate = commands.add_parser(
+        "estimate", help="does a fine-tuning step fit a GPU? (meta estimates, no suite file)",
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    estimate.add_argument("--model", required=True, metavar="PRESET|config.json",
+                          help="a preset (listed above) or a local Hugging Face config.json (model_type picks the family)")
+    estimate.add_argument("-B", "--batch-sizes", type=_sizes, default=[8, 16, 32], metavar="8,16,32",
+                          help="batch sizes (default 8,16,32)")
+    estimate.add_argument("-S", "--seq-len", type=_positive, default=512, metavar="N", help="sequence length (default 512)")
+    estimate.add_argument("-T", "--target-len", type=_positive, metavar="N",
+                          help="target length of encoder-decoder models (default: the sequence length)")
+    estimate.add_argument("--methods", type=_method_list, default=["full", "lora", "wtacrs@0.3"], metavar="LIST",
+                          help="comma-separated methods (default full,lora,wtacrs@0.3): " + METHOD_NAMES_HELP)
+    estimate.add_argument("--budget", type=_budget_list, default=None, metavar="24GB",
+                          help="memory budgets, comma-separated: 24GB (10^9 bytes) or 22.35GiB (2^30 bytes); "
+                               "default 80GiB,40GiB,24GiB")
+    estimate.add_argument("--target", metavar="GPU", help="the GPU estimated step times are for (e.g. h100-80gb)")
+    estimate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    estimate.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    estimate.add_argument("--attn", choices=("eager", "sdpa"), default="eager", help="attention implementation")
+    estimate.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    estimate.set_defaults(handler=_estimate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +270,8 @@ class _QuietObserver:
 
 
 class _LiveObserver:
-    """A progress bar over the cells and a table of the latest results (rich.live)."""
+    """A progress bar over the cells and a table of the latest results (rich.live): the last
+    ``ROWS`` cells on a terminal, every cell when the output is not one."""
 
     ROWS = 12
 
@@ -222,7 +282,9 @@ class _LiveObserver:
             TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("{task.fields[current]}", markup=False), console=console,
         )
-        self.rows: deque[records.Record] = deque(maxlen=self.ROWS)
+        # a terminal shows the latest ROWS cells live; anything else (a file, a CI log) gets the
+        # table once, at the end, so it holds every cell
+        self.rows: deque[records.Record] = deque(maxlen=self.ROWS if console.is_terminal else None)
         self.counts: dict[str, int] = {}
         self.live: Live | None = None
         self.task = None
@@ -358,3 +420,55 @@ def _check(args: argparse.Namespace) -> int:
         return _bad_input(["--tolerance applies with --update-baseline only"])
     return run_check(args.results, args.baseline, args.update_baseline, Console(highlight=False),
                      tolerance=args.tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+# estimate
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from profiler.estimate import EstimateInputError, estimate_fits
+    from profiler.report import DEFAULT_BUDGETS_GIB
+    from profiler.units import GiB
+
+    budgets = args.budget or [int(b * GiB) for b in DEFAULT_BUDGETS_GIB]
+    try:
+        result = estimate_fits(args.model, args.batch_sizes, args.seq_len, args.methods, budgets, target=args.target,
+                               target_len=args.target_len, dtype=args.dtype, optimizer=args.optimizer,
+                               attn_implementation=args.attn)
+    except EstimateInputError as e:
+        return _bad_input([f"python -m profiler estimate: {e}"])
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    else:
+        console = Console(highlight=False)
+        console.print(_estimate_table(result))
+        if args.target and not result.target_supported:
+            console.print(Text("--target: this version has no step-time estimates; step times are left out", style="dim"))
+    return EXIT_FAILED if any(row["status"] == "error" for row in result.rows) else EXIT_OK
+
+
+def _estimate_table(result) -> Table:
+    """A rich table of an ``Estimate``: per method and batch size, peak, memory needed, step time
+    and whether each budget fits."""
+    from profiler.fits import MARGIN_NOTE, budget_label
+
+    table = Table(title=Text(printable(f"{result.model}: estimated on meta for cuda")), title_justify="left",
+                  caption=MARGIN_NOTE, caption_justify="left")
+    for column in ("method", "B", "peak", "needed", "step time", "time ÷ full"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for budget in result.budgets:
+        table.add_column(budget_label(budget), justify="center")
+    for row in result.rows:
+        step = row["step_time_s"]
+        step_text = "-" if step is None else f"{step:.3g} s" + (" est." if row["step_time_kind"] == "estimated" else "")
+        ratio = "-" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}×"
+        fits = [Text("fits", style="green") if row["fits"].get(budget_label(b)) else
+                Text("no", style="red") if budget_label(b) in row["fits"] else Text(row["status"], style="yellow")
+                for b in result.budgets]
+        table.add_row(Text(printable(row["method"])), str(row["batch_size"]),
+                      format_bytes(row["peak_bytes"], missing="-"), format_bytes(row["needed_bytes"], missing="-"),
+                      step_text, ratio, *fits)
+    return table

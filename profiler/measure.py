@@ -52,6 +52,7 @@ class Measurement:
     flops: int | None = None  # FLOPs of one training step (matmul-class ops)
     estimated: bool = False  # True on meta
     models_device: str = "cpu"  # whose kernels the figures model
+    peak_phase: str | None = None  # forward / backward / optimizer: where the tracked peak fell
 
 
 def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -240,12 +241,15 @@ def measure_training_step(
         allocator = CudaAllocatorPeak(device) if device_type == "cuda" else None
         with allocator or nullcontext(), tracker:
             optimizer.zero_grad(set_to_none=True)
+            tracker.mark_phase("forward")
             with breakdown:
                 loss = model(**batch).loss
             breakdown.attribute(loss)
             saved_keys = breakdown.saved_record_keys()
+            tracker.mark_phase("backward")
             loss.backward()
             del loss
+            tracker.mark_phase("optimizer")
             optimizer.step()
         parameter_keys = _labels(tracker, {"parameters": list(model.parameters())})
         labels.update(_labels(tracker, {"gradients": [p.grad for p in model.parameters() if p.grad is not None]}))
@@ -278,6 +282,7 @@ def measure_training_step(
         flops=tracker.flops,
         estimated=device_type == "meta",
         models_device=models_device,
+        peak_phase=tracker.peak_phase,
     )
 
 

@@ -22,6 +22,8 @@ import matplotlib
 if "matplotlib.pyplot" not in sys.modules:  # no display; a notebook that already chose a backend keeps it
     matplotlib.use("Agg")
 
+import matplotlib.colors  # noqa: E402
+import matplotlib.lines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,9 +38,13 @@ from profiler.units import byte_unit  # noqa: E402
 DPI = 110
 PANEL_HEIGHT = 3.4
 PANEL_ASPECT = 1.4
-CATEGORY_HATCHES = {"sampled": "////", "lossless": "..", "uncompressed": ""}
+# hatching that survives the page scaling a PNG down to ~60%: sparse patterns, thick lines, drawn
+# in a colour that contrasts with the bar (``_hatch_colour``)
+CATEGORY_HATCHES = {"sampled": "//", "lossless": "..", "uncompressed": ""}
+EXTRAPOLATED_HATCH = "xx"
+ESTIMATED_HATCH = "\\\\"
 FIGURE_STYLES = {"measured": ("o", ""), "estimated": ("X", (4, 2))}  # marker, dashes
-_RC = {"text.parse_math": False, "hatch.linewidth": 0.6, "axes.titlesize": 10.5, "legend.fontsize": 9}
+_RC = {"text.parse_math": False, "hatch.linewidth": 1.3, "axes.titlesize": 10.5, "legend.fontsize": 9}
 
 
 def _styled(draw: Callable[..., Figure | None]) -> Callable[..., Figure | None]:
@@ -70,26 +76,43 @@ def to_png(figure: Figure) -> bytes:
     return out.getvalue()
 
 
-def method_palette(methods: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    """One colour per method, stable across every figure of a report.
+# One hue per method kind (the name before ``@``), the same in every suite and figure: a reader
+# who learnt that wtacrs is red in one report finds it red in the next. tab10's hues, in the order
+# the comparisons are read (lora next to wtacrs far apart). Kinds not listed take FALLBACK_HUES in
+# turn, in the order they first appear in a figure's method list.
+METHOD_HUES = {
+    "full": "#1f77b4", "lora": "#ff7f0e", "checkpointing": "#2ca02c", "wtacrs": "#d62728",
+    "wtacrs-linear": "#9467bd", "lora+wtacrs": "#8c564b", "checkpointing+wtacrs": "#e377c2",
+    "checkpointing+lora": "#bcbd22",
+}
+FALLBACK_HUES = ("#17becf", "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39")
+REFERENCE_RATIO = 0.3  # the ratio drawn in the kind's own hue; lower ratios lighter, higher darker
 
-    Methods of one family (the name before ``@``: ``wtacrs@0.3`` and ``wtacrs@0.1``) share a hue,
-    darkest first, so a reader sees at once which lines are the same method at another ratio.
-    """
-    families = list(dict.fromkeys(m.split("@")[0] for m in methods))
-    # tab10's first five hues are far apart (blue, orange, green, red, purple); colorblind's
-    # orange and vermillion are not, and lora next to wtacrs is the comparison people read
-    hues = sns.color_palette("tab10", max(len(families), 1))
-    if len(families) > len(hues):
-        hues = sns.color_palette("husl", len(families))
-    palette = {}
-    for family, hue in zip(families, hues):
-        members = [m for m in methods if m.split("@")[0] == family]
-        for i, method in enumerate(members):
-            # toward white: 0% for the first member, up to 55% for the last
-            mix = 0.55 * i / (len(members) - 1) if len(members) > 1 else 0.0
-            palette[method] = tuple(c + (1.0 - c) * mix for c in hue)
-    return palette
+
+def method_colour(method: str, fallback: tuple[float, float, float] | str = "#7f7f7f") -> tuple[float, float, float]:
+    """The colour of a method: its kind's hue (``METHOD_HUES``), shaded by its ratio ``@R`` (a
+    fixed function of R: 0.3 is the hue itself, 0.1 lighter, 0.05 lightest, 1.0 darkest)."""
+    kind, _, ratio_text = method.partition("@")
+    hue = matplotlib.colors.to_rgb(METHOD_HUES.get(kind, fallback))
+    try:
+        ratio = float(ratio_text) if ratio_text else None
+    except ValueError:
+        ratio = None
+    if ratio is None or not 0 < ratio <= 1:
+        return hue
+    if ratio < REFERENCE_RATIO:  # toward white, up to 60% at R = 0.05
+        mix = 0.6 * min(1.0, np.log(REFERENCE_RATIO / ratio) / np.log(REFERENCE_RATIO / 0.05))
+        return tuple(c + (1.0 - c) * mix for c in hue)
+    mix = 0.45 * np.log(ratio / REFERENCE_RATIO) / np.log(1 / REFERENCE_RATIO)  # toward black, 45% at 1
+    return tuple(c * (1.0 - mix) for c in hue)
+
+
+def method_palette(methods: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """One colour per method (``method_colour``): fixed by its kind and ratio, so the same
+    method has the same colour in every figure and every suite."""
+    unknown = list(dict.fromkeys(m.partition("@")[0] for m in methods if m.partition("@")[0] not in METHOD_HUES))
+    fallback = dict(zip(unknown, FALLBACK_HUES * (len(unknown) // len(FALLBACK_HUES) + 1)))
+    return {m: method_colour(m, fallback.get(m.partition("@")[0], "#7f7f7f")) for m in methods}
 
 
 # Operators in the order of the block (bottom of a stack first), coloured by group: the linears
@@ -102,6 +125,13 @@ OPERATOR_COLOURS = {
     "Dropout": "#238b45", "Activation": "#a1d99b", "LayerNorm": "#e7ba52",
     "Embedding": "#bdbdbd", "Head/Loss": "#737373", "Other": "#d9d9d9",
 }
+
+
+def _hatch_colour(face: object) -> str:
+    """A hatch (and edge) colour that reads on ``face``: near-white on dark bars, dark grey on
+    light ones (matplotlib draws a bar's hatch in its edge colour)."""
+    red, green, blue = matplotlib.colors.to_rgb(face)
+    return "0.93" if 0.299 * red + 0.587 * green + 0.114 * blue < 0.5 else "0.25"
 
 
 def operator_colours(operators: Sequence[str]) -> dict[str, object]:
@@ -232,7 +262,7 @@ def activation_breakdown(breakdown: pd.DataFrame) -> Figure | None:
     categories = [c for c in CATEGORY_HATCHES if c in set(data["category"])]
     categories += sorted(set(data["category"]) - set(categories))
     handles.append(Patch(visible=False, label=""))
-    handles += [Patch(facecolor="white", edgecolor="0.3", hatch=CATEGORY_HATCHES.get(c, "xx"), label=c)
+    handles += [Patch(facecolor="white", edgecolor="0.3", hatch=CATEGORY_HATCHES.get(c, "++"), label=c)
                 for c in categories]
     if mixed:
         handles.append(Patch(visible=False, label="est. = estimated (meta)"))
@@ -258,7 +288,8 @@ def _stacked_bars(data: pd.DataFrame, *, methods: Sequence[str], operators: Sequ
                 if height <= 0:
                     continue
                 ax.bar(x, height, bottom=bottom, width=0.72, color=colours[operator],
-                       hatch=CATEGORY_HATCHES.get(category, "xx"), edgecolor="0.3", linewidth=0.4)
+                       hatch=CATEGORY_HATCHES.get(category, "++"), edgecolor=_hatch_colour(colours[operator]),
+                       linewidth=0.4)
                 bottom += height
         totals.append(bottom)
         label = f"{bottom:.3g}" + (" est." if mark_estimates and rows["estimated"].any() else "")
@@ -279,10 +310,15 @@ def _count(value: float) -> str:
 
 @_styled
 def max_batch(frame: pd.DataFrame) -> Figure | None:
-    """The largest batch size that fits each memory budget: bars per method, one per budget."""
+    """The largest batch size that fits each memory budget: bars per method, one per budget.
+
+    Extrapolated values (beyond the grid's batch sizes) are cross-hatched, capped ones (the
+    line reaches past the extrapolation limit) labelled ``≥``; both are in the legend."""
     if frame.empty:
         return None
     data = frame.assign(method=frame["method"].astype(str))
+    if "capped" not in data.columns:
+        data["capped"] = False
     methods = _present(frame["method"])
     budgets = list(dict.fromkeys(data.sort_values("budget_bytes", ascending=False)["budget"]))
     panels = _present(data["panel"])
@@ -291,31 +327,170 @@ def max_batch(frame: pd.DataFrame) -> Figure | None:
                          aspect=PANEL_ASPECT * 0.95, sharey=False, sharex=False)
     palette = dict(zip(budgets, sns.color_palette("crest", len(budgets))))
     grid.map_dataframe(sns.barplot, x="method", y="max_batch_size", hue="budget", order=methods,
-                       hue_order=budgets, palette=palette, edgecolor="0.3", linewidth=0.4)
+                       hue_order=budgets, palette=palette, saturation=1, edgecolor="0.3", linewidth=0.4)
     # hatch estimates only where they sit next to measured bars (titles say "[estimated]")
     mixed = bool(data["estimated"].any() and not data["estimated"].all())
     for panel, ax in grid.axes_dict.items():
-        in_panel = data[data["panel"] == panel]
-        estimated = set(in_panel.loc[in_panel["estimated"], "method"]) if mixed else set()
-        for container in ax.containers:
-            for method, bar in zip(methods, container):
-                if method in estimated:
-                    bar.set_hatch("////")
-            ax.bar_label(container, labels=[_count(bar.get_height()) for bar in container], fontsize=7, padding=1)
-        for x, method in enumerate(methods):
-            if method not in set(in_panel["method"]):  # no usable cells: say so rather than leave a gap
-                ax.annotate("no data", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center",
-                            fontsize=8, color="0.4")
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=30, ha="right")
-        ax.margins(y=0.12)
+        _mark_batch_bars(ax, data[data["panel"] == panel], methods, budgets, palette, mixed)
     grid.set_titles("{col_name}")
     grid.set_axis_labels("", "largest batch size B")
     grid.tight_layout()
     handles = [Patch(facecolor=palette[b], edgecolor="0.3", label=b) for b in budgets]
+    if data["extrapolated"].any():
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch=EXTRAPOLATED_HATCH,
+                             label="extrapolated beyond the grid"))
+    if data["capped"].any():
+        handles.append(Patch(visible=False, label="≥ capped at the extrapolation limit"))
     if mixed:
-        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="////", label="estimated (meta)"))
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch=ESTIMATED_HATCH, label="estimated (meta)"))
     grid.figure.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
                        title="memory budget")
     grid.figure.suptitle("Largest batch size within a memory budget", y=1.02, fontsize=13)
     return grid.figure
+
+
+def _mark_batch_bars(ax, in_panel: pd.DataFrame, methods: Sequence[str], budgets: Sequence[str],
+                     palette: dict, mixed: bool) -> None:
+    """Hatch and label one panel's bars: seaborn draws one container per budget (hue), one bar
+    per method in ``methods`` order."""
+    by_key = {(r.method, r.budget): r for r in in_panel.itertuples()}
+    for container in ax.containers:
+        labels = []
+        for bar in container:  # a bar's method by its position, its budget by its colour
+            index = int(round(bar.get_x() + bar.get_width() / 2))
+            budget = next((b for b in budgets if np.allclose(bar.get_facecolor()[:3], palette[b], atol=1e-3)), None)
+            row = by_key.get((methods[index], budget)) if 0 <= index < len(methods) else None
+            if row is None:
+                labels.append("")
+                continue
+            hatch = (EXTRAPOLATED_HATCH if row.extrapolated else "") + (ESTIMATED_HATCH if mixed and row.estimated else "")
+            if hatch:
+                bar.set_hatch(hatch)
+                bar.set_edgecolor(_hatch_colour(palette[budget]))
+            labels.append(("≥" if row.capped else "") + _count(bar.get_height()))
+        ax.bar_label(container, labels=labels, fontsize=7, padding=2, rotation=90)
+    for x, method in enumerate(methods):
+        if method not in set(in_panel["method"]):  # no usable cells: say so rather than leave a gap
+            ax.annotate("no data", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center",
+                        fontsize=8, color="0.4")
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=30, ha="right")
+    ax.margins(y=0.2)
+
+
+@_styled
+def memory_time(cells: pd.DataFrame) -> Figure | None:
+    """Peak memory against step time per panel: one point per method and batch size, a line
+    through each method's batch sizes (in B order, each point labelled ``B``). A point whose
+    memory or step time is an estimate has an ``X`` marker, and a method's line is dashed where
+    any of its points is."""
+    if "step_time_s" not in cells.columns:
+        return None
+    data = cells.dropna(subset=["peak_bytes", "step_time_s"])
+    if data.empty:
+        return None
+    unit_name, unit = byte_unit(data["peak_bytes"].max())
+    data = data.assign(method=data["method"].astype(str), peak=data["peak_bytes"] / unit,
+                       point_estimated=data["estimated"] | (data["step_time_kind"] == "estimated"))
+    methods = [m for m in _present(cells["method"]) if m in set(data["method"])]
+    palette = method_palette(_present(cells["method"]))
+    panels = _present(data["panel"])
+    grid = sns.FacetGrid(data, col="panel", col_order=panels, col_wrap=_col_wrap(panels),
+                         height=PANEL_HEIGHT * (1.3 if len(panels) == 1 else 1), aspect=PANEL_ASPECT,
+                         sharex=False, sharey=False)
+    grid.set_titles("{col_name}")
+    grid.set_axis_labels("", f"peak memory ({unit_name})")
+    for panel, ax in grid.axes_dict.items():
+        in_panel = data[data["panel"] == panel]
+        _trade_off_panel(ax, in_panel, methods, palette)
+        targets = sorted(set(in_panel["step_time_target"].dropna().astype(str)))
+        ax.set_xlabel(f"step time (s{' on ' + ', '.join(targets) if targets else ''})")
+    grid.tight_layout()
+    handles = [matplotlib.lines.Line2D([], [], color=palette[m], marker="o", label=m) for m in methods]
+    styles = [s for s in FIGURE_STYLES if s in set(np.where(data["point_estimated"], "estimated", "measured"))]
+    if len(styles) > 1 or styles == ["estimated"]:
+        handles.append(Patch(visible=False, label=""))
+        handles += [matplotlib.lines.Line2D([], [], color="0.3", marker=FIGURE_STYLES[s][0],
+                                            dashes=FIGURE_STYLES[s][1] or (None, None), label=s) for s in styles]
+    grid.figure.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title="method")
+    grid.figure.suptitle("Memory against step time (down and left is better)", y=1.02, fontsize=13)
+    return grid.figure
+
+
+def _trade_off_panel(ax, in_panel: pd.DataFrame, methods: Sequence[str], palette: dict) -> None:
+    for method in methods:
+        points = in_panel[in_panel["method"] == method].sort_values("batch_size")
+        if points.empty:
+            continue
+        estimated = bool(points["point_estimated"].any())
+        ax.plot(points["step_time_s"], points["peak"], color=palette[method], linewidth=1.6,
+                dashes=FIGURE_STYLES["estimated"][1] if estimated else (None, None))
+        for style, marked in (("measured", ~points["point_estimated"]), ("estimated", points["point_estimated"])):
+            ax.scatter(points.loc[marked, "step_time_s"], points.loc[marked, "peak"], color=palette[method],
+                       marker=FIGURE_STYLES[style][0], s=42, zorder=3)
+        for x, y, b in zip(points["step_time_s"], points["peak"], points["batch_size"]):
+            ax.annotate(f"B={int(b)}", (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7, color="0.35")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+
+
+@_styled
+def fits_matrix(fit: pd.DataFrame) -> Figure | None:
+    """A heatmap per panel, methods x batch sizes: each cell coloured by the smallest budget its
+    step fits (``profiler.fits.smallest_fitting_budget``; darker = a smaller card, red = none)
+    and annotated with the memory it needs (peak with the margin)."""
+    from profiler.fits import budget_label, smallest_fitting_budget
+
+    if fit.empty:
+        return None
+    budgets = sorted(fit["budget_bytes"].unique())  # smallest first
+    table = smallest_fitting_budget(fit)
+    # level 0 = fits the smallest budget ... len(budgets) = fits none
+    level = {b: i for i, b in enumerate(budgets)}
+    table["level"] = [len(budgets) if pd.isna(b) else level[b] for b in table["smallest_budget"]]
+    greens = sns.blend_palette(["#1b7837", "#d9f0d3"], len(budgets)) if len(budgets) > 1 else ["#1b7837"]
+    colours = [*greens, "#f4b6b0"]
+    cmap = matplotlib.colors.ListedColormap(colours)
+    panels = _present(table["panel"])
+    methods = _present(fit["method"])
+    unit_name, unit = byte_unit(table["needed_bytes"].max())
+    wrap = _col_wrap(panels)
+    rows = -(-len(panels) // wrap)
+    width = 1.2 + 0.9 * table["batch_size"].nunique()
+    figure, axes = plt.subplots(rows, wrap, figsize=(wrap * width + 1.5, rows * (0.8 + 0.42 * len(methods))),
+                                squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        in_panel = table[table["panel"] == panel]  # "est." only where a panel mixes kinds
+        _fits_panel(ax, in_panel, methods, cmap, len(budgets), unit, in_panel["estimated"].nunique() > 1)
+        ax.set_title(panel)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    labels = [f"fits {budget_label(b)}" for b in budgets] + [f"does not fit {budget_label(budgets[-1])}"]
+    handles = [Patch(facecolor=c, edgecolor="0.4", label=text) for c, text in zip(colours, labels)]
+    handles.append(Patch(visible=False, label=f"numbers: memory needed ({unit_name})"))
+    figure.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+                  title="smallest budget that fits")
+    figure.suptitle("Fits per memory budget (peak + allocator reserve + CUDA context)", y=1.02, fontsize=13)
+    figure.tight_layout()
+    return figure
+
+
+def _fits_panel(ax, in_panel: pd.DataFrame, methods: Sequence[str], cmap, n_budgets: int, unit: int,
+                mixed: bool) -> None:
+    sizes = sorted(in_panel["batch_size"].unique())
+    grid = np.full((len(methods), len(sizes)), np.nan)
+    for row in in_panel.itertuples():
+        i, j = methods.index(str(row.method)), sizes.index(row.batch_size)
+        grid[i, j] = row.level
+        text = f"{row.needed_bytes / unit:.3g}" + (" est." if mixed and row.estimated else "")
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if row.level == 0 else "0.1")
+    for i, j in zip(*np.nonzero(np.isnan(grid))):
+        ax.text(j, i, "no figure", ha="center", va="center", fontsize=7, color="0.45")
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-0.5, vmax=n_budgets + 0.5, aspect="auto")
+    ax.set_xticks(range(len(sizes)), [f"B={b}" for b in sizes])
+    ax.set_yticks(range(len(methods)), methods)
+    ax.set_xticks(np.arange(-0.5, len(sizes)), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(methods)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=2)
+    ax.grid(which="major", visible=False)
+    ax.tick_params(which="minor", length=0)

@@ -38,6 +38,7 @@ class Memory(_Part):
     peak_bytes: int
     reserved_bytes: int | None = None  # cuda allocator
     nvml_used_bytes: int | None = None  # whole device, every process: context only
+    peak_phase: Literal["forward", "backward", "optimizer"] | None = None  # where the (tracked) peak fell
     categories: dict[Literal[MEMORY_CATEGORIES], int | None]
 
 
@@ -153,7 +154,7 @@ def flatten(record: Record) -> dict[str, Any]:
     for key in ("device", "models_device", "status", "message", "finished_at"):
         row[key] = record.get(key)
     memory = record.get("memory") or {}
-    for key in ("peak_bytes", "reserved_bytes", "nvml_used_bytes"):
+    for key in ("peak_bytes", "reserved_bytes", "nvml_used_bytes", "peak_phase"):
         row[key] = memory.get(key)
     for key in MEMORY_CATEGORIES:
         row[f"{key}_bytes"] = (memory.get("categories") or {}).get(key)

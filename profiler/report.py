@@ -2,7 +2,7 @@
 
 The report reads results (``profiler.results``: the records and the ``suite.json`` the runner
 writes beside them) and nothing else. Its data side (``cells_frame``, ``breakdown_frame``,
-``max_batch_frame``, ``summary_frame``) is plain pandas; the figures are drawn from those frames by
+``max_batch_frame``, ``summary_frame``, ``checks_frame``, and ``profiler.fits.fits_frame``) is plain pandas; the figures are drawn from those frames by
 ``profiler.plots``; this module turns both into one self-contained page:
 
 - no external asset or URL: CSS is inline, PNGs are ``data:`` URIs, and a Content-Security-Policy
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from profiler.fits import MARGIN_NOTE, MAX_EXTRAPOLATION, budget_label, fits_frame, max_batch_size, usable_bytes
 from profiler.records import MEMORY_CATEGORIES
 from profiler.results import (
     BASELINE_METHOD,
@@ -73,11 +74,14 @@ def cells_frame(results: Results) -> pd.DataFrame:
 
     Columns: every ``params`` key, ``device``, ``models_device``, ``status``, ``message``,
     ``estimated`` (bool), ``figures`` (label), ``peak_bytes``, ``activation_bytes``,
-    ``tokens_per_s``, ``samples_per_s``, ``step_time_s``, ``peak_ratio`` and ``activation_ratio``
+    ``tokens_per_s``, ``samples_per_s``, ``peak_ratio`` and ``activation_ratio``
     (full's figure over this cell's, at the same grid point, from figures of the same kind; see
     ``comparable``), ``ratio_figures`` (that ``FigureKind``, or None), ``ratio_estimated`` (bool), ``panel`` (the
     facet label: model and every varying grid parameter but batch size and method), ``cell_id``,
-    ``key``.
+    ``key``, ``peak_phase`` (forward / backward / optimizer, where recorded), and the step time
+    (``step_time``): ``step_time_s``, ``step_time_kind`` (measured / estimated), ``step_time_target``,
+    ``estimate_over_measured``, ``time_ratio`` (this cell's step time over full's at the same grid
+    point, for the same target) and ``time_ratio_estimated`` (either side estimated).
     """
     rows = []
     for record in results.records:
@@ -96,9 +100,10 @@ def cells_frame(results: Results) -> pd.DataFrame:
             activation_bytes=metric_value(record, "activation_bytes") if ok else None,
             tokens_per_s=throughput.get("tokens_per_s"),
             samples_per_s=throughput.get("samples_per_s"),
-            step_time_s=throughput.get("step_time_s"),
+            peak_phase=(record.get("memory") or {}).get("peak_phase"),
             key=grid_key(grid_point(record)),
         )
+        row.update(step_time(record))
         rows.append(row)
     full = {}
     for record in results.records:
@@ -115,10 +120,11 @@ def cells_frame(results: Results) -> pd.DataFrame:
             else:
                 row[column] = None
         row["ratio_estimated"] = row["ratio_figures"] is not None and row["ratio_figures"].estimated
+        row.update(time_ratio(row, step_time(baseline) if baseline is not None else None))
     frame = pd.DataFrame(rows)
     order = method_order(results)
     frame["method"] = pd.Categorical(frame["method"].astype(str), categories=order, ordered=True)
-    for column in ("peak_ratio", "activation_ratio"):
+    for column in ("peak_ratio", "activation_ratio", "step_time_s", "time_ratio", "estimate_over_measured"):
         frame[column] = frame[column].astype(float)
     frame["panel"] = _panel_labels(frame)
     # models in the order the suite ran them, the rest of the grid ascending
@@ -126,6 +132,31 @@ def cells_frame(results: Results) -> pd.DataFrame:
     frame["model"] = pd.Categorical(frame["model"].astype(str), categories=models, ordered=True)
     sort = [c for c in GRID_ORDER if c in frame.columns] + ["method"]
     return frame.sort_values(sort, kind="stable").reset_index(drop=True)
+
+
+def step_time(record: dict[str, Any]) -> dict[str, Any]:
+    """The step time of a record: ``step_time_s``, ``step_time_kind`` (``measured`` or
+    ``estimated``), ``step_time_target`` (``cpu``, ``cuda`` or a GPU such as ``a100-80gb``) and
+    ``estimate_over_measured``; Nones without a positive step time. A throughput without ``kind``
+    (records of before step-time estimates) was measured, on the record's device."""
+    throughput = record.get("throughput") or {}
+    seconds = throughput.get("step_time_s")
+    if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0):
+        return dict(step_time_s=None, step_time_kind=None, step_time_target=None, estimate_over_measured=None)
+    kind = throughput.get("kind") or "measured"
+    target = throughput.get("target") or (record.get("device") if kind == "measured" else None)
+    return dict(step_time_s=float(seconds), step_time_kind=kind, step_time_target=target,
+                estimate_over_measured=throughput.get("estimate_over_measured"))
+
+
+def time_ratio(cell: dict[str, Any], full: dict[str, Any] | None) -> dict[str, Any]:
+    """``time_ratio``: the cell's step time over full fine-tuning's (``step_time`` of each), when
+    both model the same target; ``time_ratio_estimated`` when either side is an estimate."""
+    if (full is None or cell["step_time_s"] is None or full["step_time_s"] is None
+            or cell["step_time_target"] != full["step_time_target"]):
+        return dict(time_ratio=None, time_ratio_estimated=False)
+    estimated = "estimated" in (cell["step_time_kind"], full["step_time_kind"])
+    return dict(time_ratio=cell["step_time_s"] / full["step_time_s"], time_ratio_estimated=estimated)
 
 
 def varying_params(frame: pd.DataFrame) -> list[str]:
@@ -216,40 +247,6 @@ def memory_budgets(suite: dict[str, Any] | None) -> list[int]:
     return sorted({int(item * GiB) for item in items}, reverse=True)
 
 
-def max_batch_size(batch_sizes: Sequence[float], peaks: Sequence[float], budget: float,
-                   min_slope: float = 0.0) -> tuple[int | None, bool]:
-    """The largest integer batch size whose peak fits ``budget``, and whether it is extrapolated.
-
-    Peak memory is close to affine in B, so it is interpolated linearly between grid points and
-    extrapolated beyond them along the first/last segment. Above the grid the slope is at least
-    ``min_slope`` (bytes per sample): a peak that falls in the optimizer step is flat in B while
-    the grid is small, yet the activations (exactly linear in B) overtake it at some batch size,
-    so a flat last segment alone would extrapolate to absurd batch sizes. None with fewer than
-    two distinct batch sizes or a slope that is not positive; 0 when not even B=1 fits.
-    """
-    points = sorted({int(b): float(p) for b, p in zip(batch_sizes, peaks)}.items())
-    if len(points) < 2:
-        return None, False
-    bs = np.array([b for b, _ in points], dtype=float)
-    ps = np.array([p for _, p in points], dtype=float)
-    if budget < ps[0]:
-        segment = 0
-    elif budget >= ps[-1]:
-        segment = len(points) - 2
-    else:
-        segment = int(np.searchsorted(ps, budget, side="right")) - 1
-        segment = min(max(segment, 0), len(points) - 2)
-    slope = (ps[segment + 1] - ps[segment]) / (bs[segment + 1] - bs[segment])
-    if budget >= ps[-1]:  # above the grid: from the last point, at least the activations' slope
-        slope = max(slope, min_slope)
-        segment += 1
-    if not slope > 0:
-        return None, False
-    b_max = bs[segment] + (budget - ps[segment]) / slope
-    extrapolated = not (bs[0] <= b_max <= bs[-1])
-    return max(0, math.floor(b_max + 1e-9)), extrapolated
-
-
 def _activation_slope(group: pd.DataFrame) -> float:
     """Saved-activation bytes per sample of a (panel, method) group: the least-squares slope of
     its activation bytes over batch size (0 with fewer than two batch sizes)."""
@@ -260,10 +257,12 @@ def _activation_slope(group: pd.DataFrame) -> float:
 
 
 def max_batch_frame(cells: pd.DataFrame, budgets: Sequence[int]) -> pd.DataFrame:
-    """Per (panel, method, budget): the largest batch size that fits, from the usable cells.
+    """Per (panel, method, budget): the largest batch size that fits (``profiler.fits``: with
+    the CUDA context and allocator margin, extrapolated at most ``MAX_EXTRAPOLATION`` x the
+    grid's largest B), from the usable cells.
 
-    Columns: ``panel``, ``method``, ``budget_bytes``, ``budget`` (label), ``max_batch_size``,
-    ``extrapolated``, ``estimated``.
+    Columns: ``panel``, ``method``, ``budget_bytes``, ``budget`` (label, GiB and GB),
+    ``max_batch_size``, ``extrapolated``, ``capped`` (the limit is at least this), ``estimated``.
     """
     usable = cells.dropna(subset=["peak_bytes"])
     rows = []
@@ -271,12 +270,12 @@ def max_batch_frame(cells: pd.DataFrame, budgets: Sequence[int]) -> pd.DataFrame
         return pd.DataFrame(rows)
     for (panel, method), group in usable.groupby(["panel", "method"], observed=True, sort=False):
         for budget in budgets:
-            b_max, extrapolated = max_batch_size(group["batch_size"].tolist(), group["peak_bytes"].tolist(), budget,
-                                                 min_slope=_activation_slope(group))
-            if b_max is None:
+            limit = max_batch_size(group["batch_size"].tolist(), group["peak_bytes"].tolist(), usable_bytes(budget),
+                                   min_slope=_activation_slope(group))
+            if limit.batch_size is None:
                 continue
-            rows.append(dict(panel=panel, method=method, budget_bytes=budget, budget=format_bytes(budget, GiB, 0),
-                             max_batch_size=b_max, extrapolated=extrapolated,
+            rows.append(dict(panel=panel, method=method, budget_bytes=budget, budget=budget_label(budget),
+                             max_batch_size=limit.batch_size, extrapolated=limit.extrapolated, capped=limit.capped,
                              estimated=bool(group["estimated"].any())))
     frame = pd.DataFrame(rows)
     if not frame.empty:
@@ -305,9 +304,34 @@ def _bytes_range(values: pd.Series, unit: int) -> str:
     return low if low == high else f"{low} – {high}"
 
 
+def _time_ratio_range(group: pd.DataFrame) -> str:
+    """The range of a group's step-time ratios to full, ``(estimated)`` where any is."""
+    text = _ratio_range(group["time_ratio"])
+    has = group["time_ratio"].notna()
+    return text + (" (estimated)" if text != "—" and group.loc[has, "time_ratio_estimated"].any() else "")
+
+
+def _seconds(value: float | None) -> str:
+    """A step time: ``0.412 s``, ``12.3 s``, ``4.1 ms``."""
+    if value is None or pd.isna(value):
+        return "—"
+    return f"{value * 1e3:.3g} ms" if value < 0.1 else f"{value:.3g} s"
+
+
+def _seconds_range(group: pd.DataFrame) -> str:
+    values = group["step_time_s"].dropna()
+    if values.empty:
+        return "—"
+    low, high = _seconds(values.min()), _seconds(values.max())
+    text = low if low == high else f"{low} – {high}"
+    return text + (" (estimated)" if (group.loc[values.index, "step_time_kind"] == "estimated").any() else "")
+
+
 def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
-    """Per model and method: cells by status, the peak range and the ratios vs full (ranges over
-    the grid), the best throughput, and how the figures were obtained."""
+    """Per model and method: cells by status, the peak range and the memory ratios vs full
+    (ranges over the grid), the step time and its ratio to full's (method ÷ full: above 1 is
+    slower; ``(estimated)`` where either side is), the best throughput, and how the figures were
+    obtained."""
     unit = byte_unit(cells["peak_bytes"].max())[1]
     rows = []
     for (model, method), group in cells.groupby(["model", "method"], observed=True, sort=True):
@@ -321,6 +345,8 @@ def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
             "peak": _bytes_range(group["peak_bytes"], unit),
             "peak: full ÷ method": _ratio_range(group["peak_ratio"]),
             "activations: full ÷ method": _ratio_range(group["activation_ratio"]),
+            "step time": _seconds_range(group),
+            "step time: method ÷ full": _time_ratio_range(group),
             "best tokens/s": format_count(tokens.max()) if not tokens.empty else "—",
             "figures": ", ".join(sorted(set(group["figures"]) - {"—"})) or "—",
         })
@@ -349,15 +375,62 @@ def cell_table(cells: pd.DataFrame) -> pd.DataFrame:
 
     table["peak: full ÷ method"] = ratio(cells["peak_ratio"])
     table["activations: full ÷ method"] = ratio(cells["activation_ratio"])
+    table["peak in"] = cells["peak_phase"].fillna("—") if "peak_phase" in cells else "—"
+    table["step time"] = [_seconds(t) + (" (estimated)" if kind == "estimated" else "")
+                          for t, kind in zip(cells["step_time_s"], cells["step_time_kind"])]
+    table["step time: method ÷ full"] = [
+        "—" if pd.isna(v) else f"{v:.2f}×" + (" (estimated)" if est else "")
+        for v, est in zip(cells["time_ratio"], cells["time_ratio_estimated"])]
     table["tokens/s"] = cells["tokens_per_s"].map(format_count)
     table["message"] = cells["message"]
     return table
 
 
-def _html_table(frame: pd.DataFrame, classes: str = "") -> str:
+def _html_table(frame: pd.DataFrame, classes: str = "", row_classes: Sequence[str] | None = None) -> str:
+    """``frame`` as an HTML table, every value escaped; ``row_classes`` (one CSS class per row,
+    "" for none) marks rows, e.g. failed cells or regressed checks."""
     # escape=True is pandas' default; spelled out because the page's safety depends on it.
     table = frame.to_html(index=False, escape=True, border=0, classes=classes or None, na_rep="—")
+    if row_classes is not None:
+        head, _, body = table.partition("<tbody>")
+        rows = body.split("<tr>")
+        body = rows[0] + "".join(f'<tr class="{c}">' + row if c else "<tr>" + row
+                                 for c, row in zip(row_classes, rows[1:]))
+        table = head + "<tbody>" + body
     return f'<div class="scroll">{table}</div>'
+
+
+def fits_tables(fit: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Per budget of a ``fits_frame`` (largest first): its label and a table of (panel, method)
+    x batch size saying ``fits`` / ``does not fit`` (``(est.)`` for estimated cells in a panel
+    that mixes kinds; NaN where the grid point has no figure)."""
+    out = []
+    mixed = set(fit.groupby("panel", observed=True)["estimated"].nunique().loc[lambda n: n > 1].index)
+    for budget, group in fit.groupby("budget_bytes", sort=False):
+        group = group.assign(text=[("fits" if ok else "does not fit") + (" (est.)" if est and panel in mixed else "")
+                                   for ok, est, panel in zip(group["fits"], group["estimated"], group["panel"])])
+        text = group.pivot_table(index=["panel", "method"], columns="batch_size", values="text", aggfunc="first",
+                                 observed=True, sort=False)
+        text.columns = [f"B={b}" for b in text.columns]
+        out.append((str(group["budget"].iloc[0]), text.reset_index()))
+    return out
+
+
+def checks_frame(results: Results) -> tuple[pd.DataFrame, list[str]]:
+    """The suite's bounds (suite.json ``checks``) evaluated on the results as ``profiler check``
+    evaluates them: one row per check (metric, ratio, where, bound, measured, result, detail)
+    and the result of each (``held`` / ``regressed``). Empty for a suite without checks."""
+    from profiler.check import METRIC_LABELS, check_bound, parse_checks
+
+    rows, verdicts = [], []
+    for check in parse_checks(results):
+        outcome = check_bound(check, results)
+        where = ", ".join(f"{SHORT_NAMES.get(k, k)}={v}" for k, v in check.where.items()) or "every grid point"
+        rows.append({"metric": METRIC_LABELS[check.metric], "ratio": f"{check.numerator} ÷ {check.denominator}",
+                     "where": where, "bound": outcome.expected, "measured": outcome.measured,
+                     "result": outcome.result.value, "detail": outcome.detail})
+        verdicts.append(outcome.result.value)
+    return pd.DataFrame(rows), verdicts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +452,12 @@ th { background: #eef1f4; text-align: center; white-space: normal; max-width: 13
 td:first-child, th:first-child { text-align: left; }
 tr:nth-child(even) td { background: #fafbfc; }
 table.cells td:last-child { white-space: normal; text-align: left; min-width: 200px; max-width: 360px;
-                            color: #a12a1f; }
+                            color: #5f6b76; }
+table.cells tr.failed td:last-child { color: #a12a1f; }
+table.checks td { white-space: normal; }
+table.checks tr.held td, table.checks tr.improved td { background: #edf7ee; }
+table.checks tr.regressed td { background: #fdecea; color: #8e1c12; }
+table.fits td { text-align: center; }
 table.kv td { text-align: left; white-space: normal; font-family: ui-monospace, Menlo, monospace;
               overflow-wrap: anywhere; }
 table.kv td:first-child { white-space: nowrap; overflow-wrap: normal; font-weight: 600; }
@@ -395,34 +473,59 @@ nav a { margin-right: 14px; }
 
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
+SHARED_STORAGE_NOTE = (
+    "A storage that several operators save is counted once, under the operator whose autograd node comes "
+    "first in the graph (profiler/breakdown.py, SavedActivationBreakdown.attribute): the one input of "
+    "Linear-Q, -K and -V shows as Linear-Q, and P, which Softmax and TensorMul-2 may share, under the "
+    "first of them.")
+
 _FIGURES = (
     ("peak_memory", "Peak memory per method",
      "Peak memory of one training step (forward, backward, optimizer step) against batch size."),
     ("activation_breakdown", "Saved activations by operator and category",
      "Bytes saved for backward at the largest batch size of each panel, stacked by operator (colour) "
-     "and category (hatching); deduplicated by storage, parameters excluded."),
+     "and category (hatching); deduplicated by storage, parameters excluded. " + SHARED_STORAGE_NOTE),
     ("memory_ratio", "Memory saved against full fine-tuning",
      "Peak memory of full fine-tuning divided by each method's peak at the same grid point "
      "(higher is better; 1× is full fine-tuning)."),
+    ("memory_time", "Memory against step time",
+     "Peak memory against step time, one point per method and batch size (lines join a method's batch "
+     "sizes, labelled B); down and left is better. Step times of one panel are of one target device; "
+     "estimated points (memory or time) are drawn with X markers and dashed lines."),
     ("max_batch", "Largest batch size within a memory budget",
      "Peak memory interpolated linearly in B between grid points and extrapolated beyond them "
      "(peak is close to affine in B; above the grid it grows at least as fast as the saved "
-     "activations); 0 means not even B=1 fits. Budgets: the suite's budgets.memory_gib."),
+     f"activations), at most {MAX_EXTRAPOLATION:g}× the largest batch size of the grid (≥: the line "
+     "reaches further); cross-hatched bars are extrapolated. 0 means not even B=1 fits. "
+     "Budgets: the suite's budgets.memory_gib. " + MARGIN_NOTE),
+    ("fits", "Fits per memory budget",
+     "Each cell of the grid coloured by the smallest budget its step fits (darker: a smaller card), "
+     "annotated with the memory it needs (peak with the margin). " + MARGIN_NOTE),
     ("throughput", "Throughput", "Training tokens per second (median step time after warm-up)."),
 )
+_MISSING = {
+    "throughput": "No throughput: no cell has a step time.",
+    "memory_ratio": f"No ratio: the suite has no usable '{BASELINE_METHOD}' cells.",
+    "memory_time": "No trade-off: no cell has both a peak and a step time.",
+    "max_batch": "No batch-size limit: it needs at least two batch sizes with figures.",
+    "fits": "No cell has a peak figure.",
+    "activation_breakdown": "No activation breakdown in the records.",
+    "peak_memory": "No cell has a peak figure.",
+}
 
 
 def render_report(results_path: Path, out_dir: Path | None = None) -> Path:
     """Write ``report.html`` (self-contained) and the PNG plots into ``out_dir``; return the page.
 
     ``out_dir`` defaults to the results file's folder. Raises ResultsError for bad input
-    (see ``load_results``), before anything is written.
+    (see ``load_results``; a malformed check of suite.json too), before anything is written.
     """
     results = load_results(results_path)
     cells = cells_frame(results)
     breakdown = breakdown_frame(results, cells)
     budgets = memory_budgets(results.suite)
-    max_batch = max_batch_frame(cells, budgets)
+    frames = {"max_batch": max_batch_frame(cells, budgets), "fits": fits_frame(cells, budgets),
+              "checks": checks_frame(results)}
 
     from profiler import plots  # matplotlib is loaded only to draw
 
@@ -432,7 +535,9 @@ def render_report(results_path: Path, out_dir: Path | None = None) -> Path:
         "peak_memory": plots.peak_memory(cells),
         "activation_breakdown": plots.activation_breakdown(breakdown),
         "memory_ratio": plots.memory_ratio(cells),
-        "max_batch": plots.max_batch(max_batch),
+        "memory_time": plots.memory_time(cells),
+        "max_batch": plots.max_batch(frames["max_batch"]),
+        "fits": plots.fits_matrix(frames["fits"]),
         "throughput": plots.throughput(cells),
     }
     images: dict[str, bytes] = {}
@@ -444,17 +549,38 @@ def render_report(results_path: Path, out_dir: Path | None = None) -> Path:
         images[name] = png
 
     page = out / PAGE_NAME
-    page.write_text(_page(results, cells, breakdown, max_batch, images), encoding="utf-8")
+    page.write_text(_page(results, cells, breakdown, frames, images), encoding="utf-8")
     return page
 
 
-def _page(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame, max_batch: pd.DataFrame,
+def _page(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame, frames: dict[str, Any],
           images: dict[str, bytes]) -> str:
+    parts = _head(results, cells, frames["checks"])
+    parts.append('<h2 id="summary">Summary</h2>')
+    parts.append("<p>Per model and method, ranges over the grid. Memory ratios are full fine-tuning's figure over "
+                 "the method's at the same grid point: higher means less memory. The step-time ratio is the "
+                 "method's step time over full's (same model, grid point and target device): higher means "
+                 "slower; <i>(estimated)</i> where either step time is an estimate.</p>")
+    parts.append(_html_table(summary_frame(cells)))
+    parts += _checks_section(*frames["checks"])
+    parts.append('<h2 id="plots">Plots</h2>')
+    for key, title, caption in _FIGURES:
+        parts += _figure_section(key, title, caption, images, frames)
+    parts += _cells_section(results, cells, breakdown)
+    parts += _suite_section(results)
+    parts.append("</main></body></html>")
+    return "\n".join(parts)
+
+
+def _head(results: Results, cells: pd.DataFrame, checks: tuple[pd.DataFrame, list[str]]) -> list[str]:
+    """The page's head, title, lead line, navigation and the notes on estimates and failures."""
     e = html.escape
     name = results.name
     counts = cells["status"].value_counts()
     status_line = ", ".join(f"{counts[s]} {s}" for s in ("ok", "estimated", "oom", "error", "skipped") if s in counts)
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    nav = [("summary", "Summary")] + ([("checks", "Checks")] if checks[1] else []) + [
+        ("plots", "Plots"), ("fits", "Fits"), ("cells", "Cells"), ("suite", "Suite"), ("environment", "Environment")]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -465,16 +591,20 @@ def _page(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame, max_ba
         f"<h1>{e(name)}</h1>",
         f'<p class="lead">{len(cells)} cells ({e(status_line)}) · results file {e(results.path.name)} · '
         f"generated {e(generated)} · memory in GiB/MiB (2<sup>30</sup>/2<sup>20</sup> bytes)</p>",
-        '<nav><a href="#summary">Summary</a><a href="#plots">Plots</a><a href="#cells">Cells</a>'
-        '<a href="#suite">Suite</a><a href="#environment">Environment</a></nav>',
+        "<nav>" + "".join(f'<a href="#{anchor}">{label}</a>' for anchor, label in nav) + "</nav>",
     ]
-    if cells["estimated"].any():
+    if cells["estimated"].any() or (cells["step_time_kind"] == "estimated").any():
         models = sorted({str(m) for m in cells.loc[cells["estimated"], "models_device"].dropna()})
+        targets = sorted({str(t) for t in cells.loc[cells["step_time_kind"] == "estimated", "step_time_target"]
+                          .dropna()})
         parts.append(
-            '<p class="note"><b>Estimated figures.</b> Cells with status <i>estimated</i> were traced on the '
-            f"meta device and model the kernels of {e(', '.join(models))}; they are marked "
-            "<i>estimated</i> in the tables, <i>[estimated]</i> in plot titles and drawn with dashed lines (and "
-            "hatched or labelled <i>est.</i> bars where they sit next to measured ones).</p>"
+            '<p class="note"><b>Estimated figures.</b> '
+            + (f"Cells with status <i>estimated</i> were traced on the meta device and model the kernels of "
+               f"{e(', '.join(models))}. " if models else "")
+            + (f"Estimated step times model {e(', '.join(targets))}. " if targets else "")
+            + "Estimates are marked <i>estimated</i> in the tables, <i>[estimated]</i> in plot titles and drawn "
+            "with dashed lines and X markers (and hatched or labelled <i>est.</i> bars where they sit next to "
+            "measured ones).</p>"
         )
     if results.outside:
         parts.append(f'<p class="note">{e(results.outside_note())} (cells of an earlier version of the suite; '
@@ -483,67 +613,91 @@ def _page(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame, max_ba
     if not failed.empty:
         parts.append(f'<p class="bad"><b>{len(failed)} cell(s) have no figures</b> (error, oom or skipped); '
                      'see <a href="#failed">failed cells</a>.</p>')
+    return parts
 
-    parts.append('<h2 id="summary">Summary</h2>')
-    parts.append("<p>Per model and method, ranges over the grid. Ratios are full fine-tuning's figure over the "
-                 "method's at the same grid point: higher means less memory.</p>")
-    parts.append(_html_table(summary_frame(cells)))
 
-    parts.append('<h2 id="plots">Plots</h2>')
-    missing = {
-        "throughput": "No throughput was measured (meta estimates have none).",
-        "memory_ratio": f"No ratio: the suite has no usable '{BASELINE_METHOD}' cells.",
-        "max_batch": "No batch-size limit: it needs at least two batch sizes with figures.",
-        "activation_breakdown": "No activation breakdown in the records.",
-        "peak_memory": "No cell has a peak figure.",
-    }
-    for key, title, caption in _FIGURES:
-        parts.append(f"<h3>{e(title)}</h3>")
-        if key not in images:
-            parts.append(f"<p>{e(missing[key])}</p>")
-            continue
-        data = base64.b64encode(images[key]).decode("ascii")
-        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(title)}">'
-                     f"<figcaption>{e(caption)} Also written as {e(key)}.png.</figcaption></figure>")
-        if key == "max_batch" and not max_batch.empty:
-            table = max_batch.copy()
-            table["max batch size"] = [f"{b}{' (extrapolated)' if x else ''}{' (estimated)' if est else ''}"
-                                       for b, x, est in zip(table["max_batch_size"], table["extrapolated"],
-                                                            table["estimated"])]
-            wide = table.pivot_table(index=["panel", "method"], columns="budget", values="max batch size",
-                                     aggfunc="first", observed=True, sort=False)
-            wide = wide[[c for c in table["budget"].drop_duplicates()]]
-            parts.append("<details><summary>Largest batch size per budget (table)</summary>"
-                         f"{_html_table(wide.reset_index())}</details>")
+def _checks_section(table: pd.DataFrame, verdicts: list[str]) -> list[str]:
+    """The suite's checks and whether each held on these results (``profiler check``'s bounds)."""
+    if not verdicts:
+        return []
+    regressed = verdicts.count("regressed")
+    line = f"{len(verdicts) - regressed} held, {regressed} regressed"
+    return ['<h2 id="checks">Checks</h2>',
+            f'<p class="{"bad" if regressed else "lead"}"><b>{html.escape(line)}</b> — the suite\'s ratio bounds, '
+            "evaluated on these results as <code>python -m profiler check</code> evaluates them.</p>",
+            _html_table(table, classes="checks", row_classes=verdicts)]
 
-    parts.append('<h2 id="cells">Cells</h2>')
+
+def _figure_section(key: str, title: str, caption: str, images: dict[str, bytes], frames: dict[str, Any]) -> list[str]:
+    e = html.escape
+    parts = [f'<h3 id="{key if key == "fits" else "plot-" + key}">{e(title)}</h3>']
+    if key not in images:
+        return parts + [f"<p>{e(_MISSING[key])}</p>"]
+    data = base64.b64encode(images[key]).decode("ascii")
+    parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{e(title)}">'
+                 f"<figcaption>{e(caption)} Also written as {e(key)}.png.</figcaption></figure>")
+    if key == "max_batch" and not frames["max_batch"].empty:
+        parts.append(_max_batch_table(frames["max_batch"]))
+    if key == "fits" and not frames["fits"].empty:
+        parts.append("<p>A GPU sold as “24 GB” may have 24 × 10<sup>9</sup> bytes (22.35 GiB) or 24 GiB "
+                     "(nvidia-smi's total in MiB says which): every budget is given in both units.</p>")
+        for label, table in fits_tables(frames["fits"]):
+            parts.append(f"<details><summary>Fits within {e(label)} (table)</summary>"
+                         f"{_html_table(table, classes='fits')}</details>")
+    return parts
+
+
+def _max_batch_table(max_batch: pd.DataFrame) -> str:
+    table = max_batch.copy()
+    table["max batch size"] = [f"{'≥' if c else ''}{b}{' (extrapolated)' if x else ''}{' (estimated)' if est else ''}"
+                               for b, x, c, est in zip(table["max_batch_size"], table["extrapolated"],
+                                                       table["capped"], table["estimated"])]
+    wide = table.pivot_table(index=["panel", "method"], columns="budget", values="max batch size",
+                             aggfunc="first", observed=True, sort=False)
+    wide = wide[[c for c in table["budget"].drop_duplicates()]]
+    return ("<details><summary>Largest batch size per budget (table)</summary>"
+            f"{_html_table(wide.reset_index())}</details>")
+
+
+def _cells_section(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame) -> list[str]:
+    parts = ['<h2 id="cells">Cells</h2>']
     for model, group in cells.groupby("model", sort=False):
-        parts.append(f"<h3>{e(str(model))}</h3>")
-        parts.append(_html_table(cell_table(group), classes="cells"))
+        parts.append(f"<h3>{html.escape(str(model))}</h3>")
+        failed_rows = ["failed" if s in ("error", "oom") else "" for s in group["status"]]
+        parts.append(_html_table(cell_table(group), classes="cells", row_classes=failed_rows))
+    failed = cells[~cells["status"].isin(FIGURE_STATUSES)]
     if not failed.empty:
         parts.append('<h3 id="failed">Failed cells</h3>')
         parts.append(_html_table(failed[["cell_id", "status", "message"]]))
-    parts.append("<h3>Cell details</h3><p>Memory categories and the activation breakdown of each cell.</p>")
-    parts += _cell_details(results, cells, breakdown)
+    parts.append("<h3>Cell details</h3><p>Memory categories and the activation breakdown of each cell. "
+                 f"{html.escape(SHARED_STORAGE_NOTE)}</p>")
+    return parts + _cell_details(results, cells, breakdown)
 
-    parts.append('<h2 id="suite">Suite</h2>')
+
+def _suite_section(results: Results) -> list[str]:
+    parts = ['<h2 id="suite">Suite</h2>']
     if results.suite:
-        # the expanded cell list is long and the cell tables above already show it
-        shown = {k: (f"{len(v)} cells" if k in ("cells", "cell_keys") and isinstance(v, (list, dict)) else v)
-                 for k, v in results.suite.items()}
+        # the expanded cell list is long and the cell tables above already show it; the checks
+        # have their own table
+        def shown(key: str, value: Any) -> Any:
+            if key in ("cells", "cell_keys") and isinstance(value, (list, dict)):
+                return f"{len(value)} cells"
+            if key == "checks" and isinstance(value, list):
+                return f"{len(value)} checks (see Checks)" if value else "none"
+            return value
+
         kv = pd.DataFrame([(k, json.dumps(v, ensure_ascii=False, default=str) if not isinstance(v, str) else v)
-                           for k, v in shown.items()], columns=["key", "value"])
+                           for k, v in ((k, shown(k, v)) for k, v in results.suite.items())],
+                          columns=["key", "value"])
         parts.append(_html_table(kv, classes="kv"))
     else:
         parts.append("<p>No suite.json beside the results file.</p>")
-
     parts.append('<h2 id="environment">Environment</h2>')
     env = pd.DataFrame([{"device": r.get("device"), "models": r.get("models_device"), **(r.get("env") or {})}
                         for r in results.records])
     env = env.astype(str).value_counts(sort=False).rename("cells").reset_index()
     parts.append(_html_table(env))
-    parts.append("</main></body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 def _cell_details(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame) -> list[str]:
@@ -555,6 +709,8 @@ def _cell_details(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame
         title = f"{cell['panel']} · B={cell.get('batch_size')} · {cell['method']} — {cell['status']}"
         if pd.notna(cell["peak_bytes"]):
             title += f", peak {format_bytes(cell['peak_bytes'])}"
+            if isinstance(cell.get("peak_phase"), str):
+                title += f" (in the {cell['peak_phase']})"
         categories = (record.get("memory") or {}).get("categories") or {}
         cat_table = pd.DataFrame([(k, format_bytes(categories.get(k))) for k in MEMORY_CATEGORIES],
                                  columns=["category", "bytes"])

@@ -457,6 +457,7 @@ def _record(cell: Cell, device: str, models_device: str, measurement: Any = None
             models_device=measurement.models_device,
             memory={"peak_bytes": int(measurement.peak_bytes), "reserved_bytes": measurement.reserved_bytes,
                     "nvml_used_bytes": measurement.nvml_used_bytes,
+                    "peak_phase": getattr(measurement, "peak_phase", None),
                     "categories": {k: measurement.categories.get(k) for k in records.MEMORY_CATEGORIES}},
             activations=measurement.activations,
             throughput=None if step is None else {

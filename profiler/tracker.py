@@ -66,6 +66,7 @@ class StorageTracker(TorchDispatchMode):
       identity of the ``untyped_storage()`` object, which torch keeps alive exactly as long as the
       storage itself (so this works on meta, where ``data_ptr()`` is 0).
     - ``peak_bytes`` is the maximum of live bytes; ``peak_records()`` the storages alive then.
+    - ``peak_phase`` is the phase (``mark_phase``) current when the peak was reached.
     - ``flops`` sums ``torch.utils.flop_counter`` formulas (matmuls, convolutions, attention).
     - Leaves no trace: ``__exit__`` pops the mode, and callbacks of storages that die later are
       ignored.
@@ -101,6 +102,8 @@ class StorageTracker(TorchDispatchMode):
         self.peak_bytes = 0
         self.peak_tick = PREEXISTING
         self.flops = 0
+        self.phase: str | None = None  # set by the caller (``mark_phase``): forward, backward, optimizer
+        self.peak_phase: str | None = None  # the phase in which the peak was reached
         self._closed = False  # set on exit: storages dying afterwards no longer change the figures
 
     # -- the only code that mutates the live set ------------------------------------------------
@@ -116,6 +119,7 @@ class StorageTracker(TorchDispatchMode):
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
             self.peak_tick = born
+            self.peak_phase = self.phase
         return record
 
     def _freed_callback(self, sid: int):
@@ -130,6 +134,11 @@ class StorageTracker(TorchDispatchMode):
         return freed
 
     # -- public reads and registration ----------------------------------------------------------
+    def mark_phase(self, phase: str) -> None:
+        """Name the phase of the work that follows (``forward``, ``backward``, ``optimizer``):
+        ``peak_phase`` is the phase in which the peak was reached."""
+        self.phase = phase
+
     def track_existing(self, tensors: Iterable[torch.Tensor]) -> None:
         """Register storages that are alive before the tracked work starts (tick 0)."""
         if self.clock != PREEXISTING:

@@ -330,3 +330,106 @@ def test_max_cells_lets_a_larger_grid_run(write_suite, tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as info:
         cli.main([str(a) for a in args] + ["--max-cells", "0"])
     assert info.value.code == 2 and "argument --max-cells: expected 1 or more, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# estimate
+
+
+def test_estimate_json_gives_peak_and_fits_per_method_and_batch(capsys):
+    from profiler.fits import fits, needed_bytes
+
+    code, out, err = run_cli(["estimate", "--model", "t5-tiny", "-B", "2,4", "-S", "16", "--methods",
+                              "full,lora,wtacrs@0.3", "--budget", "24GB,0.51GiB", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["model"] == "t5-tiny" and [b["bytes"] for b in doc["budgets"]] == [24 * 10**9, int(0.51 * 2**30)]
+    assert doc["margin"] == {"cuda_context_bytes": 2**29, "allocator_reserve": 0.1}
+    rows = {(r["method"], r["batch_size"]): r for r in doc["rows"]}
+    assert set(rows) == {(m, b) for m in ("full", "lora", "wtacrs@0.3") for b in (2, 4)}
+    for row in rows.values():
+        assert row["status"] == "estimated" and row["peak_bytes"] > 0 and row["seq_len"] == 16
+        assert row["needed_bytes"] == int(needed_bytes(row["peak_bytes"]))
+        assert row["fits"] == {b["label"]: fits(row["peak_bytes"], b["bytes"]) for b in doc["budgets"]}
+    assert rows[("full", 4)]["peak_bytes"] > rows[("lora", 4)]["peak_bytes"]  # LoRA keeps no Adam state of W
+    assert rows[("full", 2)]["peak_ratio"] == 1.0
+    # the same figures as the suite runner's meta estimate of the same cell
+    from profiler.runner import CellRunner
+    from profiler.suite import parse_suite
+
+    suite = parse_suite({"model": "t5-tiny", "grid": {"batch_size": [4], "seq_len": [16]}, "methods": ["lora"],
+                         "device": "meta", "training": {"warmup_steps": 1, "timed_steps": 1}})
+    assert CellRunner(suite, "meta").run(suite.cells()[0])["memory"]["peak_bytes"] == rows[("lora", 4)]["peak_bytes"]
+
+
+def test_estimate_table_of_a_local_config_json(tmp_path, capsys):
+    config = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 128, "transformers_version": "4.0",
+              "some_unknown_key": 1}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    code, out, err = run_cli(["estimate", "--model", path, "-B", "2", "-S", "8", "--methods", "full",
+                              "--budget", "24GB", "--target", "h100-80gb"], capsys)
+    assert code == 0, err
+    assert "bert: estimated on meta for cuda" in out and "22.35 GiB" in out and "fits" in out
+    assert "peak × 1.1 + 0.5 GiB" in out
+
+
+def test_estimate_of_bert_tiny_at_two_batch_sizes_grows_with_b(capsys):
+    code, out, err = run_cli(["estimate", "--model", "bert-tiny", "-B", "2,8", "-S", "32", "--methods", "full",
+                              "--json"], capsys)
+    assert code == 0, err
+    small, large = sorted(json.loads(out)["rows"], key=lambda r: r["batch_size"])
+    assert large["peak_bytes"] > small["peak_bytes"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "t5-nope"], "--model 't5-nope': not a preset"),
+    (["--model", "missing/config.json"], "--model missing/config.json: no such file"),
+    (["--model", "t5-tiny", "-B", "2,x"], "argument -B/--batch-sizes: expected a whole number, got 'x'"),
+    (["--model", "t5-tiny", "--budget", "24TB"], "'24TB' is not a memory size"),
+    (["--model", "t5-tiny", "--methods", "full,wtacrs@2"], "methods[1]: ratio 2 is not in (0, 1]"),
+    (["--model", "t5-tiny", "-S", "0"], "expected 1 or more, got 0"),
+])
+def test_estimate_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = cli.main(["estimate", *argv])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_estimate_of_a_config_of_no_supported_family_exits_2(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "whisper"}))
+    code, out, err = run_cli(["estimate", "--model", path], capsys)
+    assert code == 2 and "model_type 'whisper' is not a supported family" in err
+
+
+def test_estimate_help_lists_the_presets(capsys):
+    from profiler.models import PRESETS
+
+    with pytest.raises(SystemExit):
+        cli.main(["estimate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in PRESETS)
+
+
+def test_non_tty_run_output_lists_every_cell():
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200)
+    assert not console.is_terminal
+    observer = cli._LiveObserver(console)
+    assert observer.rows.maxlen is None
+    for i in range(cli._LiveObserver.ROWS + 5):
+        observer.rows.append({"cell_id": f"m/full/B{i}", "status": "estimated", "device": "meta"})
+    console.print(observer._table())
+    text = console.file.getvalue()
+    assert all(f"m/full/B{i} " in text for i in range(cli._LiveObserver.ROWS + 5))

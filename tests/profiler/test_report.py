@@ -24,15 +24,17 @@ from profiler.records import read_records  # noqa: E402
 from profiler.report import (  # noqa: E402
     cell_table,
     cells_frame,
+    max_batch_frame,
     max_batch_size,
     memory_budgets,
     render_report,
+    summary_frame,
 )
 from profiler.results import FigureKind, ResultsError, load_results, metric_value  # noqa: E402
 from profiler.units import GiB, MiB  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-PLOTS = ("peak_memory", "activation_breakdown", "memory_ratio", "max_batch", "throughput")
+PLOTS = ("peak_memory", "activation_breakdown", "memory_ratio", "memory_time", "max_batch", "fits", "throughput")
 FAILED_MESSAGE = "RuntimeError: checkpoint recomputation saw <2> tensors & expected 3"
 
 
@@ -79,7 +81,9 @@ def test_memory_is_in_powers_of_two(rendered):
     _, text = rendered
     visible = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text)
     assert "GiB" in visible
-    assert re.search(r"\bGB\b", visible) is None
+    # decimal GB only beside the same size in GiB (budgets: "24 GiB = 25.8 GB")
+    assert re.search(r"\bGB\b", visible)
+    assert re.search(r"\bGB\b", re.sub(r"[0-9.]+ GiB = [0-9.]+ GB", "", visible.replace("“24 GB”", ""))) is None
 
 
 def test_hostile_strings_are_escaped(tmp_path):
@@ -137,13 +141,13 @@ def test_max_batch_size_is_linear_in_batch_size():
     static, per_sample = 2 * GiB, GiB // 4  # peak = 2 GiB + B/4 GiB
     sizes = [16, 64]
     peaks = [static + b * per_sample for b in sizes]
-    assert max_batch_size(sizes, peaks, 10 * GiB) == (32, False)  # between grid points
-    assert max_batch_size(sizes, peaks, 24 * GiB) == (88, True)  # beyond: extrapolated
-    assert max_batch_size(sizes, peaks, 24 * GiB - 1) == (87, True)
-    assert max_batch_size(sizes, peaks, GiB) == (0, True)  # not even B=1 fits
-    assert max_batch_size([16], [peaks[0]], 10 * GiB) == (None, False)  # a line needs two points
+    assert max_batch_size(sizes, peaks, 10 * GiB) == (32, False, False)  # between grid points
+    assert max_batch_size(sizes, peaks, 24 * GiB) == (88, True, False)  # beyond: extrapolated
+    assert max_batch_size(sizes, peaks, 24 * GiB - 1) == (87, True, False)
+    assert max_batch_size(sizes, peaks, GiB) == (0, True, False)  # not even B=1 fits
+    assert max_batch_size([16], [peaks[0]], 10 * GiB) == (None, False, False)  # a line needs two points
     # piecewise: the segment that brackets the budget is used
-    assert max_batch_size([1, 2, 4], [10 * MiB, 20 * MiB, 60 * MiB], 40 * MiB) == (3, False)
+    assert max_batch_size([1, 2, 4], [10 * MiB, 20 * MiB, 60 * MiB], 40 * MiB) == (3, False, False)
 
 
 def test_budgets_come_from_the_suite_in_binary_units():
@@ -244,6 +248,130 @@ def test_a_flat_peak_extrapolates_at_the_activations_slope():
     # the peak falls in the optimizer step (flat in B) on the grid; beyond it the activations,
     # 1/64 GiB per sample here, take over: the flat segment alone would give an absurd B
     sizes, peaks = [16, 32, 64], [13 * GiB, 13 * GiB + MiB, 13 * GiB + 2 * MiB]
-    b, extrapolated = max_batch_size(sizes, peaks, 80 * GiB, min_slope=GiB / 64)
-    assert extrapolated and b == 64 + math.floor((67 * GiB - 2 * MiB) / (GiB / 64))
-    assert max_batch_size(sizes, peaks, 80 * GiB, min_slope=0)[0] > 10**6  # what it guards against
+    b, extrapolated, capped = max_batch_size(sizes, peaks, 80 * GiB, min_slope=GiB / 64, max_factor=None)
+    assert extrapolated and not capped and b == 64 + math.floor((67 * GiB - 2 * MiB) / (GiB / 64))
+    assert max_batch_size(sizes, peaks, 80 * GiB, min_slope=0, max_factor=None)[0] > 10**6  # what it guards against
+    assert max_batch_size(sizes, peaks, 80 * GiB, min_slope=GiB / 64) == (128, True, True)  # 2x the grid at most
+
+
+# ---------------------------------------------------------------------------------------------
+# Step time against full, the trade-off plot, the fits matrix, checks on the page
+
+SLOWDOWN = {"full": 1.0, "lora": 0.75, "checkpointing": 1.33, "wtacrs@0.3": 0.8, "wtacrs-linear@0.3": 0.85,
+            "lora+wtacrs@0.3": 0.6}
+
+
+def with_estimated_step_times(tmp_path: Path, target: str = "a100-80gb") -> Path:
+    """The fixture with estimated step times on its t5-base (meta) cells, as records carry them
+    since step-time estimates: ``throughput.kind`` / ``target``; t5-small keeps its measured
+    throughput without ``kind`` (records of before)."""
+    results = copy_fixture(tmp_path)
+    records = read_records(results)
+    for record in records:
+        if record["status"] == "estimated":
+            p = record["params"]
+            seconds = 1e-3 * p["batch_size"] * SLOWDOWN[p["method"]]
+            record["throughput"] = {"step_time_s": seconds, "kind": "estimated", "target": target,
+                                    "tokens_per_s": p["batch_size"] * p["seq_len"] / seconds,
+                                    "samples_per_s": p["batch_size"] / seconds, "timed_steps": 0,
+                                    "flops": 10**12, "bytes_moved": 10**9, "estimate_over_measured": None}
+            record["memory"]["peak_phase"] = "backward"
+    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return results
+
+
+def test_step_time_ratio_is_the_method_over_full_and_labelled_estimated(tmp_path):
+    cells = cells_frame(load_results(with_estimated_step_times(tmp_path)))
+    base = cells[cells["model"] == "t5-base"].set_index(["method", "batch_size", "seq_len"])
+    for method, slowdown in SLOWDOWN.items():
+        assert base.loc[(method, 64, 128), "time_ratio"] == pytest.approx(slowdown, rel=1e-12)
+        assert base.loc[(method, 64, 128), "time_ratio_estimated"]
+        assert base.loc[(method, 64, 128), "step_time_target"] == "a100-80gb"
+    # the measured CPU cells (throughput without "kind") are measured, on the record's device
+    small = cells[(cells["model"] == "t5-small") & cells["step_time_s"].notna()]
+    assert (small["step_time_kind"] == "measured").all() and (small["step_time_target"] == "cpu").all()
+    records = {(r["params"]["model"], r["params"]["method"], r["params"]["batch_size"], r["params"]["seq_len"]): r
+               for r in read_records(FIXTURES / "results.jsonl")}
+    row = small[(small["method"] == "lora") & (small["batch_size"] == 16) & (small["seq_len"] == 128)].iloc[0]
+    expected = (records[("t5-small", "lora", 16, 128)]["throughput"]["step_time_s"]
+                / records[("t5-small", "full", 16, 128)]["throughput"]["step_time_s"])
+    assert row["time_ratio"] == pytest.approx(expected, rel=1e-12) and not row["time_ratio_estimated"]
+    summary = summary_frame(cells).set_index(["model", "method"])
+    assert summary.loc[("t5-base", "checkpointing"), "step time: method ÷ full"] == "1.33× (estimated)"
+    assert "(estimated)" not in summary.loc[("t5-small", "lora"), "step time: method ÷ full"]
+
+
+def test_step_times_of_different_targets_make_no_ratio(tmp_path):
+    results = with_estimated_step_times(tmp_path)
+    records = read_records(results)
+    for record in records:
+        if record["params"]["method"] == "full" and record["status"] == "estimated":
+            record["throughput"]["target"] = "h100-80gb"
+    results.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cells = cells_frame(load_results(results))
+    base = cells[(cells["model"] == "t5-base") & (cells["method"] != "full")]
+    assert base["step_time_s"].notna().all() and base["time_ratio"].isna().all()
+
+
+def test_a_record_without_throughput_has_no_step_time():
+    cells = cells_frame(load_results(FIXTURES / "results.jsonl"))
+    base = cells[cells["model"] == "t5-base"]
+    assert base["step_time_s"].isna().all() and base["time_ratio"].isna().all()
+    assert base["step_time_kind"].isna().all()
+
+
+def test_trade_off_plot_has_a_point_per_method_and_batch_size(tmp_path):
+    from profiler import plots
+
+    cells = cells_frame(load_results(with_estimated_step_times(tmp_path)))
+    figure = plots.memory_time(cells)
+    drawn = cells.dropna(subset=["peak_bytes", "step_time_s"])
+    for panel, ax in zip(plots._present(drawn["panel"]), figure.axes):
+        in_panel = drawn[drawn["panel"] == panel]
+        points = sum(len(c.get_offsets()) for c in ax.collections)
+        assert points == len(in_panel)  # one marker per cell with both figures
+        assert len(ax.lines) == in_panel["method"].nunique()  # one line per method
+        unit = 2**30 if drawn["peak_bytes"].max() >= 2**30 else 2**20
+        ys = sorted(y for c in ax.collections for _, y in c.get_offsets())
+        assert ys == pytest.approx(sorted(in_panel["peak_bytes"] / unit))
+    plots.plt.close(figure)
+
+
+def test_extrapolated_and_capped_batch_limits_are_marked_in_the_png_data():
+    cells = cells_frame(load_results(FIXTURES / "results.jsonl"))
+    frame = max_batch_frame(cells, [80 * GiB, 24 * GiB])
+    grid_max = cells["batch_size"].max()
+    capped = frame[frame["capped"]]
+    assert not capped.empty and (capped["max_batch_size"] == 2 * grid_max).all() and capped["extrapolated"].all()
+    assert (frame["max_batch_size"] <= 2 * grid_max).all()
+    from profiler import plots
+
+    figure = plots.max_batch(frame)
+    hatched = [bar for ax in figure.axes for c in ax.containers for bar in c if "x" in (bar.get_hatch() or "")]
+    assert len(hatched) == int(frame["extrapolated"].sum())
+    labels = [t.get_text() for ax in figure.axes for t in ax.texts]
+    assert sum(label.startswith("≥") for label in labels) == len(capped)
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert "extrapolated beyond the grid" in legend
+    plots.plt.close(figure)
+
+
+def test_the_page_shows_checks_fits_step_times_and_grey_notes(tmp_path):
+    from profiler.check import check_bound, parse_checks
+
+    results_path = with_estimated_step_times(tmp_path)
+    text = render_report(results_path, tmp_path / "out").read_text(encoding="utf-8")
+    results = load_results(results_path)
+    outcomes = [check_bound(c, results) for c in parse_checks(results)]
+    assert '<table class="dataframe checks">' in text
+    for outcome in outcomes:  # one row per check, classed by its verdict, with the measured span
+        assert f'<tr class="{outcome.result.value}">' in text
+        assert html.escape(outcome.measured) in text
+    assert '"checks": [' not in text  # no JSON blob of the checks in the suite table
+    assert "Fits within 80 GiB = 85.9 GB (table)" in text and "does not fit" in text
+    assert "peak × 1.1 + 0.5 GiB" in text  # the margin, stated
+    assert "1.33× (estimated)" in text and "(in the backward)" in text
+    assert "counted once, under the operator whose autograd node comes first" in text
+    # notes grey, the messages of failed cells red
+    assert re.search(r"table\.cells td:last-child \{[^}]*color: #5f6b76", text)
+    assert '<tr class="failed">' in text
