@@ -42,6 +42,7 @@ from profiler.results import (
     method_of,
     metric_value,
     record_kind,
+    step_time,
 )
 from profiler.units import GiB, byte_unit, format_bytes, format_count, in_unit
 
@@ -73,7 +74,9 @@ def cells_frame(results: Results) -> pd.DataFrame:
 
     Columns: every ``params`` key, ``device``, ``models_device``, ``status``, ``message``,
     ``estimated`` (bool), ``figures`` (label), ``peak_bytes``, ``activation_bytes``,
-    ``tokens_per_s``, ``samples_per_s``, ``step_time_s``, ``peak_ratio`` and ``activation_ratio``
+    ``tokens_per_s``, ``samples_per_s``, the step time columns of ``results.step_time``
+    (``step_time_s``, ``step_time_kind``, ``step_time_target``, ``estimate_over_measured``),
+    ``peak_ratio`` and ``activation_ratio``
     (full's figure over this cell's, at the same grid point, from figures of the same kind; see
     ``comparable``), ``ratio_figures`` (that ``FigureKind``, or None), ``ratio_estimated`` (bool), ``panel`` (the
     facet label: model and every varying grid parameter but batch size and method), ``cell_id``,
@@ -96,7 +99,7 @@ def cells_frame(results: Results) -> pd.DataFrame:
             activation_bytes=metric_value(record, "activation_bytes") if ok else None,
             tokens_per_s=throughput.get("tokens_per_s"),
             samples_per_s=throughput.get("samples_per_s"),
-            step_time_s=throughput.get("step_time_s"),
+            **step_time(record),
             key=grid_key(grid_point(record)),
         )
         rows.append(row)
@@ -118,7 +121,7 @@ def cells_frame(results: Results) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     order = method_order(results)
     frame["method"] = pd.Categorical(frame["method"].astype(str), categories=order, ordered=True)
-    for column in ("peak_ratio", "activation_ratio"):
+    for column in ("peak_ratio", "activation_ratio", "step_time_s", "estimate_over_measured"):
         frame[column] = frame[column].astype(float)
     frame["panel"] = _panel_labels(frame)
     # models in the order the suite ran them, the rest of the grid ascending
@@ -322,6 +325,7 @@ def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
             "peak: full ÷ method": _ratio_range(group["peak_ratio"]),
             "activations: full ÷ method": _ratio_range(group["activation_ratio"]),
             "best tokens/s": format_count(tokens.max()) if not tokens.empty else "—",
+            "CPU step: estimate ÷ measured": _ratio_range(group["estimate_over_measured"]),
             "figures": ", ".join(sorted(set(group["figures"]) - {"—"})) or "—",
         })
     return pd.DataFrame(rows)
@@ -349,9 +353,18 @@ def cell_table(cells: pd.DataFrame) -> pd.DataFrame:
 
     table["peak: full ÷ method"] = ratio(cells["peak_ratio"])
     table["activations: full ÷ method"] = ratio(cells["activation_ratio"])
+    table["step time"] = [_step_time_text(*row) for row in
+                          cells[["step_time_s", "step_time_kind", "step_time_target"]].itertuples(index=False)]
     table["tokens/s"] = cells["tokens_per_s"].map(format_count)
     table["message"] = cells["message"]
     return table
+
+
+def _step_time_text(seconds: Any, kind: Any, target: Any) -> str:
+    """``0.412 s (estimated, a100-80gb)``: a step time says how it was obtained, like a memory figure."""
+    if seconds is None or pd.isna(seconds):
+        return "—"
+    return f"{seconds:.3g} s ({kind}, {target})"
 
 
 def _html_table(frame: pd.DataFrame, classes: str = "") -> str:
