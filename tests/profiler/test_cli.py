@@ -330,3 +330,25 @@ def test_max_cells_lets_a_larger_grid_run(write_suite, tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as info:
         cli.main([str(a) for a in args] + ["--max-cells", "0"])
     assert info.value.code == 2 and "argument --max-cells: expected 1 or more, got 0" in capsys.readouterr().err
+
+
+HEAVY_MODULES = ("torch", "transformers", "peft", "pandas", "matplotlib", "wtacrs")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["report", "--help"], ["check", "--help"]])
+def test_help_imports_no_torch_transformers_or_peft(argv):
+    code = (
+        "import sys\n"
+        "from profiler.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m profiler" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
