@@ -188,8 +188,14 @@ def _summary_line(index: int, total: int, record: records.Record) -> str:
         f"[{index:>{width}}/{total}] {printable(record['cell_id'])}  {record['status']}  "
         f"peak {_peak(record)}  saved {_saved(record)}  tok/s {_tokens_per_s(record)}"
     )
+    step = (record.get("throughput") or {}).get("step_time_s")
+    if step is not None:
+        kind = (record.get("throughput") or {}).get("kind") == "estimated"
+        line += f"  step {step:.3g} s" + (f" (estimated, {printable(record['throughput'].get('target'))})" if kind else "")
     if record.get("message") and record["status"] not in ("ok",):
         line += f"  ({printable(record['message'].splitlines()[0])})"
+    elif (record.get("policy") or {}).get("choice") == "cpu":
+        line += f"  (CPU run: {printable(record['policy'].get('reason'))})"
     return line
 
 

@@ -117,12 +117,14 @@ class Plan:
 def run_policy(suite: Suite, device: str) -> dict[str, Any]:
     """The run settings outside a cell that change its figures: where it runs, whose kernels an
     estimate models, and for ``auto`` the budgets that choose between a CPU run and the estimate
-    (``memory_gib`` only sizes the report's plot)."""
+    and the nominal CPU rates it plans CPU time at (``memory_gib`` only sizes the report's plot)."""
     policy: dict[str, Any] = {"device": device}
     if device in ("meta", "auto"):
         policy["models_device"] = suite.models_device
     if device == "auto":
         policy["budgets"] = suite.budgets.model_dump(exclude={"memory_gib"})
+        nominal = steptime.NOMINAL_CPU  # the rates the CPU time is planned at
+        policy["nominal_cpu"] = [nominal.matmul["fp32"], nominal.bandwidth, nominal.per_op_s]
     return policy
 
 
