@@ -30,7 +30,8 @@ from rich.text import Text
 from profiler import records
 from profiler.methods import METHOD_NAMES_HELP
 from profiler.results import metric_value
-from profiler.suite import MAX_CELLS
+from profiler.gpus import DEFAULT_TARGET, GPUS
+from profiler.limits import MAX_CELLS
 from profiler.terminal import printable
 from profiler.units import format_bytes, format_count
 
@@ -117,13 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="measure every cell of a suite", description=(
             "Measure every cell of a suite (models x grid x methods) and append one record per cell to "
-            "OUT/results.jsonl, then render the report. Methods: " + METHOD_NAMES_HELP + "."
+            "OUT/results.jsonl, then render the report. Methods: " + METHOD_NAMES_HELP + ". Every cell gets a "
+            "step time: measured where it ran, else a roofline estimate for the suite's training.target GPU "
+            f"(default {DEFAULT_TARGET}; one of {', '.join(GPUS)})."
         ),
     )
     run.add_argument("suite", type=Path, metavar="SUITE.yaml", help="the suite file (see suites/)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda", "meta"),
                      help="override the suite's device (auto: cuda if present, else CPU where the meta "
-                          "estimate fits the budgets, else the estimate)")
+                          "estimate fits the budgets at fixed nominal CPU rates, else the estimate)")
     run.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: reports/<suite name>/)")
     existing = run.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -244,8 +247,14 @@ def _summary_line(index: int, total: int, record: records.Record) -> str:
         f"[{index:>{width}}/{total}] {printable(record['cell_id'])}  {record['status']}  "
         f"peak {_peak(record)}  saved {_saved(record)}  tok/s {_tokens_per_s(record)}"
     )
+    step = (record.get("throughput") or {}).get("step_time_s")
+    if step is not None:
+        kind = (record.get("throughput") or {}).get("kind") == "estimated"
+        line += f"  step {step:.3g} s" + (f" (estimated, {printable(record['throughput'].get('target'))})" if kind else "")
     if record.get("message") and record["status"] not in ("ok",):
         line += f"  ({printable(record['message'].splitlines()[0])})"
+    elif (record.get("policy") or {}).get("choice") == "cpu":
+        line += f"  (CPU run: {printable(record['policy'].get('reason'))})"
     return line
 
 

@@ -29,6 +29,7 @@ from wtacrs.taxonomy import Family
 
 from .breakdown import SavedActivationBreakdown
 from .records import MEMORY_CATEGORIES
+from .steptime import OpCostCounter, StepCost
 from .tracker import CUDA_BLOCK_BYTES, PREEXISTING, StorageTracker
 
 DEVICE_TYPES = ("cuda", "cpu", "meta")
@@ -50,6 +51,7 @@ class Measurement:
     nvml_used_bytes: int | None = None  # NVML used memory (context only, never a gate)
     step_times_s: list[float] = field(default_factory=list)  # timed steps; empty on meta
     flops: int | None = None  # FLOPs of one training step (matmul-class ops)
+    cost: StepCost | None = None  # the tracked step's kernels: FLOPs and bytes per op (profiler.steptime)
     estimated: bool = False  # True on meta
     models_device: str = "cpu"  # whose kernels the figures model
     peak_phase: str | None = None  # forward / backward / optimizer: where the tracked peak fell
@@ -200,6 +202,7 @@ def measure_training_step(
     kernels the figures model: with ``cuda`` on cpu/meta, dropout saves bool masks, the optimizer
     runs foreach, and tracked bytes are rounded to cuda's 512-byte blocks.
 
+    The tracked step's kernels are counted (``cost``) for a roofline step time.
     Peak and categories are taken over one full step after ``warmup_steps`` untracked steps (on
     meta, a model's later estimates replace them by ``shapes_only_warmup``: same figures, one
     step less); ``activations`` are the deduplicated bytes saved in its forward (raw, not
@@ -239,7 +242,8 @@ def measure_training_step(
         del warmup_grads
         breakdown = SavedActivationBreakdown(model, family, tracker=tracker)
         allocator = CudaAllocatorPeak(device) if device_type == "cuda" else None
-        with allocator or nullcontext(), tracker:
+        counter = OpCostCounter()
+        with allocator or nullcontext(), tracker, counter:
             optimizer.zero_grad(set_to_none=True)
             tracker.mark_phase("forward")
             with breakdown:
@@ -280,6 +284,7 @@ def measure_training_step(
         nvml_used_bytes=allocator.nvml_used_bytes if allocator is not None else None,
         step_times_s=step_times,
         flops=tracker.flops,
+        cost=counter.cost,
         estimated=device_type == "meta",
         models_device=models_device,
         peak_phase=tracker.peak_phase,

@@ -21,10 +21,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from profiler.models import ARCHITECTURES
+# torch, transformers and peft load when a method is applied, not when its name is read
+# (``python -m profiler --help`` lists the names); pydantic resolves these annotations at run time
+if TYPE_CHECKING:
+    from torch.nn import Module
+else:
+    Module = Any
 
 LORA_RANK = 8
 LORA_ALPHA = 16
@@ -34,12 +38,14 @@ class MethodError(ValueError):
     """A method name that no pattern of the table matches, or a bad ratio."""
 
 
-def _full(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+def _full(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
     return model
 
 
-def _lora(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+def _lora(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
     from peft import LoraConfig, get_peft_model
+
+    from profiler.models import ARCHITECTURES
 
     # target_modules=None: peft's own default table for the model type (t5: q, v; bert: query,
     # value; gpt2: c_attn; llama: q_proj, v_proj)
@@ -47,7 +53,7 @@ def _lora(model: nn.Module, family: str, ratio: float | None, seed: int | None) 
     return get_peft_model(model, config)
 
 
-def _checkpointing(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+def _checkpointing(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
     kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -62,17 +68,17 @@ def _wtacrs_config(ratio: float, seed: int | None, **switches: bool):
     return wtacrs.convert, wtacrs.WTACRSConfig(ratio=ratio, seed=seed, **switches)
 
 
-def _wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+def _wtacrs(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
     convert, config = _wtacrs_config(ratio, seed)
     return convert(model, config)
 
 
-def _wtacrs_linear(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+def _wtacrs_linear(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
     convert, config = _wtacrs_config(ratio, seed, tm1=False, tm2=False)
     return convert(model, config)
 
 
-def _lora_wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+def _lora_wtacrs(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
     convert, config = _wtacrs_config(ratio, seed)  # fail before peft wraps the model
     return convert(_lora(model, family, None, seed), config)
 
@@ -80,7 +86,7 @@ def _lora_wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int |
 @dataclass(frozen=True)
 class MethodEntry:
     pattern: str  # full match against the method name; group "ratio" if the method takes one
-    prepare: Callable[[nn.Module, str, float | None, int | None], nn.Module]
+    prepare: Callable[[Module, str, float | None, int | None], Module]
     summary: str
 
 
@@ -107,7 +113,7 @@ class Method:
     entry: MethodEntry = field(compare=False, repr=False)
     ratio: float | None = None
 
-    def prepare(self, model: nn.Module, family: str, seed: int | None = 0) -> nn.Module:
+    def prepare(self, model: Module, family: str, seed: int | None = 0) -> Module:
         """Apply the method to ``model`` (in place where the library allows) and return it."""
         return self.entry.prepare(model, family, self.ratio, seed)
 
@@ -127,6 +133,6 @@ def parse(name: str) -> Method:
     raise MethodError(f"unknown method {name!r}; expected one of {METHOD_NAMES_HELP}")
 
 
-def prepare(name: str, model: nn.Module, family: str, seed: int | None = 0) -> nn.Module:
+def prepare(name: str, model: Module, family: str, seed: int | None = 0) -> Module:
     """``parse(name).prepare(model, family, seed)``."""
     return parse(name).prepare(model, family, seed)

@@ -52,10 +52,29 @@ class Activation(_Part):
 
 
 class Throughput(_Part):
-    step_time_s: float  # median of the timed steps
+    """The step time of a cell: measured (median of the timed steps) where the step ran, else the
+    roofline estimate of the tracked step (``profiler.steptime``) for a GPU of ``profiler.gpus``.
+
+    Records of older runs have measured throughputs only, without the fields after ``timed_steps``.
+    """
+
+    step_time_s: float  # measured median, or the roofline estimate
+    kind: Literal["measured", "estimated"] = "measured"
+    target: str = ""  # where the time holds: "cpu", "cuda" (measured) or a GPU table key (estimated)
     tokens_per_s: float | None
     samples_per_s: float | None
-    timed_steps: int
+    timed_steps: int  # 0 for an estimate
+    flops: int | None = None  # the roofline's inputs: matmul-class FLOPs of the tracked step
+    bytes_moved: int | None = None  # and the bytes its ops read and wrote
+    estimate_over_measured: float | None = None  # a CPU-timed cell: its roofline on this CPU / measured
+
+
+class Policy(_Part):
+    """What ``device: auto`` chose for a cell and why (``runner.CellRunner.consider_cpu``)."""
+
+    cpu_seconds: float  # planned CPU time: the step's roofline on steptime.NOMINAL_CPU x steps
+    choice: Literal["cpu", "estimate"] | None = None
+    reason: str = ""
 
 
 class Estimate(_Part):
@@ -88,8 +107,9 @@ class CellRecord(_Part):
     ``cell_key`` is the identity of the cell's figures (``runner.cell_key``): ``--resume`` reuses a
     record only under its key, and report and check read only the keys ``suite.json`` lists.
     ``activations`` sum to the "activations" of reports and checks. For ``estimated`` cells of
-    ``device: auto``, ``message`` says why no CPU run was made. ``estimate`` and ``traceback``
-    (the last frames of an ``error``/``oom`` cell) are written only where they have a value.
+    ``device: auto``, ``message`` says why no CPU run was made, and ``policy`` of every ``auto``
+    cell what was chosen and why. ``estimate``, ``policy`` and ``traceback`` (the last frames of
+    an ``error``/``oom`` cell) are written only where they have a value.
     """
 
     cell_id: str  # model, method and grid point; unique in a suite
@@ -102,15 +122,17 @@ class CellRecord(_Part):
     message: str = ""  # why, for any status but ok/estimated
     memory: Memory | None = None
     activations: list[Activation] | None = None
-    throughput: Throughput | None = None  # None for meta estimates
+    throughput: Throughput | None = None  # every ok/estimated cell; None for the others
     flops: int | None = None  # of one training step (matmuls)
     env: Env
     finished_at: str = Field(default_factory=_now)  # ISO-8601 UTC time the cell ended
     estimate: Estimate | None = None
+    policy: Policy | None = None  # cells of device: auto
     traceback: str | None = None
 
     def to_json(self) -> Record:
-        return self.model_dump(exclude={key for key in ("estimate", "traceback") if getattr(self, key) is None})
+        optional = ("estimate", "policy", "traceback")
+        return self.model_dump(exclude={key for key in optional if getattr(self, key) is None})
 
 
 def append_record(path: str | os.PathLike, record: Record) -> None:
@@ -144,6 +166,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
         yield record
 
 
+_THROUGHPUT_COLUMNS = {"kind": "step_time_kind", "target": "step_time_target"}  # plain names say too little
+
+
 def flatten(record: Record) -> dict[str, Any]:
     """One flat row per record for pandas and spreadsheets (``results.csv``). Keys of a record's
     mappings come in sorted order, as ``results.jsonl`` stores them: a record read back flattens
@@ -162,7 +187,9 @@ def flatten(record: Record) -> dict[str, Any]:
         column = f"act[{item['operator']}|{item['category']}]_bytes"
         row[column] = row.get(column, 0) + item["bytes"]
     for key, value in sorted((record.get("throughput") or {}).items()):
-        row[key] = value
+        row[_THROUGHPUT_COLUMNS.get(key, key)] = value
+    for key, value in sorted((record.get("policy") or {}).items()):
+        row[f"policy_{key}"] = value
     for key, value in sorted((record.get("env") or {}).items()):
         row[f"env_{key}"] = value
     return row

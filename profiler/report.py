@@ -43,6 +43,7 @@ from profiler.results import (
     method_of,
     metric_value,
     record_kind,
+    step_time,
 )
 from profiler.units import GiB, byte_unit, format_bytes, format_count, in_unit
 
@@ -74,7 +75,9 @@ def cells_frame(results: Results) -> pd.DataFrame:
 
     Columns: every ``params`` key, ``device``, ``models_device``, ``status``, ``message``,
     ``estimated`` (bool), ``figures`` (label), ``peak_bytes``, ``activation_bytes``,
-    ``tokens_per_s``, ``samples_per_s``, ``peak_ratio`` and ``activation_ratio``
+    ``tokens_per_s``, ``samples_per_s``, the step time columns of ``results.step_time``
+    (``step_time_s``, ``step_time_kind``, ``step_time_target``, ``estimate_over_measured``),
+    ``peak_ratio`` and ``activation_ratio``
     (full's figure over this cell's, at the same grid point, from figures of the same kind; see
     ``comparable``), ``ratio_figures`` (that ``FigureKind``, or None), ``ratio_estimated`` (bool), ``panel`` (the
     facet label: model and every varying grid parameter but batch size and method), ``cell_id``,
@@ -132,21 +135,6 @@ def cells_frame(results: Results) -> pd.DataFrame:
     frame["model"] = pd.Categorical(frame["model"].astype(str), categories=models, ordered=True)
     sort = [c for c in GRID_ORDER if c in frame.columns] + ["method"]
     return frame.sort_values(sort, kind="stable").reset_index(drop=True)
-
-
-def step_time(record: dict[str, Any]) -> dict[str, Any]:
-    """The step time of a record: ``step_time_s``, ``step_time_kind`` (``measured`` or
-    ``estimated``), ``step_time_target`` (``cpu``, ``cuda`` or a GPU such as ``a100-80gb``) and
-    ``estimate_over_measured``; Nones without a positive step time. A throughput without ``kind``
-    (records of before step-time estimates) was measured, on the record's device."""
-    throughput = record.get("throughput") or {}
-    seconds = throughput.get("step_time_s")
-    if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0):
-        return dict(step_time_s=None, step_time_kind=None, step_time_target=None, estimate_over_measured=None)
-    kind = throughput.get("kind") or "measured"
-    target = throughput.get("target") or (record.get("device") if kind == "measured" else None)
-    return dict(step_time_s=float(seconds), step_time_kind=kind, step_time_target=target,
-                estimate_over_measured=throughput.get("estimate_over_measured"))
 
 
 def time_ratio(cell: dict[str, Any], full: dict[str, Any] | None) -> dict[str, Any]:
@@ -348,6 +336,7 @@ def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
             "step time": _seconds_range(group),
             "step time: method ÷ full": _time_ratio_range(group),
             "best tokens/s": format_count(tokens.max()) if not tokens.empty else "—",
+            "CPU step: estimate ÷ measured": _ratio_range(group["estimate_over_measured"]),
             "figures": ", ".join(sorted(set(group["figures"]) - {"—"})) or "—",
         })
     return pd.DataFrame(rows)
@@ -376,14 +365,21 @@ def cell_table(cells: pd.DataFrame) -> pd.DataFrame:
     table["peak: full ÷ method"] = ratio(cells["peak_ratio"])
     table["activations: full ÷ method"] = ratio(cells["activation_ratio"])
     table["peak in"] = cells["peak_phase"].fillna("—") if "peak_phase" in cells else "—"
-    table["step time"] = [_seconds(t) + (" (estimated)" if kind == "estimated" else "")
-                          for t, kind in zip(cells["step_time_s"], cells["step_time_kind"])]
+    table["step time"] = [_step_time_text(*row) for row in
+                          cells[["step_time_s", "step_time_kind", "step_time_target"]].itertuples(index=False)]
     table["step time: method ÷ full"] = [
         "—" if pd.isna(v) else f"{v:.2f}×" + (" (estimated)" if est else "")
         for v, est in zip(cells["time_ratio"], cells["time_ratio_estimated"])]
     table["tokens/s"] = cells["tokens_per_s"].map(format_count)
     table["message"] = cells["message"]
     return table
+
+
+def _step_time_text(seconds: Any, kind: Any, target: Any) -> str:
+    """``0.412 s (estimated, a100-80gb)``: a step time says how it was obtained, like a memory figure."""
+    if seconds is None or pd.isna(seconds):
+        return "—"
+    return f"{seconds:.3g} s ({kind}, {target})"
 
 
 def _html_table(frame: pd.DataFrame, classes: str = "", row_classes: Sequence[str] | None = None) -> str:

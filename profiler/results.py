@@ -209,6 +209,29 @@ def metric_value(record: Record, metric: str) -> int | None:
     return value if _is_number(value) else None
 
 
+STEP_TIME_KINDS = ("measured", "estimated")
+
+
+def step_time(record: Record) -> dict[str, Any]:
+    """The step time of a record as the report's columns: ``step_time_s``, ``step_time_kind``
+    (measured | estimated), ``step_time_target`` (where it holds: cpu, cuda or a GPU table key)
+    and ``estimate_over_measured`` (a CPU-measured cell: its roofline on this CPU over the time).
+
+    A throughput of an older record, which had measured ones only, is measured on its device.
+    All None without a usable throughput (a failed cell).
+    """
+    throughput = record.get("throughput") if record.get("status") in FIGURE_STATUSES else None
+    if not isinstance(throughput, dict) or not _is_number(throughput.get("step_time_s")):
+        return dict.fromkeys(("step_time_s", "step_time_kind", "step_time_target", "estimate_over_measured"))
+    kind = throughput.get("kind") if throughput.get("kind") in STEP_TIME_KINDS else "measured"
+    return {
+        "step_time_s": throughput["step_time_s"],
+        "step_time_kind": kind,
+        "step_time_target": throughput.get("target") or record.get("device"),
+        "estimate_over_measured": throughput.get("estimate_over_measured"),
+    }
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -17,10 +17,16 @@ Devices:
 - ``cuda`` / ``cpu``: the step runs there (status ``ok``).
 - ``meta``: an estimate of the step modelling ``suite.models_device``'s kernels (``estimated``).
 - ``auto``: cuda when available. Otherwise each cell is first estimated on meta; it then runs on
-  the CPU only if the estimated peak fits ``budgets.memory_fraction`` of the RAM available at
-  start, and the estimated CPU time (step FLOPs / a CPU FLOP rate measured at start, times
-  warm-up + timed steps) fits both ``budgets.cell_seconds`` and what is left of
-  ``budgets.suite_seconds``. Else the estimate is the record, with the reason in ``message``.
+  the CPU only if the estimated peak fits ``budgets.memory_fraction`` of the machine's RAM
+  (MemTotal) and its planned CPU time fits both ``budgets.cell_seconds`` and what the cells
+  before it left of ``budgets.suite_seconds``. The planned time is the meta step's roofline on
+  ``steptime.NOMINAL_CPU`` (fixed rates, not a probe: the choice is a function of the suite and
+  the RAM, whatever the machine's load) times the warm-up, tracked and timed steps. The record's
+  ``policy`` says what was chosen and why; an estimate kept says it in ``message`` too.
+
+Every ok/estimated record has a ``throughput``: the measured median step time, or the roofline
+estimate for ``training.target`` (``profiler.steptime``). A CPU-measured cell also carries the
+roofline of its own step on this CPU's rates, probed once per run (``estimate_over_measured``).
 
 A failing cell (exception, OOM) is recorded with its status and message and the suite goes on.
 A method whose library part is missing is recorded as ``skipped``. ``resume=True`` keeps every
@@ -55,7 +61,7 @@ from typing import Any
 
 import torch
 
-from profiler import records
+from profiler import records, steptime
 from profiler.models import MetaMaskChecks, build_model, make_batch, quiet_transformers, tokens_per_step
 from profiler.suite import Cell, Suite
 
@@ -63,9 +69,6 @@ RESULTS = "results.jsonl"
 CSV = "results.csv"
 SUITE_JSON = "suite.json"
 SUPERSEDED = "superseded.jsonl"
-# A training step on CPU reaches well under a bare matmul's FLOP rate (softmax, norms, the
-# optimizer, autograd bookkeeping): time estimates assume this fraction of it.
-CPU_STEP_EFFICIENCY = 0.5
 MESSAGE_CHARS = 2000
 
 
@@ -114,12 +117,14 @@ class Plan:
 def run_policy(suite: Suite, device: str) -> dict[str, Any]:
     """The run settings outside a cell that change its figures: where it runs, whose kernels an
     estimate models, and for ``auto`` the budgets that choose between a CPU run and the estimate
-    (``memory_gib`` only sizes the report's plot)."""
+    and the nominal CPU rates it plans CPU time at (``memory_gib`` only sizes the report's plot)."""
     policy: dict[str, Any] = {"device": device}
     if device in ("meta", "auto"):
         policy["models_device"] = suite.models_device
     if device == "auto":
         policy["budgets"] = suite.budgets.model_dump(exclude={"memory_gib"})
+        nominal = steptime.NOMINAL_CPU  # the rates the CPU time is planned at
+        policy["nominal_cpu"] = [nominal.matmul["fp32"], nominal.bandwidth, nominal.per_op_s]
     return policy
 
 
@@ -319,12 +324,8 @@ def _cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def available_memory_bytes() -> int:
-    """RAM available to a new allocation now (MemAvailable), or total RAM where unknown."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+def total_memory_bytes() -> int:
+    """The machine's RAM: fixed, unlike what is available under the current load."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -345,18 +346,6 @@ def cpu_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def cpu_flop_rate(seconds: float = 0.3) -> float:
-    """FLOP/s of fp32 matmuls on this CPU, measured for about ``seconds``."""
-    a = torch.randn(512, 512)
-    b = torch.randn(512, 512)
-    torch.mm(a, b)
-    repeats, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        torch.mm(a, b)
-        repeats += 1
-    return 2 * 512**3 * repeats / elapsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,12 +435,48 @@ def _measure_on(
                 torch.cuda.empty_cache()
 
 
-def _record(cell: Cell, device: str, models_device: str, measurement: Any = None, **fields: Any) -> records.Record:
+def _step_cost(measurement: Any) -> steptime.StepCost:
+    """The measurement's kernels; a backend that counts none gives its FLOPs as one kernel."""
+    cost = getattr(measurement, "cost", None)
+    if cost is None:
+        cost = steptime.StepCost()
+        cost.add(int(measurement.flops or 0), 0, "fp32")
+    return cost
+
+
+def _throughput(cell: Cell, device: str, measurement: Any, cpu_rates: steptime.Rates | None) -> dict[str, Any]:
+    """``records.Throughput`` of a measurement: the median of its timed steps where it has some,
+    else the roofline of its step for ``cell.target``; a CPU-timed step also gets the ratio of its
+    roofline on ``cpu_rates`` to the time measured."""
+    cost = _step_cost(measurement)
+    times = measurement.step_times_s
+    step = statistics.median(times) if times else cost.seconds(steptime.gpu_rates(cell.target))
+    ratio = None
+    if times and device == "cpu" and cpu_rates is not None and step > 0:
+        ratio = cost.seconds(cpu_rates) / step
+    return {
+        "step_time_s": step, "kind": "measured" if times else "estimated",
+        "target": device if times else cell.target,
+        "tokens_per_s": tokens_per_step(cell) / step if step > 0 else None,
+        "samples_per_s": cell.batch_size / step if step > 0 else None,
+        "timed_steps": len(times), "flops": cost.flops, "bytes_moved": cost.bytes_moved,
+        "estimate_over_measured": ratio,
+    }
+
+
+def planned_cpu_seconds(cell: Cell, cost: steptime.StepCost) -> float:
+    """What ``device: auto`` plans a CPU run of ``cell`` to take: the step's roofline on
+    ``steptime.NOMINAL_CPU`` for each warm-up, tracked and timed step."""
+    return cost.seconds(steptime.NOMINAL_CPU) * (cell.warmup_steps + 1 + cell.timed_steps)
+
+
+def _record(cell: Cell, device: str, models_device: str, measurement: Any = None, *,
+            cpu_rates: steptime.Rates | None = None, plan_cpu: bool = False, **fields: Any) -> records.Record:
     """The record of ``cell`` run on ``device``: its ``measurement``, or the status, message and
-    traceback of what stopped it; ``estimate`` (in ``fields``): the meta estimate of a CPU run."""
+    traceback of what stopped it; ``estimate`` (in ``fields``): the meta estimate of a CPU run;
+    ``plan_cpu``: an estimate that ``device: auto`` decides on (its ``policy`` is begun here)."""
     figures = {}
     if measurement is not None:
-        step = statistics.median(measurement.step_times_s) if measurement.step_times_s else None
         figures = dict(
             status="estimated" if measurement.estimated else "ok",
             models_device=measurement.models_device,
@@ -460,14 +485,11 @@ def _record(cell: Cell, device: str, models_device: str, measurement: Any = None
                     "peak_phase": getattr(measurement, "peak_phase", None),
                     "categories": {k: measurement.categories.get(k) for k in records.MEMORY_CATEGORIES}},
             activations=measurement.activations,
-            throughput=None if step is None else {
-                "step_time_s": step,
-                "tokens_per_s": tokens_per_step(cell) / step if step > 0 else None,
-                "samples_per_s": cell.batch_size / step if step > 0 else None,
-                "timed_steps": len(measurement.step_times_s),
-            },
+            throughput=_throughput(cell, device, measurement, cpu_rates),
             flops=measurement.flops,
         )
+        if plan_cpu:
+            figures["policy"] = {"cpu_seconds": planned_cpu_seconds(cell, _step_cost(measurement))}
     return records.CellRecord(**{
         "cell_id": cell.cell_id, "suite": cell.suite, "params": cell.params, "device": device,
         "models_device": models_device, "env": environment(device, models_device), **fields, **figures,
@@ -475,18 +497,21 @@ def _record(cell: Cell, device: str, models_device: str, measurement: Any = None
 
 
 class CellRunner:
-    """Runs cells one at a time and turns each into a record (never raises but for Ctrl-C)."""
+    """Runs cells one at a time and turns each into a record (never raises but for Ctrl-C).
 
-    def __init__(self, suite: Suite, device: str, measure: MeasureFn | None = None):
+    ``plan_cpu``: estimates are for ``device: auto`` (set for ``auto`` itself, and for the meta
+    workers of an ``auto`` run), so their records carry the planned CPU time ``consider_cpu``
+    decides on.
+    """
+
+    def __init__(self, suite: Suite, device: str, measure: MeasureFn | None = None, *, plan_cpu: bool = False):
         self.suite, self.device = suite, device
         self.measure = measure or _default_measure()
         self.cache = _ModelCache()
-        self.memory_budget = int(suite.budgets.memory_fraction * available_memory_bytes())
-        self.flop_rate: float | None = None
-        self.cpu_seconds_used = 0.0
-        # measured / predicted CPU time of the cells run so far: tiny models spend their time in
-        # Python and tracking overhead that FLOPs do not see, so predictions learn from runs
-        self.time_scale = 1.0
+        self.memory_budget = int(suite.budgets.memory_fraction * total_memory_bytes())
+        self.plan_cpu = plan_cpu or device == "auto"
+        self.cpu_rates: steptime.Rates | None = None  # probed before the first CPU run
+        self.cpu_seconds_planned = 0.0  # of the cells chosen for the CPU so far
 
     def run(self, cell: Cell) -> records.Record:
         """Measure ``cell`` (on ``auto``: estimate, then maybe run on the CPU) into a record."""
@@ -499,7 +524,11 @@ class CellRunner:
 
     def _run_on(self, cell: Cell, device: str, estimate: dict[str, Any] | None = None) -> records.Record:
         models_device = self.suite.models_device if device == "meta" else device
-        record = functools.partial(_record, cell, device, models_device, estimate=estimate)
+        if device == "cpu" and self.cpu_rates is None:
+            with cpu_threads(cell.threads):
+                self.cpu_rates = steptime.measure_cpu_rates()
+        record = functools.partial(_record, cell, device, models_device, estimate=estimate, cpu_rates=self.cpu_rates,
+                                   plan_cpu=self.plan_cpu and device == "meta")
         # the env names the thread count
         with cpu_threads(cell.threads if device == "cpu" else None):
             try:
@@ -513,50 +542,48 @@ class CellRunner:
                               traceback="".join(traceback.format_exception(e)[-6:]))
 
     def consider_cpu(self, record: records.Record, cell: Cell) -> records.Record:
-        """After the meta estimate: run on the CPU if the budgets allow, else say why not."""
-        if record["status"] != "estimated":
+        """After the meta estimate: run on the CPU if the budgets allow, else say why not.
+
+        A fixed rule of the estimate and the suite (module docstring); ``policy`` records the
+        choice and its reason, and so does ``message`` for an estimate kept.
+        """
+        if record["status"] != "estimated" or record.get("policy") is None:
             return record
-        budgets = self.suite.budgets
-        peak = int(record["memory"]["peak_bytes"])
-        if peak > self.memory_budget:
-            record["message"] = (
-                f"estimate kept: its peak {peak / 2**30:.2f} GiB exceeds the CPU memory budget "
-                f"{self.memory_budget / 2**30:.2f} GiB ({budgets.memory_fraction:g} of available RAM)"
-            )
+        reason = self._over_budget(record)
+        if reason is not None:
+            record["message"] = f"estimate kept: {reason}"
+            record["policy"].update(choice="estimate", reason=reason)
             return record
-        if self.flop_rate is None:
-            with cpu_threads(cell.threads):
-                self.flop_rate = cpu_flop_rate()
-        flops = record["flops"] if record["flops"] is not None else _rough_step_flops(cell)
-        predicted = flops * (cell.warmup_steps + cell.timed_steps) / (self.flop_rate * CPU_STEP_EFFICIENCY)
-        seconds = predicted * self.time_scale
-        left = budgets.suite_seconds - self.cpu_seconds_used
-        if seconds > budgets.cell_seconds or seconds > left:
-            limit = (
-                f"cell budget {budgets.cell_seconds:g} s" if seconds > budgets.cell_seconds
-                else f"{max(left, 0):.0f} s left of the suite budget {budgets.suite_seconds:g} s"
-            )
-            record["message"] = f"estimate kept: a CPU run needs about {seconds:.0f} s ({limit})"
-            return record
+        seconds = record["policy"]["cpu_seconds"]
+        policy = {**record["policy"], "choice": "cpu", "reason": (
+            f"fits: peak {record['memory']['peak_bytes'] / 2**30:.2f} GiB within {self.memory_budget / 2**30:.2f} "
+            f"GiB of RAM, planned {seconds:.1f} s within the cell and suite budgets")}
+        self.cpu_seconds_planned += seconds
         self.cache.clear()  # the CPU run needs the memory more than the meta model does
-        estimate = {"peak_bytes": peak, "activation_bytes": sum(item["bytes"] for item in record["activations"] or []),
-                    "models_device": record["models_device"], "flops": record["flops"], "cpu_seconds": seconds}
-        start = time.perf_counter()
+        estimate = {"peak_bytes": int(record["memory"]["peak_bytes"]), "models_device": record["models_device"],
+                    "activation_bytes": sum(item["bytes"] for item in record["activations"] or []),
+                    "flops": record["flops"], "cpu_seconds": seconds}
         measured = self._run_on(cell, "cpu", estimate=estimate)
-        elapsed = time.perf_counter() - start
-        self.cpu_seconds_used += elapsed
-        if predicted > 0:
-            self.time_scale = max(self.time_scale, elapsed / predicted)
+        measured["policy"] = policy
         return measured
+
+    def _over_budget(self, record: records.Record) -> str | None:
+        """Why the estimated cell of ``record`` may not run on the CPU, or None when it may."""
+        budgets, peak = self.suite.budgets, int(record["memory"]["peak_bytes"])
+        if peak > self.memory_budget:
+            return (f"its peak {peak / 2**30:.2f} GiB exceeds the CPU memory budget {self.memory_budget / 2**30:.2f} "
+                    f"GiB ({budgets.memory_fraction:g} of the machine's RAM)")
+        seconds = record["policy"]["cpu_seconds"]
+        left = budgets.suite_seconds - self.cpu_seconds_planned
+        if seconds > budgets.cell_seconds:
+            return f"a CPU run is planned at {seconds:.0f} s (cell budget {budgets.cell_seconds:g} s)"
+        if seconds > left:
+            return (f"a CPU run is planned at {seconds:.0f} s ({max(left, 0):.0f} s left of the suite budget "
+                    f"{budgets.suite_seconds:g} s)")
+        return None
 
     def close(self) -> None:
         self.cache.clear()
-
-
-def _rough_step_flops(cell: Cell) -> int:
-    """6 x parameters x tokens: the usual forward+backward FLOP count, when none was measured."""
-    params = sum(p.numel() for p in build_model(cell, "meta").parameters())
-    return 6 * params * tokens_per_step(cell)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,11 +623,11 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _start_worker(suite: Suite, measure: MeasureFn | None, parent: int) -> None:
+def _start_worker(suite: Suite, measure: MeasureFn | None, parent: int, plan_cpu: bool) -> None:
     global _WORKER
     _die_with_parent(parent)
     torch.set_num_threads(1)  # meta tensors do no arithmetic; one thread per worker process
-    _WORKER = CellRunner(suite, "meta", measure)
+    _WORKER = CellRunner(suite, "meta", measure, plan_cpu=plan_cpu)
 
 
 def _estimate_in_worker(cells: list[Cell]) -> list[records.Record]:
@@ -637,7 +664,7 @@ def _records_in_order(plan: Plan, runner: CellRunner, jobs: int, measure: Measur
 
     context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can hang
     pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(plan.suite, measure, os.getpid())
+        max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(plan.suite, measure, os.getpid(), plan.device == "auto")
     )
     try:
         futures = [(group, pool.submit(_estimate_in_worker, group)) for group in _model_groups(plan.todo)]
@@ -676,6 +703,9 @@ def run_suite(
 def _run_locked(plan: Plan, observer: Observer, measure: MeasureFn | None, jobs: int) -> RunResult:
     out_dir, results_path = plan.out_dir, plan.results_path
     runner = CellRunner(plan.suite, plan.device, measure)
+    # a resumed run plans the CPU time its kept CPU runs took as they were planned
+    runner.cpu_seconds_planned = sum((r.get("policy") or {}).get("cpu_seconds", 0.0) for r in plan.kept
+                                     if (r.get("policy") or {}).get("choice") == "cpu")
     suite_json = {**plan.suite.to_json(), "cell_keys": plan.keys}
     _atomic_write(out_dir / SUITE_JSON, json.dumps(suite_json, indent=2, sort_keys=True) + "\n")
     kept = plan.kept if plan.resume else []

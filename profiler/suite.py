@@ -28,7 +28,8 @@ A suite file::
     methods: [full, lora, checkpointing, wtacrs@0.3, wtacrs-linear@0.3, lora+wtacrs@0.3]
     training: {dtype: float32, optimizer: adamw, warmup_steps: 1, timed_steps: 3,
                attn_implementation: eager, pad_fraction: 0.0, seed: 0,
-               threads: 1}                # cpu threads of cpu runs (default: torch's)
+               threads: 1,                # cpu threads of cpu runs (default: torch's)
+               target: a100-80gb}         # GPU of estimated step times (profiler.gpus.GPUS)
     device: auto                      # auto | cpu | cuda | meta
     models_device: cuda               # whose kernels meta estimates model: cuda | cpu
     budgets: {memory_fraction: 0.6, cell_seconds: 60, suite_seconds: 600,
@@ -66,6 +67,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from profiler import methods as methods_table
+from profiler.gpus import DEFAULT_TARGET, GPUS
+from profiler.limits import MAX_CELLS
 from profiler.models import (
     ARCHITECTURES,
     ATTN_IMPLEMENTATIONS,
@@ -94,7 +97,6 @@ WHERE_KEYS = ("model", "family", "batch_size", "seq_len", "target_len", "d_model
 MAX_SUITE_BYTES = 64 * 2**10
 MAX_YAML_VALUES = 5_000
 MAX_YAML_DEPTH = 32
-MAX_CELLS = 1_000
 MAX_NAME_CHARS = 100  # a suite name is a directory name (reports/<name>), a model name part of cell ids
 MAX_SIZE = 2**31 - 1  # grid values and step counts: far beyond any real run, within a tensor's index
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
@@ -292,6 +294,7 @@ class Training(_Schema):
     pad_fraction: _number(float, 0, 0.99) = 0.0
     seed: _number(int, 0, MAX_SEED) = 0
     threads: Size | None = None  # torch.set_num_threads for runs on the cpu; None: torch's default
+    target: _one_of(GPUS, "target GPU") = DEFAULT_TARGET  # the GPU (profiler.gpus) estimated step times are for
 
 
 def _largest_first(values: tuple[float, ...]) -> tuple[float, ...]:
@@ -354,6 +357,7 @@ class Cell:
     timed_steps: int
     seed: int
     threads: int | None = None  # cpu threads (``Training.threads``); not part of the cell's identity
+    target: str = DEFAULT_TARGET  # ``Training.target``: the GPU an estimated step time is for
     id_axes: tuple[str, ...] = field(default=(), compare=False)  # optional axes named in the id
     point: ModelPoint | None = field(default=None, compare=False, repr=False)  # built once per model and dims
 

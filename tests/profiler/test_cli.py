@@ -433,3 +433,23 @@ def test_non_tty_run_output_lists_every_cell():
     console.print(observer._table())
     text = console.file.getvalue()
     assert all(f"m/full/B{i} " in text for i in range(cli._LiveObserver.ROWS + 5))
+HEAVY_MODULES = ("torch", "transformers", "peft", "pandas", "matplotlib", "wtacrs")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["report", "--help"], ["check", "--help"]])
+def test_help_imports_no_torch_transformers_or_peft(argv):
+    code = (
+        "import sys\n"
+        "from profiler.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m profiler" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"

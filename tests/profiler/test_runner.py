@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from profiler import methods as methods_table
-from profiler import records, runner
+from profiler import records, runner, steptime
 from profiler.suite import load_suite
+from tests.profiler.conftest import TINY_SUITE
 
 ENV_KEYS = {"torch", "transformers", "peft", "python", "device_name", "host"}
 
@@ -46,7 +47,9 @@ def test_records_hold_params_status_memory_and_env(write_suite, tmp_path, fake_m
         assert row["params"]["method"] in ("full", "lora")
         assert set(row["memory"]["categories"]) == set(records.MEMORY_CATEGORIES)
         assert row["memory"]["peak_bytes"] == sum(row["memory"]["categories"].values())
-        assert row["throughput"] is None  # meta runs have no step times
+        throughput = row["throughput"]  # meta runs: the roofline estimate for the suite's target GPU
+        assert (throughput["kind"], throughput["target"], throughput["timed_steps"]) == ("estimated", "a100-80gb", 0)
+        assert throughput["step_time_s"] == pytest.approx(throughput["flops"] / 19.5e12 + steptime.KERNEL_LAUNCH_S)
         assert set(row["env"]) == ENV_KEYS
     suite_json = json.loads((tmp_path / "out" / "suite.json").read_text())
     assert suite_json["name"] == "tiny" and len(suite_json["cells"]) == 8
@@ -140,7 +143,7 @@ def test_existing_results_need_resume_or_overwrite(write_suite, tmp_path, fake_m
 
 
 def test_auto_keeps_the_estimate_when_memory_does_not_fit(write_suite, tmp_path, fake_measure, monkeypatch):
-    monkeypatch.setattr(runner, "available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(runner, "total_memory_bytes", lambda: 1000)
     counting = CountingMeasure(fake_measure)
     _, result = run(write_suite(), tmp_path / "out", counting, device="auto", only="t5-tiny/full/B2")
     (row,) = records.read_records(result.results_path)
@@ -149,28 +152,33 @@ def test_auto_keeps_the_estimate_when_memory_does_not_fit(write_suite, tmp_path,
     assert "exceeds the CPU memory budget" in row["message"]
 
 
-def test_auto_keeps_the_estimate_when_time_does_not_fit(write_suite, tmp_path, fake_measure, monkeypatch):
-    monkeypatch.setattr(runner, "cpu_flop_rate", lambda: 1.0)  # one FLOP per second: nothing fits
+def test_auto_keeps_the_estimate_when_time_does_not_fit(write_suite, tmp_path, fake_measure):
     counting = CountingMeasure(fake_measure)
-    _, result = run(write_suite(), tmp_path / "out", counting, device="auto", only="t5-tiny/full/B2")
+    text = TINY_SUITE + "budgets: {cell_seconds: 0.0001}\n"
+    _, result = run(write_suite(text), tmp_path / "out", counting, device="auto", only="t5-tiny/full/B2")
     (row,) = records.read_records(result.results_path)
     assert counting.calls == [(2, "meta")]
-    assert row["status"] == "estimated" and "cell budget 60 s" in row["message"]
+    assert row["status"] == "estimated" and "(cell budget 0.0001 s)" in row["message"]
+    assert row["policy"]["choice"] == "estimate" and row["policy"]["reason"] in row["message"]
 
 
-def test_auto_runs_on_cpu_when_the_estimate_fits(write_suite, tmp_path, fake_measure, monkeypatch):
-    monkeypatch.setattr(runner, "cpu_flop_rate", lambda: 1e15)
+def test_auto_plans_cpu_time_from_the_estimate_alone(write_suite, tmp_path, fake_measure):
     counting = CountingMeasure(fake_measure)
     _, result = run(write_suite(), tmp_path / "out", counting, device="auto", only="bert-tiny/lora/B3")
     (row,) = records.read_records(result.results_path)
     assert counting.calls == [(3, "meta"), (3, "cpu")]
     assert row["status"] == "ok" and row["device"] == "cpu" and row["models_device"] == "cpu"
     assert row["estimate"]["models_device"] == "cuda" and row["estimate"]["peak_bytes"] > 0
-    assert row["throughput"]["tokens_per_s"] > 0
+    assert row["throughput"]["tokens_per_s"] > 0 and row["throughput"]["kind"] == "measured"
+    # the fake backend counts no kernels: the plan is its meta FLOPs on the nominal CPU, 3 steps
+    meta_flops = row["estimate"]["flops"]
+    nominal = steptime.NOMINAL_CPU
+    assert row["policy"]["cpu_seconds"] == pytest.approx(3 * (meta_flops / nominal.matmul["fp32"] + nominal.per_op_s))
+    assert row["policy"]["choice"] == "cpu" and row["estimate"]["cpu_seconds"] == row["policy"]["cpu_seconds"]
+    assert row["throughput"]["estimate_over_measured"] > 0
 
 
-def test_suite_time_budget_stops_cpu_runs(write_suite, tmp_path, fake_measure, monkeypatch):
-    monkeypatch.setattr(runner, "cpu_flop_rate", lambda: 1e15)
+def test_suite_time_budget_stops_cpu_runs(write_suite, tmp_path, fake_measure):
     suite = load_suite(write_suite())
     suite = suite.model_copy(update={"budgets": suite.budgets.model_copy(update={"suite_seconds": 0.0})})
     plan = runner.plan_run(suite, tmp_path / "out", device="auto", only="bert-tiny/full")
@@ -324,7 +332,7 @@ def test_every_setting_that_changes_figures_is_part_of_the_cell_identity(write_s
 
 
 def test_auto_budgets_are_part_of_the_cell_identity(write_suite, tmp_path, fake_measure, monkeypatch):
-    monkeypatch.setattr(runner, "available_memory_bytes", lambda: 1000)  # every cell keeps its estimate
+    monkeypatch.setattr(runner, "total_memory_bytes", lambda: 1000)  # every cell keeps its estimate
     text = CONFIG_SUITE.replace("device: meta", "device: auto")
     out = tmp_path / "out"
     run(write_suite(text), out, fake_measure)
@@ -523,6 +531,7 @@ PARENT = """\
 import sys
 from profiler import runner
 from profiler.suite import load_suite
+from tests.profiler.conftest import TINY_SUITE
 from tests.profiler.conftest import sleeping_measure
 
 plan = runner.plan_run(load_suite(sys.argv[1]), sys.argv[2])

@@ -150,6 +150,12 @@ BAD_SUITES = {
                            "methods: [full]\n", ["suite.yaml:1: model.config.dropout: not a t5 config key"]),
     "bad dtype": (BASE + "training: {dtype: float64}\n", ["suite.yaml:4: training.dtype: 'float64' is not allowed"]),
     "zero threads": (BASE + "training: {threads: 0}\n", ["suite.yaml:4: training.threads: 0 must be >= 1"]),
+    "misspelt target GPU": (BASE + "training: {target: a100-80g}\n",
+                            ["suite.yaml:4: training.target: unknown target GPU 'a100-80g'; did you mean 'a100-80gb'?"]),
+    "target GPU not in the table": (BASE + "training: {target: tpu-v5}\n",
+                                    ["suite.yaml:4: training.target: unknown target GPU 'tpu-v5'; expected one of "
+                                     "a100-40gb, a100-80gb, a10g-24gb, h100-80gb, h200, l4-24gb, l40s-48gb, "
+                                     "rtx4090-24gb, t4-16gb, v100-32gb"]),
     "memory budget not a size": (BASE + "budgets: {memory_gib: [80, 0]}\n",
                                  ["suite.yaml:4: budgets.memory_gib[1]: 0 must be > 0"]),
     "bad device": (BASE + "device: gpu\n", ["suite.yaml:4: device: 'gpu' is not allowed"]),
