@@ -10,6 +10,9 @@
 ``wtacrs-linear@R``    ``wtacrs.convert`` at ratio R on the Linears only (attention left to
                        the model's eager/sdpa implementation)
 ``lora+wtacrs@R``      LoRA, then ``wtacrs.convert`` (only ``lora_A`` inputs are sampled)
+``checkpointing+lora`` LoRA, then activation checkpointing of every layer
+``checkpointing+``     ``wtacrs@R``, then activation checkpointing: a recomputed region samples
+``wtacrs@R``           the same rows as its forward did (the pool's generators are replayed)
 =====================  ======================================================================
 
 ``0 < R <= 1``. ``parse(name)`` reads a name once into a ``Method``; ``Method.prepare(model,
@@ -47,8 +50,8 @@ def _lora(model: nn.Module, family: str, ratio: float | None, seed: int | None) 
     return get_peft_model(model, config)
 
 
-def _checkpointing(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
-    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+def _checkpointing(model: nn.Module, family: str, ratio: float | None, seed: int | None, **kwargs) -> nn.Module:
+    kwargs = {"use_reentrant": False, **kwargs}  # the reentrant variant needs inputs that require grad
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -77,6 +80,17 @@ def _lora_wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int |
     return convert(_lora(model, family, None, seed), config)
 
 
+def _checkpointing_lora(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+    return _checkpointing(_lora(model, family, None, seed), family, None, seed)
+
+
+def _checkpointing_wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+    from wtacrs import checkpoint_context_fn
+
+    model = _wtacrs(model, family, ratio, seed)
+    return _checkpointing(model, family, None, seed, context_fn=checkpoint_context_fn(model))
+
+
 @dataclass(frozen=True)
 class MethodEntry:
     pattern: str  # full match against the method name; group "ratio" if the method takes one
@@ -93,9 +107,14 @@ METHODS: tuple[MethodEntry, ...] = (
     MethodEntry("wtacrs" + _RATIO, _wtacrs, "WTA-CRS on Linear-Q/K/V/O/U/D, exact attention reusing P"),
     MethodEntry("wtacrs-linear" + _RATIO, _wtacrs_linear, "WTA-CRS on the Linears only"),
     MethodEntry("lora\\+wtacrs" + _RATIO, _lora_wtacrs, "LoRA, then WTA-CRS on lora_A inputs"),
+    MethodEntry("checkpointing\\+lora", _checkpointing_lora, "LoRA with activation checkpointing"),
+    MethodEntry("checkpointing\\+wtacrs" + _RATIO, _checkpointing_wtacrs, "WTA-CRS with activation checkpointing"),
 )
 
-METHOD_NAMES_HELP = "full, lora, checkpointing, wtacrs@R, wtacrs-linear@R, lora+wtacrs@R (0 < R <= 1)"
+METHOD_NAMES_HELP = (
+    "full, lora, checkpointing, wtacrs@R, wtacrs-linear@R, lora+wtacrs@R, checkpointing+lora, "
+    "checkpointing+wtacrs@R (0 < R <= 1)"
+)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,9 @@ class SampledLinear(torch.autograd.Function):
         ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
         ctx.has_bias = bias is not None
         ctx.grad_norm_sink = grad_norm_sink
-        ctx.row_source = row_source
+        # the function only: ``row_source.tensors`` go through save_for_backward, where activation
+        # checkpointing (and any saved_tensors_hooks) can free them; a ctx attribute would keep them
+        ctx.row_fn = None if row_source is None else row_source.fn
         saved = [t for t in (weight, rows, weights, indices) if t is not None]
         ctx.save_for_backward(*saved, *source_tensors)
         ctx.n_saved = len(saved)
@@ -69,7 +71,7 @@ class SampledLinear(torch.autograd.Function):
                 grad_weight = grad_2d.t().mm(stored[0].reshape(-1, stored[0].shape[-1]).to(dtype))
             else:
                 *rows, weights, indices = stored
-                rows = ctx.row_source.rows(source_tensors, indices) if ctx.row_source is not None else rows[0]
+                rows = ctx.row_fn(source_tensors, indices.long()) if ctx.row_fn is not None else rows[0]
                 grad_weight = weighted_product(grad_2d.index_select(0, indices), rows, weights, dtype)
             grad_weight = grad_weight.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
