@@ -1,19 +1,21 @@
 """The fine-tuning methods a suite can name: one table from name pattern to preparation.
 
-=====================  ======================================================================
-``full``               every parameter trained, nothing changed
-``lora``               peft LoRA (r=8, alpha=16) on peft's default target modules of the family
-``checkpointing``      transformers' activation (gradient) checkpointing, non-reentrant
-``wtacrs@R``           ``wtacrs.convert(WTACRSConfig(ratio=R))``, the default: every Linear
-                       sampled; eager attention stays exact but reuses P (no copy of
-                       dropout(P), 1-bit dropout mask); SDPA attention is left alone
-``wtacrs-linear@R``    ``wtacrs.convert`` at ratio R on the Linears only (attention left to
-                       the model's eager/sdpa implementation)
-``lora+wtacrs@R``      LoRA, then ``wtacrs.convert`` (only ``lora_A`` inputs are sampled)
-``checkpointing+lora`` LoRA, then activation checkpointing of every layer
-``checkpointing+``     ``wtacrs@R``, then activation checkpointing: a recomputed region samples
-``wtacrs@R``           the same rows as its forward did (the pool's generators are replayed)
-=====================  ======================================================================
+===============================  ======================================================================
+``full``                         every parameter trained, nothing changed
+``lora``                         peft LoRA (r=8, alpha=16) on peft's default target modules of the family
+``checkpointing``                transformers' activation (gradient) checkpointing, non-reentrant
+``wtacrs@R``                     ``wtacrs.convert(WTACRSConfig(ratio=R))``, the default: every Linear
+                                 sampled; eager attention stays exact but reuses P (no copy of
+                                 dropout(P), 1-bit dropout mask); SDPA attention is left alone
+``wtacrs-linear@R``              ``wtacrs.convert`` at ratio R on the Linears only (attention left to
+                                 the model's eager/sdpa implementation)
+``lora+wtacrs@R``                LoRA, then ``wtacrs.convert`` (only ``lora_A`` inputs are sampled)
+``checkpointing+lora``           LoRA, then activation checkpointing of every layer
+``checkpointing+wtacrs@R``       ``wtacrs@R``, then checkpointing with ``wtacrs.checkpoint_context_fn``:
+                                 a recomputed region draws the rows its forward drew, so the
+                                 gradients are those of ``wtacrs@R`` bit for bit
+``checkpointing+lora+wtacrs@R``  ``lora+wtacrs@R``, then checkpointing as above
+===============================  ======================================================================
 
 ``0 < R <= 1``. ``parse(name)`` reads a name once into a ``Method``; ``Method.prepare(model,
 family, seed)`` applies it in place (peft wraps the model, so use the returned module).
@@ -84,11 +86,16 @@ def _checkpointing_lora(model: nn.Module, family: str, ratio: float | None, seed
     return _checkpointing(_lora(model, family, None, seed), family, None, seed)
 
 
-def _checkpointing_wtacrs(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
-    from wtacrs import checkpoint_context_fn
+def _checkpointing_after(convert_fn):
+    """Checkpointing of a model ``convert_fn`` converted: its regions recompute the forward's samples."""
 
-    model = _wtacrs(model, family, ratio, seed)
-    return _checkpointing(model, family, None, seed, context_fn=checkpoint_context_fn(model))
+    def prepare(model: nn.Module, family: str, ratio: float | None, seed: int | None) -> nn.Module:
+        from wtacrs import checkpoint_context_fn
+
+        model = convert_fn(model, family, ratio, seed)
+        return _checkpointing(model, family, None, seed, context_fn=checkpoint_context_fn(model))
+
+    return prepare
 
 
 @dataclass(frozen=True)
@@ -108,12 +115,14 @@ METHODS: tuple[MethodEntry, ...] = (
     MethodEntry("wtacrs-linear" + _RATIO, _wtacrs_linear, "WTA-CRS on the Linears only"),
     MethodEntry("lora\\+wtacrs" + _RATIO, _lora_wtacrs, "LoRA, then WTA-CRS on lora_A inputs"),
     MethodEntry("checkpointing\\+lora", _checkpointing_lora, "LoRA with activation checkpointing"),
-    MethodEntry("checkpointing\\+wtacrs" + _RATIO, _checkpointing_wtacrs, "WTA-CRS with activation checkpointing"),
+    MethodEntry("checkpointing\\+wtacrs" + _RATIO, _checkpointing_after(_wtacrs), "WTA-CRS with activation checkpointing"),
+    MethodEntry("checkpointing\\+lora\\+wtacrs" + _RATIO, _checkpointing_after(_lora_wtacrs),
+                "LoRA+WTA-CRS with activation checkpointing"),
 )
 
 METHOD_NAMES_HELP = (
     "full, lora, checkpointing, wtacrs@R, wtacrs-linear@R, lora+wtacrs@R, checkpointing+lora, "
-    "checkpointing+wtacrs@R (0 < R <= 1)"
+    "checkpointing+wtacrs@R, checkpointing+lora+wtacrs@R (0 < R <= 1)"
 )
 
 

@@ -30,8 +30,9 @@ class SampledLinear(torch.autograd.Function):
     - ``rows`` ``[k, in]`` (input dtype, as they are), the fp32 sample weights ``[k]`` and
       ``indices`` ``[k]`` int32;
     - the fp32 sample weights, ``indices`` and the tensors of a
-      :class:`~wtacrs.rowsource.RowSource`, which rebuilds the rows in backward (those tensors are
-      saved by other ops already, so only ``8 k`` bytes are new);
+      :class:`~wtacrs.rowsource.RowSource`, whose function (kept on ``ctx``, without the
+      tensors) rebuilds the rows in backward (those tensors are saved by other ops already, so
+      only ``8 k`` bytes are new);
     - the input itself when ``k >= n`` (exact gradient);
     - nothing when the weight does not require grad.
 

@@ -26,7 +26,7 @@ RowFn = Callable[[tuple[Tensor, ...], Tensor], Tensor]
 
 @dataclass(frozen=True)
 class RowSource:
-    """``fn(tensors, indices)`` -> the rows ``[k, d]`` at flat token ``indices`` ``[k]``.
+    """``fn(tensors, indices)`` -> the rows ``[k, d]`` at flat token ``indices`` ``[k]`` (int64).
 
     ``tensors`` are the saved activations ``fn`` reads; a consumer saves them with
     ``save_for_backward`` (their storages are already saved by the producers, so they cost no
@@ -37,9 +37,6 @@ class RowSource:
 
     tensors: tuple[Tensor, ...]
     fn: RowFn
-
-    def rows(self, tensors: tuple[Tensor, ...], indices: Tensor) -> Tensor:
-        return self.fn(tensors, indices.long())
 
     def then(self, fn: Callable[[Tensor], Tensor], extra: tuple[Tensor, ...] = ()) -> RowSource:
         """The source of ``fn(rows)``; ``fn`` may read ``extra`` tensors (passed after the rows)."""
