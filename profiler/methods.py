@@ -1,16 +1,21 @@
 """The fine-tuning methods a suite can name: one table from name pattern to preparation.
 
-=====================  ======================================================================
-``full``               every parameter trained, nothing changed
-``lora``               peft LoRA (r=8, alpha=16) on peft's default target modules of the family
-``checkpointing``      transformers' activation (gradient) checkpointing, non-reentrant
-``wtacrs@R``           ``wtacrs.convert(WTACRSConfig(ratio=R))``, the default: every Linear
-                       sampled; eager attention stays exact but reuses P (no copy of
-                       dropout(P), 1-bit dropout mask); SDPA attention is left alone
-``wtacrs-linear@R``    ``wtacrs.convert`` at ratio R on the Linears only (attention left to
-                       the model's eager/sdpa implementation)
-``lora+wtacrs@R``      LoRA, then ``wtacrs.convert`` (only ``lora_A`` inputs are sampled)
-=====================  ======================================================================
+===============================  ======================================================================
+``full``                         every parameter trained, nothing changed
+``lora``                         peft LoRA (r=8, alpha=16) on peft's default target modules of the family
+``checkpointing``                transformers' activation (gradient) checkpointing, non-reentrant
+``wtacrs@R``                     ``wtacrs.convert(WTACRSConfig(ratio=R))``, the default: every Linear
+                                 sampled; eager attention stays exact but reuses P (no copy of
+                                 dropout(P), 1-bit dropout mask); SDPA attention is left alone
+``wtacrs-linear@R``              ``wtacrs.convert`` at ratio R on the Linears only (attention left to
+                                 the model's eager/sdpa implementation)
+``lora+wtacrs@R``                LoRA, then ``wtacrs.convert`` (only ``lora_A`` inputs are sampled)
+``checkpointing+lora``           LoRA, then activation checkpointing of every layer
+``checkpointing+wtacrs@R``       ``wtacrs@R``, then checkpointing with ``wtacrs.checkpoint_context_fn``:
+                                 a recomputed region draws the rows its forward drew, so the
+                                 gradients are those of ``wtacrs@R`` bit for bit
+``checkpointing+lora+wtacrs@R``  ``lora+wtacrs@R``, then checkpointing as above
+===============================  ======================================================================
 
 ``0 < R <= 1``. ``parse(name)`` reads a name once into a ``Method``; ``Method.prepare(model,
 family, seed)`` applies it in place (peft wraps the model, so use the returned module).
@@ -53,8 +58,8 @@ def _lora(model: Module, family: str, ratio: float | None, seed: int | None) -> 
     return get_peft_model(model, config)
 
 
-def _checkpointing(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
-    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+def _checkpointing(model: Module, family: str, ratio: float | None, seed: int | None, **kwargs) -> Module:
+    kwargs = {"use_reentrant": False, **kwargs}  # the reentrant variant needs inputs that require grad
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -83,6 +88,22 @@ def _lora_wtacrs(model: Module, family: str, ratio: float | None, seed: int | No
     return convert(_lora(model, family, None, seed), config)
 
 
+def _checkpointing_lora(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
+    return _checkpointing(_lora(model, family, None, seed), family, None, seed)
+
+
+def _checkpointing_after(convert_fn):
+    """Checkpointing of a model ``convert_fn`` converted: its regions recompute the forward's samples."""
+
+    def prepare(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
+        from wtacrs import checkpoint_context_fn
+
+        model = convert_fn(model, family, ratio, seed)
+        return _checkpointing(model, family, None, seed, context_fn=checkpoint_context_fn(model))
+
+    return prepare
+
+
 @dataclass(frozen=True)
 class MethodEntry:
     pattern: str  # full match against the method name; group "ratio" if the method takes one
@@ -99,9 +120,16 @@ METHODS: tuple[MethodEntry, ...] = (
     MethodEntry("wtacrs" + _RATIO, _wtacrs, "WTA-CRS on Linear-Q/K/V/O/U/D, exact attention reusing P"),
     MethodEntry("wtacrs-linear" + _RATIO, _wtacrs_linear, "WTA-CRS on the Linears only"),
     MethodEntry("lora\\+wtacrs" + _RATIO, _lora_wtacrs, "LoRA, then WTA-CRS on lora_A inputs"),
+    MethodEntry("checkpointing\\+lora", _checkpointing_lora, "LoRA with activation checkpointing"),
+    MethodEntry("checkpointing\\+wtacrs" + _RATIO, _checkpointing_after(_wtacrs), "WTA-CRS with activation checkpointing"),
+    MethodEntry("checkpointing\\+lora\\+wtacrs" + _RATIO, _checkpointing_after(_lora_wtacrs),
+                "LoRA+WTA-CRS with activation checkpointing"),
 )
 
-METHOD_NAMES_HELP = "full, lora, checkpointing, wtacrs@R, wtacrs-linear@R, lora+wtacrs@R (0 < R <= 1)"
+METHOD_NAMES_HELP = (
+    "full, lora, checkpointing, wtacrs@R, wtacrs-linear@R, lora+wtacrs@R, checkpointing+lora, "
+    "checkpointing+wtacrs@R, checkpointing+lora+wtacrs@R (0 < R <= 1)"
+)
 
 
 @dataclass(frozen=True)

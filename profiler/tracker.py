@@ -15,6 +15,7 @@ born and died, and the live set at the peak tick is rebuilt once, after the step
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -80,7 +81,10 @@ class StorageTracker(TorchDispatchMode):
     - A view or in-place result on a storage created before tracking and never registered is
       ignored (it was not allocated by the tracked work).
     - Tensors built below dispatch are not seen, except ``torch.get_rng_state()``'s (activation
-      checkpointing keeps one per region), which the tracker registers while active.
+      checkpointing keeps one per region, and its recomputation one more under
+      ``torch.random.fork_rng``), which the tracker registers while active. On meta,
+      ``fork_rng(device_type="meta")`` takes no state; the tracker makes it take the cpu state a
+      real device's recomputation holds, so a meta estimate modelling cpu counts it too.
     - Python numbers wrapped into 0-dim cpu tensors (``x * 2.0``; autograd may keep one until
       backward) are made below dispatch and not counted: a few bytes each on cpu, nothing on cuda,
       where they stay on the host.
@@ -187,12 +191,23 @@ class StorageTracker(TorchDispatchMode):
             return state
 
         torch.get_rng_state = get_rng_state
+        self._original_fork_rng = torch.random.fork_rng
+        torch.random.fork_rng = self._fork_rng
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._closed = True
         torch.get_rng_state = self._original_get_rng_state
+        torch.random.fork_rng = self._original_fork_rng
         return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def _fork_rng(self, devices=None, enabled=True, *args, device_type=None, **kwargs):
+        """``torch.random.fork_rng``; on meta it also holds the cpu rng state, as off meta."""
+        held = torch.get_rng_state() if enabled and device_type == "meta" else None
+        with self._original_fork_rng(devices, enabled, *args, device_type=device_type, **kwargs):
+            yield
+        del held
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -1,5 +1,5 @@
 """The one generator pool a conversion owns, the fallback rule outside one, and row sources held
-by their tensors (no module-level state)."""
+by their tensors' storages (no module-level state)."""
 
 import copy
 import io
@@ -73,16 +73,45 @@ def _row_source(x):
     return RowSource((x,), lambda ts, idx: ts[0].reshape(-1, ts[0].shape[-1]).index_select(0, idx))
 
 
-def test_a_row_source_is_found_on_its_own_unmodified_tensor_only():
+def test_a_row_source_is_found_on_its_own_unmodified_data_only():
     x = torch.randn(4, 3)
     out = x * 2
     source = _row_source(x)
     rowsource.register(out, source)
     assert rowsource.lookup(out) is source
-    assert rowsource.lookup(out.view(4, 3)) is None  # another tensor object
+    assert rowsource.lookup(out.detach()) is source  # another tensor object, the same data
+    assert rowsource.lookup(out.view(2, 6)) is None  # other rows
+    assert rowsource.lookup(out[1:]) is None
     assert rowsource.lookup(x) is None
     out.add_(1)
     assert rowsource.lookup(out) is None  # modified since it was registered
+    assert rowsource.lookup(out.detach()) is None  # an alias shares the version counter
+
+
+def test_a_row_source_is_found_on_the_alias_a_saved_tensors_hook_unpacks():
+    """What a non-reentrant checkpoint recomputes a region from: the saved input, unpacked
+    through the outer hook as a new tensor object (the profiler's breakdown installs one)."""
+    x = torch.randn(4, 3, requires_grad=True)
+    out = x * 2
+    source = _row_source(x)
+    rowsource.register(out, source)
+    unpacked = []
+
+    class Keep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            ctx.save_for_backward(t)
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            unpacked.append(ctx.saved_tensors[0])
+            return grad
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
+        y = Keep.apply(out)
+    y.sum().backward()
+    assert unpacked[0] is not out and rowsource.lookup(unpacked[0]) is source
 
 
 def test_a_registered_tensor_copies_and_pickles_without_its_row_source():

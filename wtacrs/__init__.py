@@ -5,6 +5,7 @@ The forward pass is exact; each weight gradient ``dW = H^T dZ`` is estimated wit
 """
 
 from wtacrs import estimator, functional, lossless
+from wtacrs.checkpoint import checkpoint_context_fn
 from wtacrs.config import WTACRSConfig
 from wtacrs.convert import convert, is_converted, revert, save_pretrained
 from wtacrs.estimator import budget
@@ -24,6 +25,7 @@ __all__ = [
     "WTACRSConv1D",
     "WTACRSLinear",
     "budget",
+    "checkpoint_context_fn",
     "chunked_loss",
     "convert",
     "estimator",

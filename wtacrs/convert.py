@@ -253,7 +253,7 @@ def _token_masks(family: Family, kwargs: dict) -> dict[str, torch.Tensor | None]
         return {"default": attention_mask}
     masks = {"encoder": attention_mask}
     labels = kwargs.get("labels")
-    if labels is not None and labels.device.type != "meta":
+    if labels is not None:
         real = (labels != -100).flip(-1).cumsum(-1).flip(-1) > 0
         masks["decoder"] = real
     else:
@@ -274,7 +274,9 @@ def _before_forward(hf_model: nn.Module, args: tuple, kwargs: dict):
     scope = contextlib.ExitStack()
     state.scopes.append(scope)  # closed by _after_forward, which also runs when this hook raises
     if hf_model.training and torch.is_grad_enabled():
-        masks = {k: v for k, v in _token_masks(state.family, kwargs).items() if v is not None and v.device.type != "meta"}
+        # meta masks too: the sampling ignores their values there, but a meta estimate must build
+        # and keep them as a real step does (T5's decoder mask is new, alive until backward)
+        masks = {k: v for k, v in _token_masks(state.family, kwargs).items() if v is not None}
         scope.enter_context(token_mask(**masks))
         if sample_ids is not None:
             scope.enter_context(sample_ids.batch())
@@ -311,6 +313,14 @@ def revert(model: nn.Module) -> nn.Module:
 
 def is_converted(model: nn.Module) -> bool:
     return getattr(_hf_model(model), _STATE, None) is not None
+
+
+def conversion_state(model: nn.Module) -> _ConversionState:
+    """What :func:`convert` did to ``model`` (its generator pool, sample share, ...); ValueError if nothing."""
+    state = getattr(_hf_model(model), _STATE, None)
+    if state is None:
+        raise ValueError("model is not converted by wtacrs.convert")
+    return state
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:

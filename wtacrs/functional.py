@@ -30,8 +30,9 @@ class SampledLinear(torch.autograd.Function):
     - ``rows`` ``[k, in]`` (input dtype, as they are), the fp32 sample weights ``[k]`` and
       ``indices`` ``[k]`` int32;
     - the fp32 sample weights, ``indices`` and the tensors of a
-      :class:`~wtacrs.rowsource.RowSource`, which rebuilds the rows in backward (those tensors are
-      saved by other ops already, so only ``8 k`` bytes are new);
+      :class:`~wtacrs.rowsource.RowSource`, whose function (kept on ``ctx``, without the
+      tensors) rebuilds the rows in backward (those tensors are saved by other ops already, so
+      only ``8 k`` bytes are new);
     - the input itself when ``k >= n`` (exact gradient);
     - nothing when the weight does not require grad.
 
@@ -47,7 +48,9 @@ class SampledLinear(torch.autograd.Function):
         ctx.input_shape, ctx.input_dtype = input.shape, input.dtype
         ctx.has_bias = bias is not None
         ctx.grad_norm_sink = grad_norm_sink
-        ctx.row_source = row_source
+        # the function only: ``row_source.tensors`` go through save_for_backward, where activation
+        # checkpointing (and any saved_tensors_hooks) can free them; a ctx attribute would keep them
+        ctx.row_fn = None if row_source is None else row_source.fn
         saved = [t for t in (weight, rows, weights, indices) if t is not None]
         ctx.save_for_backward(*saved, *source_tensors)
         ctx.n_saved = len(saved)
@@ -69,7 +72,7 @@ class SampledLinear(torch.autograd.Function):
                 grad_weight = grad_2d.t().mm(stored[0].reshape(-1, stored[0].shape[-1]).to(dtype))
             else:
                 *rows, weights, indices = stored
-                rows = ctx.row_source.rows(source_tensors, indices) if ctx.row_source is not None else rows[0]
+                rows = ctx.row_fn(source_tensors, indices.long()) if ctx.row_fn is not None else rows[0]
                 grad_weight = weighted_product(grad_2d.index_select(0, indices), rows, weights, dtype)
             grad_weight = grad_weight.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -92,6 +92,28 @@ def stream_mask(stream: str, n: int) -> tuple[Tensor | None, int | None]:
     return mask.reshape(n), id(mask)
 
 
+class ForwardSources:
+    """The token masks and gradient-norm cache active at one point of a forward pass, to be made
+    active again later (the recomputation of a checkpointed region runs in backward, after the
+    forward closed their scopes). ``with sources:`` restores them inside the block; re-entrant."""
+
+    __slots__ = ("_values", "_tokens")
+
+    def __init__(self) -> None:
+        self._values = (_token_masks.get(), _active_cache.get())
+        self._tokens: list[tuple] = []
+
+    def __enter__(self) -> ForwardSources:
+        masks, cache = self._values
+        self._tokens.append((_token_masks.set(masks), _active_cache.set(cache)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        masks_token, cache_token = self._tokens.pop()
+        _active_cache.reset(cache_token)
+        _token_masks.reset(masks_token)
+
+
 SAMPLE_IDS_KEY = "wtacrs_sample_ids"
 """The batch key under which :meth:`GradNormCache.collator` passes the sample ids to a converted model."""
 

@@ -48,6 +48,20 @@ class GeneratorPool:
             g = self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
         return g
 
+    def get_state(self) -> dict[torch.device, torch.Tensor]:
+        """The state of every generator created so far (``torch.Generator.get_state``, host tensors)."""
+        return {device: g.get_state() for device, g in self._by_device.items()}
+
+    def set_state(self, states: dict[torch.device, torch.Tensor]) -> None:
+        """Put back states from :meth:`get_state`; a generator created since goes back to a new
+        generator's state (seeded ``seed``), which is what it had when ``states`` were taken."""
+        for device, g in self._by_device.items():
+            state = states.get(device)
+            if state is None:
+                g.manual_seed(self.seed)
+            else:
+                g.set_state(state)
+
 
 def generator_for(generator: torch.Generator | GeneratorPool | None, device: torch.device) -> torch.Generator | None:
     """The generator a sampling op on ``device`` draws from (None: torch's default); see the module docstring."""

@@ -9,7 +9,7 @@ the dropout mask instead of storing rows of their own.
 
 Producers (the lean norm, sampled linears, lossless activations and dropouts) call
 :func:`register` on their output during a training forward; consumers call :func:`lookup` on
-their input. A registration is held by the output tensor itself and dies with it, so nothing
+their input. A registration is held by the output's storage and dies with it, so nothing
 outlives the forward pass except what autograd saved.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 RowFn = Callable[[tuple[Tensor, ...], Tensor], Tensor]
@@ -25,61 +26,83 @@ RowFn = Callable[[tuple[Tensor, ...], Tensor], Tensor]
 
 @dataclass(frozen=True)
 class RowSource:
-    """``fn(tensors, indices)`` -> the rows ``[k, d]`` at flat token ``indices`` ``[k]``.
+    """``fn(tensors, indices)`` -> the rows ``[k, d]`` at flat token ``indices`` ``[k]`` (int64).
 
     ``tensors`` are the saved activations ``fn`` reads; a consumer saves them with
     ``save_for_backward`` (their storages are already saved by the producers, so they cost no
-    extra bytes). ``fn`` captures only parameters and plain values, never activations.
+    extra bytes) and keeps only ``fn`` beyond the forward. ``fn`` captures only parameters and
+    plain values, never activations: a reference it held would keep an activation alive that
+    activation checkpointing frees.
     """
 
     tensors: tuple[Tensor, ...]
     fn: RowFn
 
-    def rows(self, tensors: tuple[Tensor, ...], indices: Tensor) -> Tensor:
-        return self.fn(tensors, indices.long())
-
     def then(self, fn: Callable[[Tensor], Tensor], extra: tuple[Tensor, ...] = ()) -> RowSource:
         """The source of ``fn(rows)``; ``fn`` may read ``extra`` tensors (passed after the rows)."""
-        inner, n_inner = self.fn, len(self.tensors)
+        inner, n_inner, reads_extra = self.fn, len(self.tensors), bool(extra)  # never capture ``extra``
 
         def composed(tensors, indices):
             rows = inner(tensors[:n_inner], indices)
-            return fn(rows, *tensors[n_inner:], indices=indices) if extra else fn(rows)
+            return fn(rows, *tensors[n_inner:], indices=indices) if reads_extra else fn(rows)
 
         return RowSource(self.tensors + tuple(extra), composed)
 
 
-_ATTRIBUTE = "_wtacrs_row_source"
+_ATTRIBUTE = "_wtacrs_row_sources"
+
+Geometry = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype]
+
+
+def _geometry(tensor: Tensor) -> Geometry:
+    return tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
 
 
 class _Registration:
-    """A row source as registered on an output tensor, with the tensor's version at registration.
-
-    It pickles (``torch.save``, ``copy.deepcopy`` of the tensor) as no registration: the source's
-    closure does not pickle, and a copy is not the tensor the producer computed.
-    """
+    """A row source as registered on an output tensor, with the tensor's version at registration."""
 
     __slots__ = ("source", "version")
 
-    def __init__(self, source: RowSource | None = None, version: int = -1) -> None:
+    def __init__(self, source: RowSource, version: int) -> None:
         self.source, self.version = source, version
 
+
+class _Registrations(dict):
+    """The registrations on one storage, by the geometry of the registered tensor.
+
+    It pickles (``torch.save``, ``copy.deepcopy``) as no registration: the sources' closures do
+    not pickle, and a copy is not the tensor the producer computed.
+    """
+
     def __reduce__(self):
-        return (_Registration, ())
+        return (_Registrations, ())
 
 
 def register(output: Tensor, source: RowSource) -> None:
     """Declare that the rows of ``output`` (``[..., d]``, tokens flattened) come from ``source``.
 
-    The registration is an attribute of ``output`` itself, so it lives exactly as long as the
-    tensor and no table outlives the forward pass.
+    The registration is an attribute of ``output``'s storage, keyed by ``output``'s geometry
+    (offset, shape, strides, dtype), so it lives exactly as long as the data and no table
+    outlives the forward pass. Any tensor with that storage and geometry is the same data and
+    finds it: in particular the alias autograd unpacks for a saved tensor under
+    ``saved_tensors_hooks``, such as the inputs a non-reentrant ``torch.utils.checkpoint`` region
+    is recomputed from (a new Python object, so an attribute of the tensor object would be lost
+    and the recomputation would save other tensors than the forward). ``source.tensors`` must
+    not include ``output`` itself.
     """
-    setattr(output, _ATTRIBUTE, _Registration(source, output._version))
+    storage = output.untyped_storage()
+    table = getattr(storage, _ATTRIBUTE, None)
+    if table is None:
+        table = _Registrations()
+        setattr(storage, _ATTRIBUTE, table)
+    table[_geometry(output)] = _Registration(source, output._version)
 
 
 def lookup(input: Tensor) -> RowSource | None:
-    """The row source registered for ``input`` (same tensor object, not modified since)."""
-    entry = getattr(input, _ATTRIBUTE, None)
-    if entry is None or entry.source is None or entry.version != input._version:
+    """The row source registered for ``input``'s data (same storage and geometry), or None when
+    none is or the data was modified in place since (aliases share the version counter)."""
+    table = getattr(input.untyped_storage(), _ATTRIBUTE, None)
+    entry = None if table is None else table.get(_geometry(input))
+    if entry is None or entry.version != input._version:
         return None
     return entry.source

@@ -217,7 +217,7 @@ def test_cuda_modelling_saves_bool_dropout_masks_and_rounds_blocks():
 
 
 def test_backends_leave_no_trace_even_when_the_step_fails():
-    dropout, get_rng_state = F.dropout, torch.get_rng_state
+    dropout, get_rng_state, fork_rng = F.dropout, torch.get_rng_state, torch.random.fork_rng
     hooks = (dict(torch.nn.modules.module._global_forward_pre_hooks), dict(torch.nn.modules.module._global_forward_hooks))
     model, batch, optimizer, _ = t5_cell("meta")
     measure_training_step(model, batch, optimizer, device="meta", family=T5, models_device="cuda")
@@ -234,7 +234,7 @@ def test_backends_leave_no_trace_even_when_the_step_fails():
         measure_training_step(model, batch, optimizer, device="meta", family=T5, models_device="cuda")
 
     assert F.dropout is dropout
-    assert torch.get_rng_state is get_rng_state
+    assert torch.get_rng_state is get_rng_state and torch.random.fork_rng is fork_rng
     assert all(group["foreach"] is None for group in optimizer.param_groups)
     assert torch._C._len_torch_dispatch_stack() == 0
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
