@@ -188,7 +188,7 @@ def _method_list(text: str) -> list[str]:
 
 def _add_estimate(commands) -> None:
     from profiler.fits import MARGIN_NOTE
-    from profiler.models import PRESETS
+    from profiler.presets import PRESETS
 
     # wrapped here, not by argparse, so that no preset name is split at its hyphens
     description = "\n\n".join(textwrap.fill(text, 90, break_on_hyphens=False) for text in (

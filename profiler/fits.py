@@ -25,15 +25,16 @@ largest batch size on the grid: a longer reach rests on a line nothing measured.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING, NamedTuple
 
 from profiler.units import GiB, MiB
+
+if TYPE_CHECKING:  # pandas and numpy load with the report, not with `python -m profiler --help`
+    import pandas as pd
 
 GB = 10**9  # a decimal gigabyte, as memory sizes are often sold
 CUDA_CONTEXT_BYTES = 512 * MiB
@@ -102,15 +103,15 @@ def max_batch_size(batch_sizes: Sequence[float], peaks: Sequence[float], limit: 
     points = sorted({int(b): float(p) for b, p in zip(batch_sizes, peaks)}.items())
     if len(points) < 2:
         return BatchLimit(None)
-    bs = np.array([b for b, _ in points], dtype=float)
-    ps = np.array([p for _, p in points], dtype=float)
+    bs = [float(b) for b, _ in points]
+    ps = [p for _, p in points]
     above = limit >= ps[-1]
     if limit < ps[0]:
         segment = 0
     elif above:
         segment = len(points) - 2
     else:
-        segment = min(max(int(np.searchsorted(ps, limit, side="right")) - 1, 0), len(points) - 2)
+        segment = min(max(bisect.bisect_right(ps, limit) - 1, 0), len(points) - 2)
     slope = (ps[segment + 1] - ps[segment]) / (bs[segment + 1] - bs[segment])
     if above:  # from the last point, at least the activations' slope
         slope, segment = max(slope, min_slope), segment + 1
@@ -130,6 +131,8 @@ def fits_frame(cells: pd.DataFrame, budgets: Sequence[int]) -> pd.DataFrame:
     (``profiler.report.cells_frame``). Columns: those, ``budget_bytes``, ``budget`` (both units),
     ``needed_bytes`` and ``fits``; budgets largest first.
     """
+    import pandas as pd
+
     columns = ["panel", "method", "batch_size", "estimated", "peak_bytes", "budget_bytes", "budget",
                "needed_bytes", "fits"]
     usable = cells.dropna(subset=["peak_bytes"])
