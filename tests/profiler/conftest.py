@@ -122,3 +122,21 @@ def sleeping_measure(*args, **kwargs):
     (pids / str(os.getpid())).touch()
     time.sleep(600)
     raise AssertionError("slept for 10 minutes")
+
+
+def estimate_and_measurement(suite) -> tuple[dict, dict]:
+    """The one cell of ``suite`` estimated on meta and measured on the cpu, through the runner;
+    asserts what every estimate-equals-measurement test needs: the same peak, categories and
+    activations, and that there were activations and optimizer state to count."""
+    from profiler import runner
+    from profiler.measure import measure_training_step
+
+    (cell,) = suite.cells()
+    meta = runner.CellRunner(suite, "meta", measure_training_step).run(cell)
+    cpu = runner.CellRunner(suite, "cpu", measure_training_step).run(cell)
+    assert (meta["status"], cpu["status"]) == ("estimated", "ok"), (meta["message"], cpu["message"])
+    assert meta["memory"]["peak_bytes"] == cpu["memory"]["peak_bytes"]
+    assert meta["memory"]["categories"] == cpu["memory"]["categories"]
+    assert meta["activations"] == cpu["activations"]
+    assert sum(a["bytes"] for a in cpu["activations"]) > 0 and cpu["memory"]["categories"]["optimizer_state"] > 0
+    return meta, cpu

@@ -13,6 +13,7 @@ from torch import nn
 from profiler.measure import Measurement, measure_training_step, training_step
 from profiler.records import MEMORY_CATEGORIES
 from tests.factory import tiny_model
+from tests.profiler.conftest import estimate_and_measurement
 from wtacrs.taxonomy import FAMILIES
 
 T5 = FAMILIES["t5"]
@@ -185,19 +186,9 @@ def decoder_suite(preset: str, method: str, pad: float):
      ("gemma2-tiny", "full", 0.25), ("gemma2-tiny", "wtacrs@0.3", 0.0), ("gemma3-tiny", "wtacrs@0.3", 0.25)],
 )
 def test_meta_estimate_of_a_decoder_equals_cpu_measurement(preset, method, pad):
-    from profiler import runner
-
-    suite = decoder_suite(preset, method, pad)
-    (cell,) = suite.cells()
-    meta = runner.CellRunner(suite, "meta", measure_training_step).run(cell)
-    cpu = runner.CellRunner(suite, "cpu", measure_training_step).run(cell)
-    assert (meta["status"], cpu["status"]) == ("estimated", "ok"), (meta["message"], cpu["message"])
-    assert meta["memory"]["peak_bytes"] == cpu["memory"]["peak_bytes"]
-    assert meta["memory"]["categories"] == cpu["memory"]["categories"]
-    assert meta["activations"] == cpu["activations"]
+    meta, cpu = estimate_and_measurement(decoder_suite(preset, method, pad))
     if method == "full":  # wtacrs: the sampling's probability products run on real data only
         assert meta["flops"] == cpu["flops"]
-    assert sum(a["bytes"] for a in cpu["activations"]) > 0 and cpu["memory"]["categories"]["optimizer_state"] > 0
 
 
 def test_cuda_modelling_saves_bool_dropout_masks_and_rounds_blocks():

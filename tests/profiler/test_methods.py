@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import profiler
-from profiler import methods, runner
-from profiler.measure import measure_training_step, training_step
+from profiler import methods
+from profiler.measure import training_step
 from profiler.suite import parse_suite
 
+from .conftest import estimate_and_measurement
 from .test_measure import t5_cell
 
 
@@ -70,12 +71,4 @@ def _t5_tiny_suite(method: str):
 def test_checkpointing_combinations_meta_estimate_equals_cpu_measurement(method):
     """Under the runner (the breakdown's outer saved_tensors_hooks included): no CheckpointError,
     and the meta estimate is the cpu measurement, byte for byte."""
-    suite = _t5_tiny_suite(method)
-    (cell,) = suite.cells()
-    meta = runner.CellRunner(suite, "meta", measure_training_step).run(cell)
-    cpu = runner.CellRunner(suite, "cpu", measure_training_step).run(cell)
-    assert (meta["status"], cpu["status"]) == ("estimated", "ok"), (meta["message"], cpu["message"])
-    assert meta["memory"]["peak_bytes"] == cpu["memory"]["peak_bytes"]
-    assert meta["memory"]["categories"] == cpu["memory"]["categories"]
-    assert meta["activations"] == cpu["activations"]
-    assert sum(a["bytes"] for a in cpu["activations"]) > 0 and cpu["memory"]["categories"]["optimizer_state"] > 0
+    estimate_and_measurement(_t5_tiny_suite(method))

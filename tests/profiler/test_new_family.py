@@ -13,11 +13,12 @@ import torch
 import transformers as tf
 
 import wtacrs
-from profiler import models, runner
-from profiler.measure import measure_training_step
+from profiler import models
 from profiler.suite import SuiteError, parse_suite
 from wtacrs.modules import LeanNorm, LosslessActivation, WTACRSLinear
 from wtacrs.taxonomy import Family, Operator
+
+from .conftest import estimate_and_measurement
 
 OPT = Family(
     name="opt",
@@ -101,14 +102,7 @@ def test_the_entry_gives_opt_a_chunked_loss(opt_registered):
 
 @pytest.mark.parametrize("method", ["full", "wtacrs@0.3", "lora+wtacrs@0.3"])
 def test_the_entry_profiles_an_opt_model_and_its_estimate_is_the_measurement(opt_registered, method):
-    suite = opt_suite(method)
-    (cell,) = suite.cells()
-    meta = runner.CellRunner(suite, "meta", measure_training_step).run(cell)
-    cpu = runner.CellRunner(suite, "cpu", measure_training_step).run(cell)
-    assert (meta["status"], cpu["status"]) == ("estimated", "ok"), (meta["message"], cpu["message"])
-    assert meta["memory"]["peak_bytes"] == cpu["memory"]["peak_bytes"]
-    assert meta["memory"]["categories"] == cpu["memory"]["categories"]
-    assert meta["activations"] == cpu["activations"]
+    _, cpu = estimate_and_measurement(opt_suite(method))
     found = {(a["operator"], a["category"]) for a in cpu["activations"] if a["bytes"] > 0}
     linears = {op: {c for o, c in found if o == op} for op in ("Linear-Q", "Linear-K", "Linear-V", "Linear-O",
                                                                 "Linear-U", "Linear-D")}
