@@ -23,6 +23,7 @@ family, seed)`` applies it in place (peft wraps the model, so use the returned m
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,16 +93,17 @@ def _checkpointing_lora(model: Module, family: str, ratio: float | None, seed: i
     return _checkpointing(_lora(model, family, None, seed), family, None, seed)
 
 
-def _checkpointing_after(convert_fn):
+def _checkpointing_converted(convert_fn, model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
     """Checkpointing of a model ``convert_fn`` converted: its regions recompute the forward's samples."""
+    from wtacrs import checkpoint_context_fn
 
-    def prepare(model: Module, family: str, ratio: float | None, seed: int | None) -> Module:
-        from wtacrs import checkpoint_context_fn
+    model = convert_fn(model, family, ratio, seed)
+    return _checkpointing(model, family, None, seed, context_fn=checkpoint_context_fn(model))
 
-        model = convert_fn(model, family, ratio, seed)
-        return _checkpointing(model, family, None, seed, context_fn=checkpoint_context_fn(model))
 
-    return prepare
+def _checkpointing_after(convert_fn):
+    """``_checkpointing_converted`` of ``convert_fn``, picklable (``--jobs`` workers receive it)."""
+    return functools.partial(_checkpointing_converted, convert_fn)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import wtacrs
-from tests.test_convert import batch, build
+from tests.factory import tiny_batch, tiny_model
 from wtacrs.rng import GeneratorPool
 
 
@@ -20,11 +20,11 @@ def _detaching_hooks():
 
 
 def _gradients(family: str, checkpointing: bool, outer_hook: bool, steps: int = 3) -> list[list[torch.Tensor]]:
-    model = wtacrs.convert(build(family).train(), wtacrs.WTACRSConfig(ratio=0.3, seed=5))
+    model = wtacrs.convert(tiny_model(family).train(), wtacrs.WTACRSConfig(ratio=0.3, seed=5))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
             "use_reentrant": False, "context_fn": wtacrs.checkpoint_context_fn(model)})
-    data = batch(family, B=2, S=8)  # padded: the token masks decide the probabilities
+    data = tiny_batch(family, 2, 8)  # padded: the token masks decide the probabilities
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(0)  # dropout masks: checkpoint replays the default generator
     grads = []
@@ -50,9 +50,9 @@ def test_checkpointed_gradients_equal_the_uncheckpointed_ones_bit_for_bit(family
 
 def test_without_the_context_fn_the_recomputation_draws_other_rows():
     """The test above can fail: checkpoint alone replays no private generator."""
-    model = wtacrs.convert(build("t5").train(), wtacrs.WTACRSConfig(ratio=0.3, seed=5))
+    model = wtacrs.convert(tiny_model("t5").train(), wtacrs.WTACRSConfig(ratio=0.3, seed=5))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    data = batch("t5", B=2, S=8)
+    data = tiny_batch("t5", 2, 8)
     torch.manual_seed(0)
     model(**data).loss.backward()
     got = [p.grad for p in model.parameters() if p.grad is not None]
@@ -74,4 +74,4 @@ def test_a_pool_state_puts_back_the_draws_and_resets_generators_made_since():
 
 def test_the_context_fn_needs_a_converted_model():
     with pytest.raises(ValueError, match="not converted"):
-        wtacrs.checkpoint_context_fn(build("t5"))
+        wtacrs.checkpoint_context_fn(tiny_model("t5"))
