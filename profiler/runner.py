@@ -489,6 +489,11 @@ class CellRunner:
 
     def run(self, cell: Cell) -> records.Record:
         """Measure ``cell`` (on ``auto``: estimate, then maybe run on the CPU) into a record."""
+        if cell.parallel is not None:  # DDP / FSDP: per-rank figures (``profiler.distributed_run``)
+            from profiler.distributed_run import parallel_record
+
+            self.cache.clear()
+            return parallel_record(cell, self.device, self.suite.models_device)
         record = self.estimate(cell) if self.device == "auto" else self._run_on(cell, self.device)
         return self.consider_cpu(record, cell) if self.device == "auto" else record
 
@@ -626,8 +631,11 @@ def _group_key(cell: Cell) -> tuple:
 def _records_in_order(plan: Plan, runner: CellRunner, jobs: int, measure: MeasureFn | None):
     """Yield (cell, record) in suite order. With jobs > 1 the meta estimates come from worker
     processes (meta estimation is single-threaded Python); CPU runs stay in this process, one at
-    a time. Without workers each cell runs here when its turn comes."""
-    if jobs <= 1 or plan.device not in ("meta", "auto"):
+    a time. Without workers each cell runs here when its turn comes (so does every cell of a
+    torchrun launch, whose ranks follow this process cell by cell)."""
+    import torch.distributed as dist
+
+    if jobs <= 1 or plan.device not in ("meta", "auto") or dist.is_initialized():
         for cell in plan.todo:
             yield cell, runner.run(cell)
         return
