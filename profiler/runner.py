@@ -498,7 +498,12 @@ class CellRunner:
         return self.consider_cpu(record, cell) if self.device == "auto" else record
 
     def estimate(self, cell: Cell) -> records.Record:
-        """The meta estimate of ``cell`` (what a worker process computes for ``auto``/``meta``)."""
+        """The meta estimate of ``cell`` (what a worker process computes for ``auto``/``meta``); a
+        DDP/FSDP cell's is one rank traced under the fake process group."""
+        if cell.parallel is not None:
+            from profiler.distributed_run import parallel_record
+
+            return parallel_record(cell, "meta", self.suite.models_device)
         return self._run_on(cell, "meta")
 
     def _run_on(self, cell: Cell, device: str, estimate: dict[str, Any] | None = None) -> records.Record:
@@ -518,7 +523,7 @@ class CellRunner:
 
     def consider_cpu(self, record: records.Record, cell: Cell) -> records.Record:
         """After the meta estimate: run on the CPU if the budgets allow, else say why not."""
-        if record["status"] != "estimated":
+        if record["status"] != "estimated" or record.get("parallel"):  # a rank estimate stays one
             return record
         budgets = self.suite.budgets
         peak = int(record["memory"]["peak_bytes"])
