@@ -209,7 +209,8 @@ def estimate_rank(build, batch: dict, make_optimizer, settings: ParallelSettings
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {settings.strategy!r}")
     group = fake_process_group(settings.world_size) if settings.strategy == "fsdp" else contextlib.nullcontext()
     with group as mesh, FakeTensorMode(allow_non_fake_inputs=True):
-        model = build()
+        with _adapters_stay_put():
+            model = build()
         extra = {}
         if settings.strategy == "fsdp":
             shard_fsdp(model, settings, mesh)
@@ -219,3 +220,24 @@ def estimate_rank(build, batch: dict, make_optimizer, settings: ParallelSettings
         return tracked_step(model, batch, optimizer, strategy=settings.strategy, models_device=models_device,
                             warmup_steps=warmup_steps, extra=extra, estimated=True)
 
+
+
+@contextlib.contextmanager
+def _adapters_stay_put():
+    """Inside the block, ``Module.to`` a cpu module's own device and dtype returns it unchanged.
+    peft moves each new LoRA layer to its base layer's device and dtype with ``Module.to``,
+    which cannot swap fake parameters; under one FakeTensorMode they are there already."""
+    original = nn.Module.to
+
+    def to(module, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        same_dtype = dtype is None or all(t.dtype == dtype for t in module.parameters() if t.is_floating_point())
+        if (device is None or device.type == "cpu") and same_dtype:
+            return module
+        return original(module, *args, **kwargs)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original
