@@ -76,15 +76,11 @@ def measure_rank(cell) -> RankFigures:
         model = DistributedDataParallel(model, process_group=_WORK_GROUP, bucket_cap_mb=settings.bucket_cap_mb)
     optimizer = build_optimizer(model, cell.optimizer)
     batch = {k: v.to(device) for k, v in _batch(cell).items()}
-    if settings.strategy == "ddp":  # its buckets, allocated in C++ where no tracker sees them
-        extra["DDP Buckets"] = _ddp_bucket_bytes_measured(model)
+    # DDP's buckets need no extra: the tracker meets them when the reducer's all-reduce returns
+    # them in backward, and counts them from then on (under "Activation"); measured here, the
+    # peak equals the estimate's single-device step plus ``ddp_bucket_bytes``
     return tracked_step(model, batch, optimizer, strategy=settings.strategy, models_device=torch.device(device).type,
                         warmup_steps=cell.warmup_steps, extra=extra, rank=dist.get_rank())
-
-
-def _ddp_bucket_bytes_measured(model) -> int:
-    sizes = model._get_ddp_logging_data().get("bucket_sizes", "")
-    return sum(int(size) for size in str(sizes).split(",") if size.strip())
 
 
 def _gathered(cell) -> list[dict]:

@@ -12,8 +12,8 @@ cell differ only in what runs beneath them:
   DDP's gradient buckets: one flat copy of every trainable gradient, alive for the whole step
   (``ddp_bucket_bytes``; DDP's default ``gradient_as_bucket_view=False``).
 - **measured** (``measure_rank``): the same step on a real process group (``torchrun``: gloo on
-  the CPU, nccl on cuda), each rank on its own device. A DDP rank adds the bucket sizes its
-  reducer reports (``_get_ddp_logging_data``), which it allocates in C++ before the step.
+  the CPU, nccl on cuda), each rank on its own device. DDP's buckets, allocated in C++, are met
+  by the tracker when the reducer's all-reduce returns them in backward.
 
 Accounting is torch's own: ``FSDPMemTracker`` for FSDP (categories sharded/unsharded param,
 sharded/unsharded grad, all-gather, reduce-scatter, activations, temporaries, optimizer state,
