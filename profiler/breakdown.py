@@ -25,7 +25,6 @@ None to fall back on the module's role.
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.module_tracker import ModuleTracker
 
-from wtacrs.taxonomy import Category, Family, Operator
+from wtacrs.taxonomy import Category, Family, Operator, is_head
 
 from .tracker import StorageTracker
 
@@ -228,7 +227,6 @@ def attribute(site: SaveSite) -> Attribution:
 
 
 # -- module roles ---------------------------------------------------------------------------------
-HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "pooler", "cls"})
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
 _NOT_ACTIVATIONS = (nn.Softmax, nn.LogSoftmax, nn.MultiheadAttention)
 
@@ -244,7 +242,6 @@ class ModuleRoles:
         root = type(model).__name__
         self._modules = {(f"{root}.{name}" if name else root): m for name, m in model.named_modules(remove_duplicate=False)}
         self._family = family
-        self._layernorm = re.compile(rf"(^|\.)(?:{family.layernorm})$") if family is not None else None
         self._cache: dict[str, ModuleRole | None] = {}
 
     def role_of(self, name: str) -> ModuleRole | None:
@@ -270,7 +267,7 @@ class ModuleRoles:
                 return ModuleRole("linear", name, operator)
             if family.is_attention(name):
                 return ModuleRole("attention", name)
-            if self._layernorm.search(name):
+            if family.is_layernorm(name):
                 return ModuleRole("layernorm", name)
         if isinstance(module, nn.Dropout):
             return ModuleRole("dropout", name)
@@ -278,13 +275,12 @@ class ModuleRoles:
             return ModuleRole("embedding", name)
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "LayerNorm" in type_name or "RMSNorm" in type_name:
             return ModuleRole("layernorm", name)
-        if (
-            module is not None
-            and type(module).__module__ in _ACTIVATION_MODULES
-            and not isinstance(module, _NOT_ACTIVATIONS)
+        if module is not None and (
+            (type(module).__module__ in _ACTIVATION_MODULES and not isinstance(module, _NOT_ACTIVATIONS))
+            or (family is not None and family.is_activation(module))
         ):
             return ModuleRole("activation", name)
-        if name.rsplit(".", 1)[-1] in HEAD_NAMES or type_name.endswith(("Loss", "Head")):
+        if (family.is_head(name) if family is not None else is_head(name)) or type_name.endswith(("Loss", "Head")):
             return ModuleRole("head", name)
         return None
 

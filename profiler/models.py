@@ -43,35 +43,62 @@ from transformers import (
 )
 from transformers import masking_utils
 
-from wtacrs.taxonomy import Family, family_for_model_type
+from wtacrs.taxonomy import FAMILIES, Family, register_family, unregister_family
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 FIRST_TOKEN_ID = 3  # ids below are pad / eos / unk in every family here; synthetic tokens avoid them
 
 
+TASKS = {  # what a family's head model trains: peft's task type, and the labels of the synthetic batch
+    "seq2seq": ("SEQ_2_SEQ_LM", "seq2seq LM (labels [B, target_len])"),
+    "classification": ("SEQ_CLS", "sequence classification (labels [B])"),
+    "causal": ("CAUSAL_LM", "causal LM (labels [B, S])"),
+}
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """How one family's config names the block dimensions, and which head model is trained.
+    """Everything the project knows of one model family: one entry.
 
-    ``d_head`` is None where the config has no separate head size (it is ``d_model / n_head``).
-    ``d_ff`` None in a config means ``4 * d_model`` (GPT-2's ``n_inner``). ``n_kv_head`` names
-    the key/value head count of grouped-query attention (None: every head has its own).
+    ``family`` is the wtacrs table entry (module names: which Linear is which operator, the
+    attention, norm, activation and head modules); the rest says how to build and train the
+    family's models. ``model_class`` is the head model trained, for ``task`` (a key of ``TASKS``).
+    The other strings name config keys: ``d_head`` is None where the config has no separate head
+    size (it is ``d_model / n_head``), ``d_ff`` None in a config means ``4 * d_model`` (GPT-2's
+    ``n_inner``), ``n_kv_head`` the key/value head count of grouped-query attention (None: every
+    head has its own). ``default_preset`` is where a suite that names only the family starts.
     """
 
+    family: Family
     config_class: type[PretrainedConfig]
     model_class: type[PreTrainedModel]
-    encoder_decoder: bool
-    d_model: str
-    n_head: str
-    d_ff: str
-    n_layers: str
+    task: str
+    default_preset: str
+    d_model: str = "hidden_size"
+    n_head: str = "num_attention_heads"
+    d_ff: str = "intermediate_size"
+    n_layers: str = "num_hidden_layers"
     d_head: str | None = None
     n_kv_head: str | None = None
-    max_positions: str | None = None
-    peft_task_type: str = "CAUSAL_LM"
-    loss: str = "causal LM"
+    max_positions: str | None = "max_position_embeddings"
     activation: str = "hidden_act"  # the config attribute naming the MLP's activation (a key of ACT2FN)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"Architecture.task must be one of {', '.join(TASKS)}, got {self.task!r}")
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.task == "seq2seq"
+
+    @property
+    def peft_task_type(self) -> str:
+        return TASKS[self.task][0]
+
+    @property
+    def loss(self) -> str:
+        return TASKS[self.task][1]
 
     @property
     def size_keys(self) -> tuple[str, ...]:
@@ -81,39 +108,29 @@ class Architecture:
         return tuple(dict.fromkeys(k for k in keys if k))
 
 
+def _decoder(family: str, config_class, model_class, default_preset: str, **names: str) -> Architecture:
+    """A LLaMA-style decoder: the config names of ``LlamaConfig``, unless ``names`` says otherwise."""
+    return Architecture(FAMILIES[family], config_class, model_class, "causal", default_preset,
+                        **{"d_head": "head_dim", "n_kv_head": "num_key_value_heads", **names})
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "t5": Architecture(
-        T5Config, T5ForConditionalGeneration, encoder_decoder=True,
-        d_model="d_model", n_head="num_heads", d_ff="d_ff", n_layers="num_layers", d_head="d_kv",
-        peft_task_type="SEQ_2_SEQ_LM", loss="seq2seq LM (labels [B, target_len])",
+        FAMILIES["t5"], T5Config, T5ForConditionalGeneration, "seq2seq", "t5-small",
+        d_model="d_model", n_head="num_heads", d_ff="d_ff", n_layers="num_layers", d_head="d_kv", max_positions=None,
         activation="dense_act_fn",  # T5Config derives it from feed_forward_proj: "gated-gelu" -> "gelu"
     ),
-    "bert": Architecture(
-        BertConfig, BertForSequenceClassification, encoder_decoder=False,
-        d_model="hidden_size", n_head="num_attention_heads", d_ff="intermediate_size",
-        n_layers="num_hidden_layers", max_positions="max_position_embeddings",
-        peft_task_type="SEQ_CLS", loss="sequence classification (labels [B])",
-    ),
+    "bert": Architecture(FAMILIES["bert"], BertConfig, BertForSequenceClassification, "classification", "bert-base"),
     "gpt2": Architecture(
-        GPT2Config, GPT2LMHeadModel, encoder_decoder=False,
+        FAMILIES["gpt2"], GPT2Config, GPT2LMHeadModel, "causal", "gpt2",
         d_model="n_embd", n_head="n_head", d_ff="n_inner", n_layers="n_layer", max_positions="n_positions",
         activation="activation_function",
     ),
-    **{
-        family: Architecture(
-            config_class, model_class, encoder_decoder=False,
-            d_model="hidden_size", n_head="num_attention_heads", d_ff="intermediate_size",
-            n_layers="num_hidden_layers", d_head="head_dim", n_kv_head="num_key_value_heads",
-            max_positions="max_position_embeddings",
-        )
-        for family, config_class, model_class in (
-            ("llama", LlamaConfig, LlamaForCausalLM),
-            ("qwen3", Qwen3Config, Qwen3ForCausalLM),
-            ("gemma", GemmaConfig, GemmaForCausalLM),
-            ("gemma2", Gemma2Config, Gemma2ForCausalLM),
-            ("gemma3", Gemma3TextConfig, Gemma3ForCausalLM),
-        )
-    },
+    "llama": _decoder("llama", LlamaConfig, LlamaForCausalLM, "tiny-llama"),
+    "qwen3": _decoder("qwen3", Qwen3Config, Qwen3ForCausalLM, "qwen3-0.6b"),
+    "gemma": _decoder("gemma", GemmaConfig, GemmaForCausalLM, "gemma-2b"),
+    "gemma2": _decoder("gemma", Gemma2Config, Gemma2ForCausalLM, "gemma2-2b", activation="hidden_activation"),
+    "gemma3": _decoder("gemma", Gemma3TextConfig, Gemma3ForCausalLM, "gemma3-1b", activation="hidden_activation"),
 }
 
 
@@ -188,11 +205,33 @@ PRESETS: dict[str, Preset] = {
                           "tiny Gemma 3 for tests (q_norm / k_norm, a 16-token sliding window)"),
 }
 
-# A family given without a preset starts from this one.
-DEFAULT_PRESETS = {
-    "t5": "t5-small", "bert": "bert-base", "gpt2": "gpt2", "llama": "tiny-llama",
-    "qwen3": "qwen3-0.6b", "gemma": "gemma-2b", "gemma2": "gemma2-2b", "gemma3": "gemma3-1b",
-}
+
+def register(name: str, architecture: Architecture, presets: dict[str, Preset]) -> None:
+    """Add a family: its architecture under ``name``, its wtacrs table entry
+    (``architecture.family``, unless registered already) and its presets, so suites can name them
+    and ``wtacrs.convert`` converts its models. ``unregister(name)`` undoes it."""
+    if name in ARCHITECTURES:
+        raise ValueError(f"an architecture named {name!r} is registered already")
+    taken = sorted(set(presets) & set(PRESETS))
+    if taken:
+        raise ValueError(f"preset(s) {', '.join(taken)} exist already")
+    if architecture.default_preset not in presets:
+        raise ValueError(f"default preset {architecture.default_preset!r} is not among the presets given")
+    strangers = sorted(p for p, preset in presets.items() if preset.family != name)
+    if strangers:
+        raise ValueError(f"preset(s) {', '.join(strangers)} are not of the {name} family")
+    register_family(architecture.family)
+    ARCHITECTURES[name] = architecture
+    PRESETS.update(presets)
+
+
+def unregister(name: str) -> None:
+    """Remove what ``register(name, ...)`` added."""
+    architecture = ARCHITECTURES.pop(name)
+    for preset in [p for p, preset in PRESETS.items() if preset.family == name]:
+        del PRESETS[preset]
+    if not any(a.family == architecture.family for a in ARCHITECTURES.values()):
+        unregister_family(architecture.family.name)
 
 
 @dataclass(frozen=True)
@@ -272,7 +311,7 @@ class ModelPoint:
 
     dims: Dims
     config: PretrainedConfig  # preset, then overrides, then the grid's dimensions; no KV cache
-    taxonomy: Family | None  # the wtacrs family table entry (None: no entry for this model type)
+    taxonomy: Family  # the wtacrs family table entry of the architecture
 
 
 class BuildError(ValueError):
@@ -342,8 +381,7 @@ def config_problems(family: str, values: dict[str, Any]) -> list[tuple[str | Non
         config = arch.config_class(**values)
     d_model, n_head = getattr(config, arch.d_model), getattr(config, arch.n_head)
     kv_heads = getattr(config, "num_key_value_heads", None)
-    # Gemma 2/3 configs name it hidden_activation (Gemma 1: hidden_act)
-    activation = getattr(config, arch.activation, None) or getattr(config, "hidden_activation", None)
+    activation = getattr(config, arch.activation, None)
     checks = [
         (arch.d_head is None and d_model % n_head != 0, None, f"n_head {n_head} does not divide d_model {d_model}"),
         (kv_heads is not None and n_head % kv_heads != 0, "num_key_value_heads",
@@ -381,7 +419,7 @@ def model_point(preset: str, overrides: dict[str, Any], dims: Dims, attn_impleme
         raise
     except Exception as e:  # noqa: BLE001 -- whatever stops the build is the answer
         raise BuildError(f"cannot build: {type(e).__name__}: {one_line(e)}") from None
-    return ModelPoint(dims, config, family_for_model_type(config.model_type))
+    return ModelPoint(dims, config, arch.family)
 
 
 def one_line(error: BaseException) -> str:
@@ -438,10 +476,11 @@ def _ids_and_mask(cell: CellLike, length: int, vocab: int, generator: torch.Gene
 def make_batch(cell: CellLike, device: str | torch.device, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """A synthetic batch for ``cell``, as keyword arguments of the model's forward.
 
-    - t5: ``input_ids``/``attention_mask`` [B, S], ``labels`` [B, T] (-100 at padding)
-    - bert: ``input_ids``/``attention_mask`` [B, S], ``labels`` [B] (class ids)
-    - decoders (gpt2, llama, qwen3, gemma*): ``input_ids``/``attention_mask`` [B, S], ``labels``
-      [B, S] (-100 at padding)
+    ``input_ids``/``attention_mask`` [B, S], and labels by the architecture's task:
+
+    - ``seq2seq`` (t5): ``labels`` [B, T] (-100 at padding)
+    - ``classification`` (bert): ``labels`` [B] (class ids)
+    - ``causal`` (gpt2, llama, qwen3, gemma*): ``labels`` [B, S], the input ids (-100 at padding)
 
     int64 tensors, drawn on the CPU from ``generator`` (seed 0 if None) and moved to ``device``.
     Every device gets the attention mask, so the model builds its 4D masks as it does on real
@@ -457,10 +496,11 @@ def make_batch(cell: CellLike, device: str | torch.device, generator: torch.Gene
     config = cell.point.config
     vocab = config.vocab_size
     input_ids, attention_mask = _ids_and_mask(cell, cell.seq_len, vocab, generator)
-    if cell.family == "t5":
+    task = ARCHITECTURES[cell.family].task
+    if task == "seq2seq":
         labels, label_mask = _ids_and_mask(cell, cell.target_len or cell.seq_len, vocab, generator)
         labels = labels.masked_fill(label_mask == 0, -100)
-    elif cell.family == "bert":
+    elif task == "classification":
         labels = torch.randint(0, config.num_labels, (cell.batch_size,), generator=generator)
     else:
         labels = input_ids.masked_fill(attention_mask == 0, -100)
@@ -509,6 +549,6 @@ class MetaMaskChecks:
 
 def _meta_shapes(cell: CellLike) -> dict[str, tuple[int, ...]]:
     """The shapes of ``make_batch``'s tensors."""
-    labels = {"t5": (cell.batch_size, cell.target_len or cell.seq_len), "bert": (cell.batch_size,)}
+    labels = {"seq2seq": (cell.batch_size, cell.target_len or cell.seq_len), "classification": (cell.batch_size,)}
     return {"input_ids": (cell.batch_size, cell.seq_len), "attention_mask": (cell.batch_size, cell.seq_len),
-            "labels": labels.get(cell.family, (cell.batch_size, cell.seq_len))}
+            "labels": labels.get(ARCHITECTURES[cell.family].task, (cell.batch_size, cell.seq_len))}

@@ -75,7 +75,6 @@ from profiler.parallel import STRATEGIES, ParallelSettings
 from profiler.models import (
     ARCHITECTURES,
     ATTN_IMPLEMENTATIONS,
-    DEFAULT_PRESETS,
     DTYPES,
     PRESETS,
     BuildError,
@@ -260,7 +259,7 @@ class ModelSpec(_Schema):
     def _resolve(self) -> ModelSpec:
         if self.preset is None and self.family is None:
             raise _invalid(((), "give a preset (e.g. t5-base) or a family"))
-        preset = self.preset or DEFAULT_PRESETS[self.family]
+        preset = self.preset or ARCHITECTURES[self.family].default_preset
         family, name = PRESETS[preset].family, self.name or preset
         if self.family not in (None, family):
             raise _invalid((("family",), f"preset {preset!r} is a {family} model, not {self.family}"))

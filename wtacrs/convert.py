@@ -27,7 +27,6 @@ import contextlib
 import copy
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +42,6 @@ from wtacrs.rng import GeneratorPool
 from wtacrs.taxonomy import Family, Operator, family_of
 
 _STATE = "_wtacrs_state"
-ACTIVATION_CLASS_NAMES = ("ReLU", "GELU", "GELUActivation", "NewGELUActivation", "FastGELUActivation", "SiLU", "SiLUActivation", "GELUTanh")
 
 
 @dataclass
@@ -179,11 +177,11 @@ def _convert_child(state, parent, child_name, child, qualified, sampling) -> Non
         cls = WTACRSConv1D if _is_conv1d(child) else WTACRSLinear
         positions = (state.positions, _group(family, qualified, operator))
         _replace(state, parent, child_name, cls(child, stream=_stream(family, qualified), key=qualified, positions=positions, **sampling))
-    elif config.lean_norm and re.search(rf"(^|\.)(?:{family.layernorm})$", qualified) and hasattr(child, "weight"):
+    elif config.lean_norm and family.is_layernorm(qualified) and hasattr(child, "weight"):
         _replace(state, parent, child_name, LeanNorm(child))
     elif config.lossless and type(child) is nn.Dropout and child.p > 0:
         _replace(state, parent, child_name, LosslessDropout(child))
-    elif config.lossless and type(child).__name__ in ACTIVATION_CLASS_NAMES:
+    elif config.lossless and family.is_activation(child):
         _replace(state, parent, child_name, LosslessActivation(child))
 
 

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from wtacrs.taxonomy import FAMILIES, family_for_model_type
+
 IGNORE_INDEX = -100  # transformers' label for tokens without a loss
 DEFAULT_CHUNK_TOKENS = 1024  # T5-Base: 126 MiB per [chunk, 32128] fp32 tensor
 
@@ -56,21 +58,6 @@ class LossLayout(str, enum.Enum):
     ``shift_labels`` passed), divided by ``num_items_in_batch`` when one is passed."""
 
 
-# Model classes whose forward is ``logits = lm_head(h)`` followed by the layout's loss and nothing
-# else (read from transformers 5's modeling files). A class that post-processes its logits (Gemma
-# 2/3's final-logit softcapping) must not be listed: the identity head would feed it h instead.
-LAYOUTS: dict[str, LossLayout] = {
-    "T5ForConditionalGeneration": LossLayout.SEQ2SEQ,
-    "MT5ForConditionalGeneration": LossLayout.SEQ2SEQ,
-    "UMT5ForConditionalGeneration": LossLayout.SEQ2SEQ,
-    "GPT2LMHeadModel": LossLayout.CAUSAL,
-    "LlamaForCausalLM": LossLayout.CAUSAL,
-    "MistralForCausalLM": LossLayout.CAUSAL,
-    "Qwen2ForCausalLM": LossLayout.CAUSAL,
-    "Qwen3ForCausalLM": LossLayout.CAUSAL,
-}
-
-
 def _hf_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -78,14 +65,16 @@ def _hf_model(model: nn.Module) -> nn.Module:
 
 def _layout_of(hf_model: nn.Module) -> LossLayout:
     cls = type(hf_model)
-    layout = LAYOUTS.get(cls.__name__) if cls.__module__.startswith("transformers.") else None
+    family = family_for_model_type(getattr(getattr(hf_model, "config", None), "model_type", None))
+    stock = cls.__module__.startswith("transformers.")  # a subclass may post-process the logits
+    layout = family.loss_layouts.get(cls.__name__) if family is not None and stock else None
     if layout is None:
         reason = ""
         if getattr(getattr(hf_model, "config", None), "final_logit_softcapping", None) is not None:
             reason = " (its forward softcaps the logits after the head)"
-        raise ValueError(
-            f"wtacrs.chunked_loss does not support {cls.__name__}{reason}; supported: {', '.join(LAYOUTS)}"
-        )
+        supported = ", ".join(name for f in FAMILIES.values() for name in f.loss_layouts)
+        raise ValueError(f"wtacrs.chunked_loss does not support {cls.__name__}{reason}; supported: {supported}")
+    layout = LossLayout(layout)
     if layout is LossLayout.CAUSAL and (
         "_loss_function" in vars(hf_model) or getattr(hf_model, "loss_type", None) not in (None, "ForCausalLM")
     ):
@@ -99,7 +88,7 @@ def chunked_loss(model: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> 
     See the module docstring. ``chunk_tokens`` is the number of tokens (rows of the flattened
     ``[B * T, hidden]`` head input) per chunk: the backward holds about three
     ``[chunk_tokens, vocab]`` fp32 tensors at a time. Raises ``ValueError`` for a model class
-    outside :data:`LAYOUTS` or a model that already has a chunked loss.
+    outside its family's ``loss_layouts`` (:class:`wtacrs.taxonomy.Family`) or a model that already has a chunked loss.
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")

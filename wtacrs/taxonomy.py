@@ -2,7 +2,8 @@
 
 One table answers "which operator of the WTA-CRS figure is this module?" for every supported
 model family. The converter uses it to decide what to replace; the profiler uses it to attribute
-saved activations. Adding a family is one ``Family(...)`` entry in ``FAMILIES``.
+saved activations. Adding a family is one ``Family(...)``: an entry in ``FAMILIES`` here, or
+:func:`register_family` from outside (the profiler's ``profiler.models.register`` carries one).
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ LINEAR_OPERATORS = frozenset(
 )
 
 
+# Class names of the activation modules (torch's and transformers') that the converter replaces by
+# their lossless versions.
+ACTIVATIONS = ("ReLU", "GELU", "GELUActivation", "NewGELUActivation", "FastGELUActivation", "SiLU", "SiLUActivation",
+               "GELUTanh")
+# The last name part of the modules around the blocks that turn hidden states into the loss.
+HEADS = r"lm_head|classifier|score|qa_outputs|pooler|cls"
+
+
+def is_head(qualified_name: str, heads: str = HEADS) -> bool:
+    """Whether the last part of ``qualified_name`` names a head module (``heads``: a regex)."""
+    return re.fullmatch(heads, qualified_name.rsplit(".", 1)[-1]) is not None
+
+
 @dataclass(frozen=True)
 class Family:
     """Module names of one architecture family.
@@ -67,6 +81,13 @@ class Family:
     its softmax, so the sampled attention reproduces it bit for bit: ``"plain"`` (in the scores'
     dtype), ``"fp32"`` (in fp32, then cast to the query dtype) or ``"to_value"`` (cast to V's
     dtype); ``contiguous_output`` whether it returns ``attn_output.transpose(1, 2).contiguous()``.
+    ``layernorm`` matches the norms (made lean by the converter), ``activations`` are the class
+    names of the MLP's activation modules (made lossless) and ``heads`` matches the last name
+    part of the head modules (attributed to Head/Loss by the profiler). ``loss_layouts`` names
+    the model classes whose forward is ``logits = lm_head(h)`` followed by the layout's loss
+    (``"seq2seq"`` or ``"causal"``, see :class:`wtacrs.loss.LossLayout`) and nothing else, so
+    :func:`wtacrs.chunked_loss` may compute it in chunks; a class that post-processes its logits
+    (Gemma 2/3's final-logit softcapping) must not be listed.
     """
 
     name: str
@@ -78,6 +99,9 @@ class Family:
     cross_attention: str | None = None
     softmax: str = "plain"
     contiguous_output: bool = True
+    activations: tuple[str, ...] = ACTIVATIONS
+    heads: str = HEADS
+    loss_layouts: dict[str, str] = field(default_factory=dict)
     _compiled: list[tuple[re.Pattern[str], Operator]] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +119,15 @@ class Family:
 
     def is_attention(self, qualified_name: str) -> bool:
         return re.search(rf"(^|\.)(?:{self.attention})$", qualified_name) is not None
+
+    def is_layernorm(self, qualified_name: str) -> bool:
+        return re.search(rf"(^|\.)(?:{self.layernorm})$", qualified_name) is not None
+
+    def is_head(self, qualified_name: str) -> bool:
+        return is_head(qualified_name, self.heads)
+
+    def is_activation(self, module: nn.Module) -> bool:
+        return type(module).__name__ in self.activations
 
     def is_decoder(self, qualified_name: str) -> bool:
         """True when the module reads decoder tokens (encoder-decoder families only)."""
@@ -132,6 +165,7 @@ FAMILIES: dict[str, Family] = {
         layernorm=r"layer_norm|final_layer_norm",
         decoder=r"decoder",
         cross_attention=r"EncDecAttention",
+        loss_layouts={f"{prefix}ForConditionalGeneration": "seq2seq" for prefix in ("T5", "MT5", "UMT5")},
     ),
     "bert": Family(
         name="bert",
@@ -160,6 +194,7 @@ FAMILIES: dict[str, Family] = {
         layernorm=r"ln_1|ln_2|ln_f",
         softmax="to_value",
         contiguous_output=False,
+        loss_layouts={"GPT2LMHeadModel": "causal"},
     ),
     "llama": Family(
         name="llama",
@@ -168,6 +203,7 @@ FAMILIES: dict[str, Family] = {
         attention=r"self_attn",
         layernorm=r"input_layernorm|post_attention_layernorm|norm",
         softmax="fp32",
+        loss_layouts={f"{prefix}ForCausalLM": "causal" for prefix in ("Llama", "Mistral", "Qwen2")},
     ),
     # LLaMA's block with an RMSNorm on each head's queries and keys (q_norm / k_norm)
     "qwen3": Family(
@@ -177,6 +213,7 @@ FAMILIES: dict[str, Family] = {
         attention=r"self_attn",
         layernorm=r"input_layernorm|post_attention_layernorm|norm|q_norm|k_norm",
         softmax="fp32",
+        loss_layouts={"Qwen3ForCausalLM": "causal"},
     ),
     # Gemma 1-3 (text): RMSNorm scaled by (1 + weight), gelu_pytorch_tanh gated MLP, Gemma 2's
     # logit softcapping and pre/post feed-forward norms, Gemma 2/3's sliding windows (in the
@@ -194,6 +231,29 @@ FAMILIES: dict[str, Family] = {
 
 class UnsupportedModelError(ValueError):
     pass
+
+
+def register_family(family: Family) -> Family:
+    """Add ``family`` to ``FAMILIES``, so :func:`wtacrs.convert` and the profiler know its models.
+
+    Registering the same entry again is a no-op; a different entry under a taken name, or one
+    claiming a model type that another family has, is a ValueError.
+    """
+    if FAMILIES.get(family.name) == family:
+        return family
+    if family.name in FAMILIES:
+        raise ValueError(f"a family named {family.name!r} is registered already")
+    for other in FAMILIES.values():
+        taken = set(other.model_types) & set(family.model_types)
+        if taken:
+            raise ValueError(f"model type(s) {', '.join(sorted(taken))} belong to the {other.name} family")
+    FAMILIES[family.name] = family
+    return family
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family added by :func:`register_family` (KeyError if there is none)."""
+    del FAMILIES[name]
 
 
 def family_for_model_type(model_type: str | None) -> Family | None:
