@@ -148,7 +148,8 @@ def tracked_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer
                  rank: int = 0, estimated: bool = False) -> RankFigures:
     """Run ``warmup_steps`` steps, then one step under torch's tracker; the rank's figures.
 
-    ``extra`` adds storages the tracker cannot see (DDP's buckets, allocated in C++), by
+    An estimate (``estimated``, fake tensors) replaces the warm-up steps by their outcome:
+    ``_shapes_only_warmup``. ``extra`` adds storages the tracker cannot see (DDP's buckets, allocated in C++), by
     category name, alive for the whole step. ``models_device="cuda"`` on cpu tensors models cuda
     (module docstring).
     """
@@ -160,8 +161,13 @@ def tracked_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer
         if models_device == "cuda" and not on_cuda:
             stack.enter_context(CudaKernelBehaviour(optimizer))
             stack.enter_context(CudaBlockRounding())
-        for _ in range(warmup_steps):
-            training_step(model, batch, optimizer)
+        if estimated:
+            stack.enter_context(_memoised_strided_shard_flag())
+            if warmup_steps:
+                _shapes_only_warmup(model, optimizer)
+        else:
+            for _ in range(warmup_steps):
+                training_step(model, batch, optimizer)
         if strategy == "fsdp":
             tracker = FSDPMemTracker(model, optimizer)
             tracker.track_inputs(tuple(batch.values()))
@@ -179,6 +185,51 @@ def tracked_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer
         categories[_CATEGORY_OF.get(name, "other")] += nbytes
     return RankFigures(rank=rank, peak_bytes=sum(breakdown.values()), categories=categories,
                        breakdown=breakdown, estimated=estimated, models_device=models_device)
+
+
+def _shapes_only_warmup(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Leave fake ``model`` and ``optimizer`` as warm-up steps do, without their forward and
+    backward: a gradient (``empty_like``, a DTensor under FSDP) for every trainable parameter,
+    then ``optimizer.step()``. The step runs as configured (foreach when modelling cuda): its
+    first foreach call on DTensors allocates outputs to infer shardings, cached from then on,
+    and a tracked step after a per-tensor warm-up would count them as optimizer state."""
+    optimizer.zero_grad(set_to_none=True)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.grad = torch.empty_like(parameter)
+    optimizer.step()
+
+
+@contextlib.contextmanager
+def _memoised_strided_shard_flag() -> Iterator:
+    """Inside the block, DTensor's ``_propagate_use_strided_shard_flag`` scans the op's argument
+    specs once per op instead of once per tensor of a foreach list (quadratic in the list: a
+    T5-3B AdamW step spent most of its time there). Same result: the scan depends on the op's
+    schema alone, and finds nothing to fix where no input is ``_StridedShard`` (FSDP2's dim-0
+    shards). Undone on exit; a no-op where torch has no such function."""
+    import weakref
+
+    from torch.distributed.tensor import _sharding_prop as prop
+
+    original = getattr(prop, "_propagate_use_strided_shard_flag", None)
+    if original is None:
+        yield
+        return
+    strided = prop._StridedShard
+    last: list = [None, False]  # weak reference to the last schema, whether it has strided specs
+
+    def propagate(op_strategy, op_schema) -> None:
+        if last[0] is None or last[0]() is not op_schema:
+            has = any(isinstance(p, strided) for spec in op_schema.args_spec for p in spec.placements)
+            last[:] = [weakref.ref(op_schema), has]
+        if last[1]:
+            original(op_strategy, op_schema)
+
+    prop._propagate_use_strided_shard_flag = propagate
+    try:
+        yield
+    finally:
+        prop._propagate_use_strided_shard_flag = original
 
 
 # -- the estimate ---------------------------------------------------------------------------------
