@@ -19,8 +19,13 @@ TINY = {"model": "t5-tiny", "grid": {"batch_size": [2], "seq_len": [16], "target
         "training": {"warmup_steps": 1, "timed_steps": 1, "threads": 1}, "device": "auto", "models_device": "cpu"}
 
 
-def _suite(tmp_path, parallel, methods=("full",)):
-    data = {**TINY, "name": f"tiny-{parallel['strategy']}", "methods": list(methods), "parallel": parallel}
+# the smallest cell a torchrun launch measures: one T5 block each side, B=1, S=8, T=4
+ONE_BLOCK = {**TINY, "model": {"family": "t5", "preset": "t5-tiny", "config": {"num_layers": 1}},
+             "grid": {"batch_size": [1], "seq_len": [8], "target_len": [4]}}
+
+
+def _suite(tmp_path, parallel, methods=("full",), base=TINY):
+    data = {**base, "name": f"tiny-{parallel['strategy']}", "methods": list(methods), "parallel": parallel}
     path = tmp_path / f"{data['name']}.yaml"
     path.write_text(json.dumps(data))  # JSON is YAML
     return path, parse_suite(data, path)
@@ -67,9 +72,9 @@ def _torchrun(suite_path, out, timeout=240):
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_rank_estimate_equals_the_torchrun_measurement_on_two_gloo_ranks(tmp_path, strategy):
     """Needed by CI (``.ci/run``): the fake-process-group estimate of a rank is, byte for byte,
-    what each of two gloo ranks measures for the same cell (t5-tiny, cpu kernels modelled)."""
+    what each of two gloo ranks measures for the same cell (t5-tiny with one block, cpu kernels modelled)."""
     path, suite = _suite(tmp_path, {"strategy": strategy, "world_size": [2], "bucket_cap_mb": 0.1},
-                         methods=("full",))
+                         methods=("full",), base=ONE_BLOCK)
     runner = CellRunner(suite, "auto")
     estimates = {c.cell_id: runner.run(c) for c in suite.cells()}
     measured = _torchrun(path, tmp_path / "out")
