@@ -343,9 +343,36 @@ class _LiveObserver:
             self.live.stop()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run_launch(args: argparse.Namespace) -> int:
+    """``torchrun ... -m profiler run``: rank 0 runs and writes the suite, the others follow it
+    (``profiler.distributed_run``)."""
+    from profiler import distributed_run
+    from profiler.suite import SuiteError, load_suite
+
+    distributed_run.init_launch()
+    try:
+        if distributed_run.dist_rank() == 0:
+            args.jobs, args.quiet = 1, True
+            return _run(args, launched=True)
+        try:
+            suite = load_suite(args.suite, max_cells=args.max_cells)
+        except SuiteError:  # rank 0 says why, once
+            suite = None
+        distributed_run.follow(suite)
+        return EXIT_OK
+    finally:
+        distributed_run.finish()
+
+
+def _run(args: argparse.Namespace, launched: bool = False) -> int:
     from profiler.runner import RunInputError, default_out_dir, plan_run, run_suite
     from profiler.suite import SuiteError, load_suite
+
+    if not launched:
+        from profiler.distributed_run import launched_by_torchrun
+
+        if launched_by_torchrun():
+            return _run_launch(args)
 
     try:
         suite = load_suite(args.suite, max_cells=args.max_cells)

@@ -88,6 +88,25 @@ class Estimate(_Part):
     cpu_seconds: float
 
 
+class RankMemory(_Part):
+    """One rank's peak and its parts at the peak, by torch's tracker categories ("Sharded Param",
+    "All Gather", "Reduce Scatter", "DDP Buckets", ...)."""
+
+    rank: int
+    peak_bytes: int
+    breakdown: dict[str, int]
+
+
+class ParallelFigures(_Part):
+    """A cell split over ranks (``profiler.parallel``): ``memory.peak_bytes`` is the largest
+    per-rank peak, so a fit against a GPU's memory reads per-GPU memory. An estimate traces one
+    rank (rank 0); a torchrun measurement lists every rank."""
+
+    strategy: Literal["ddp", "fsdp"]
+    world_size: int
+    ranks: list[RankMemory]
+
+
 class Env(_Part):
     torch: str
     transformers: str
@@ -108,8 +127,9 @@ class CellRecord(_Part):
     record only under its key, and report and check read only the keys ``suite.json`` lists.
     ``activations`` sum to the "activations" of reports and checks. For ``estimated`` cells of
     ``device: auto``, ``message`` says why no CPU run was made, and ``policy`` of every ``auto``
-    cell what was chosen and why. ``estimate``, ``policy`` and ``traceback`` (the last frames of
-    an ``error``/``oom`` cell) are written only where they have a value.
+    cell what was chosen and why. ``estimate``, ``policy``, ``traceback`` (the last frames of an
+    ``error``/``oom`` cell) and ``parallel`` (per-rank figures of a DDP/FSDP cell) are written
+    only where they have a value.
     """
 
     cell_id: str  # model, method and grid point; unique in a suite
@@ -129,9 +149,10 @@ class CellRecord(_Part):
     estimate: Estimate | None = None
     policy: Policy | None = None  # cells of device: auto
     traceback: str | None = None
+    parallel: ParallelFigures | None = None  # DDP / FSDP cells only
 
     def to_json(self) -> Record:
-        optional = ("estimate", "policy", "traceback")
+        optional = ("estimate", "policy", "traceback", "parallel")
         return self.model_dump(exclude={key for key in optional if getattr(self, key) is None})
 
 

@@ -515,11 +515,21 @@ class CellRunner:
 
     def run(self, cell: Cell) -> records.Record:
         """Measure ``cell`` (on ``auto``: estimate, then maybe run on the CPU) into a record."""
+        if cell.parallel is not None:  # DDP / FSDP: per-rank figures (``profiler.distributed_run``)
+            from profiler.distributed_run import parallel_record
+
+            self.cache.clear()
+            return parallel_record(cell, self.device, self.suite.models_device)
         record = self.estimate(cell) if self.device == "auto" else self._run_on(cell, self.device)
         return self.consider_cpu(record, cell) if self.device == "auto" else record
 
     def estimate(self, cell: Cell) -> records.Record:
-        """The meta estimate of ``cell`` (what a worker process computes for ``auto``/``meta``)."""
+        """The meta estimate of ``cell`` (what a worker process computes for ``auto``/``meta``); a
+        DDP/FSDP cell's is one rank traced under the fake process group."""
+        if cell.parallel is not None:
+            from profiler.distributed_run import parallel_record
+
+            return parallel_record(cell, "meta", self.suite.models_device)
         return self._run_on(cell, "meta")
 
     def _run_on(self, cell: Cell, device: str, estimate: dict[str, Any] | None = None) -> records.Record:
@@ -545,9 +555,10 @@ class CellRunner:
         """After the meta estimate: run on the CPU if the budgets allow, else say why not.
 
         A fixed rule of the estimate and the suite (module docstring); ``policy`` records the
-        choice and its reason, and so does ``message`` for an estimate kept.
+        choice and its reason, and so does ``message`` for an estimate kept. A rank estimate
+        (DDP/FSDP) stays one.
         """
-        if record["status"] != "estimated" or record.get("policy") is None:
+        if record["status"] != "estimated" or record.get("policy") is None or record.get("parallel"):
             return record
         reason = self._over_budget(record)
         if reason is not None:
@@ -654,8 +665,11 @@ def _group_key(cell: Cell) -> tuple:
 def _records_in_order(plan: Plan, runner: CellRunner, jobs: int, measure: MeasureFn | None):
     """Yield (cell, record) in suite order. With jobs > 1 the meta estimates come from worker
     processes (meta estimation is single-threaded Python); CPU runs stay in this process, one at
-    a time. Without workers each cell runs here when its turn comes."""
-    if jobs <= 1 or plan.device not in ("meta", "auto"):
+    a time. Without workers each cell runs here when its turn comes (so does every cell of a
+    torchrun launch, whose ranks follow this process cell by cell)."""
+    import torch.distributed as dist
+
+    if jobs <= 1 or plan.device not in ("meta", "auto") or dist.is_initialized():
         for cell in plan.todo:
             yield cell, runner.run(cell)
         return

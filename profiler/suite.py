@@ -37,6 +37,11 @@ A suite file::
     checks:
       - {metric: peak_bytes, numerator: full, denominator: wtacrs@0.3, min: 2.5,
          where: {batch_size: 64, seq_len: 128}}
+    parallel:                         # optional; batch sizes are per GPU (``profiler.parallel``)
+      strategy: fsdp                  # none | ddp | fsdp
+      world_size: [1, 8, 64]          # a grid axis: one cell per world size
+      reshard_after_forward: true     # fsdp
+      bucket_cap_mb: 25               # ddp
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from pydantic_core import PydanticCustomError
 from profiler import methods as methods_table
 from profiler.gpus import DEFAULT_TARGET, GPUS
 from profiler.limits import MAX_CELLS
+from profiler.parallel import STRATEGIES, ParallelSettings
 from profiler.models import (
     ARCHITECTURES,
     ATTN_IMPLEMENTATIONS,
@@ -91,7 +97,8 @@ MODELS_DEVICES = ("cuda", "cpu")
 OPTIMIZERS = ("adamw", "sgd")
 CHECK_METRICS = ("peak_bytes", "activation_bytes")
 # keys a check's ``where`` may select on: the record params that vary across cells
-WHERE_KEYS = ("model", "family", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head")
+WHERE_KEYS = ("model", "family", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head",
+              "strategy", "world_size")
 
 # Caps on what a file may make the loader and the validator do (module docstring).
 MAX_SUITE_BYTES = 64 * 2**10
@@ -297,6 +304,27 @@ class Training(_Schema):
     target: _one_of(GPUS, "target GPU") = DEFAULT_TARGET  # the GPU (profiler.gpus) estimated step times are for
 
 
+class Parallel(_Schema):
+    """How each cell is split over GPUs (``profiler.parallel``): one cell per ``world_size``."""
+
+    strategy: _one_of(STRATEGIES) = "none"
+    world_size: Sizes = (1,)
+    reshard_after_forward: Annotated[bool, Strict()] = True  # fsdp: free unsharded parameters after forward
+    bucket_cap_mb: Positive = 25.0  # ddp gradient bucket size
+
+    @model_validator(mode="after")
+    def _one_device(self) -> Parallel:
+        if self.strategy == "none" and self.world_size != (1,):
+            raise _invalid((("world_size",), f"strategy none runs on one device; give strategy ddp or fsdp "
+                                             f"for world sizes {list(self.world_size)}"))
+        return self
+
+    def settings(self, world_size: int) -> ParallelSettings | None:
+        if self.strategy == "none":
+            return None
+        return ParallelSettings(self.strategy, world_size, self.reshard_after_forward, float(self.bucket_cap_mb))
+
+
 def _largest_first(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(sorted(values, reverse=True))
 
@@ -358,17 +386,22 @@ class Cell:
     seed: int
     threads: int | None = None  # cpu threads (``Training.threads``); not part of the cell's identity
     target: str = DEFAULT_TARGET  # ``Training.target``: the GPU an estimated step time is for
+    parallel: ParallelSettings | None = None  # strategy and world size (``Suite.parallel``); None: one device
     id_axes: tuple[str, ...] = field(default=(), compare=False)  # optional axes named in the id
     point: ModelPoint | None = field(default=None, compare=False, repr=False)  # built once per model and dims
 
     def identity(self) -> dict[str, Any]:
         """What the cell's figures depend on: every field but the ``point`` built from them, the
         method by its name. A field added to Cell joins it by itself."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "point"}, "method": self.method.name}
+        identity = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("point", "parallel")}
+        if self.parallel is not None:  # absent on one device: the keys of earlier results stay
+            identity["parallel"] = vars(self.parallel)
+        return {**identity, "method": self.method.name}
 
     @property
     def cell_id(self) -> str:
-        """``MODEL/METHOD/B64-S128-T128-D768-H12`` (+ ``-F3072``/``-K64`` when d_ff/d_head are swept)."""
+        """``MODEL/METHOD/B64-S128-T128-D768-H12`` (+ ``-F3072``/``-K64`` when d_ff/d_head are swept,
+        ``-fsdp8`` for a parallel cell)."""
         point = f"B{self.batch_size}-S{self.seq_len}"
         if self.target_len is not None:
             point += f"-T{self.target_len}"
@@ -377,6 +410,8 @@ class Cell:
             point += f"-F{self.d_ff}"
         if "d_head" in self.id_axes:
             point += f"-K{self.d_head}"
+        if self.parallel is not None:
+            point += f"-{self.parallel.strategy}{self.parallel.world_size}"
         return f"{self.model}/{self.method.name}/{point}"
 
     @property
@@ -397,6 +432,7 @@ class Cell:
             "dtype": self.dtype,
             "optimizer": self.optimizer,
             "attn_implementation": self.attn_implementation,
+            **({"strategy": self.parallel.strategy, "world_size": self.parallel.world_size} if self.parallel else {}),
         }
 
 
@@ -414,6 +450,7 @@ class Suite(_Schema):
     models_device: _one_of(MODELS_DEVICES) = "cuda"
     budgets: Budgets = Budgets()
     checks: Annotated[tuple[Check, ...], _or(())] = ()
+    parallel: Parallel = Parallel()
     _source: str = PrivateAttr("<suite>")
     _points: list[list[ModelPoint]] = PrivateAttr(default_factory=list)  # per model, in grid order
     _cells: list[Cell] | None = PrivateAttr(None)
@@ -434,7 +471,7 @@ class Suite(_Schema):
         """``len(self.cells())``, from the axis lengths: nothing is expanded."""
         grid = self.grid
         dims = math.prod(len(getattr(grid, axis) or (None,)) for axis in ("d_model", "n_head", "d_ff", "d_head"))
-        per_target = dims * len(self.methods) * len(grid.seq_len) * len(grid.batch_size)
+        per_target = dims * len(self.methods) * len(grid.seq_len) * len(grid.batch_size) * len(self.parallel.world_size)
         targets = len(grid.target_len or (None,))  # target_len defaults to one value per seq_len
         return sum(per_target * (targets if ARCHITECTURES[m.family].encoder_decoder else 1) for m in self.models)
 
@@ -494,12 +531,15 @@ def _expand(suite: Suite) -> list[Cell]:
         for point, method, seq_len in itertools.product(points, suite.methods, grid.seq_len):
             dims = point.dims
             targets = (grid.target_len or (seq_len,)) if encoder_decoder else (None,)
-            for target_len, batch_size in itertools.product(targets, grid.batch_size):
+            for target_len, batch_size, world_size in itertools.product(
+                targets, grid.batch_size, suite.parallel.world_size
+            ):
                 cells.append(Cell(
                     suite=suite.name, model=spec.name, family=spec.family, preset=spec.preset, config=config,
                     method=method, batch_size=batch_size, seq_len=seq_len, target_len=target_len,
                     d_model=dims.d_model, n_head=dims.n_head, d_ff=dims.d_ff, d_head=dims.d_head,
-                    n_layers=dims.n_layers, id_axes=id_axes, point=point, **training,
+                    n_layers=dims.n_layers, id_axes=id_axes, point=point,
+                    parallel=suite.parallel.settings(world_size), **training,
                 ))
     return cells
 

@@ -2,7 +2,8 @@
 
 Inside a conversion. :func:`wtacrs.convert` creates one :class:`GeneratorPool`, held by the
 conversion state (``model._wtacrs_state.generators``) and seeded from ``WTACRSConfig.seed`` (when
-that is None, from a seed derived from ``torch.initial_seed()``). Every sampled linear and every
+that is None, from a seed derived from ``torch.initial_seed()``), offset by the rank in a
+``torch.distributed`` run so that ranks draw independent rows (``rank_seed``). Every sampled linear and every
 attention module of the model draws its rows from the pool's generator for the input's device.
 No sampling op draws from torch's default generator. The converted model therefore consumes the
 default generator (its dropout masks) exactly as the original does. ``copy.deepcopy``,
@@ -33,8 +34,22 @@ import torch
 ATTENTION_SEED_OFFSET = 0x5EED
 
 
+# Spreads the ranks of a distributed run over the seed space (the 64-bit golden ratio).
+RANK_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` for this process: unchanged outside ``torch.distributed``, else offset by the
+    rank, so that the ranks of DDP / FSDP draw independent rows (rank 0 keeps ``seed``)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return (seed + rank * RANK_SEED_STRIDE) % 2**64
+
+
 class GeneratorPool:
-    """One ``torch.Generator`` per device, seeded ``seed`` and created on first use (none on meta)."""
+    """One ``torch.Generator`` per device, created on first use (none on meta) and seeded
+    ``rank_seed(seed)``: ``seed`` itself on one process, a per-rank seed in a distributed run."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -45,7 +60,7 @@ class GeneratorPool:
             return None
         g = self._by_device.get(device)
         if g is None:
-            g = self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
+            g = self._by_device[device] = torch.Generator(device=device).manual_seed(rank_seed(self.seed))
         return g
 
     def get_state(self) -> dict[torch.device, torch.Tensor]:
