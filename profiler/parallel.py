@@ -143,6 +143,31 @@ class CudaBlockRounding:
         self._info._calculate_mem_consumed = self._original
 
 
+def _frozen_aware(tracker_class: type) -> type:
+    """``tracker_class`` (torch's MemTracker or FSDPMemTracker) hooking the gradients of trainable
+    parameters only. torch 2.13's ``_track_module_params_and_buffers`` calls ``register_hook`` on
+    every parameter of a module in its first forward, which raises on a frozen one (LoRA's base
+    weights): "cannot register a hook on a tensor that doesn't require gradient". Every parameter
+    is still counted; a frozen one never gets a gradient to count."""
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    class FrozenAware(tracker_class):
+        def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+            counted = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+            def hook(grad: torch.Tensor) -> None:
+                self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+            for param in module.parameters() if install_grad_hooks else ():
+                if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                    self._param_to_grad_hook_handles[param] = (
+                        param.register_hook(hook), param.register_post_accumulate_grad_hook(lambda p: hook(p.grad)))
+            return counted
+
+    FrozenAware.__name__ = f"FrozenAware{tracker_class.__name__}"
+    return FrozenAware
+
+
 def tracked_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, *, strategy: str,
                  models_device: str, warmup_steps: int = 1, extra: dict[str, int] | None = None,
                  rank: int = 0, estimated: bool = False) -> RankFigures:
@@ -169,10 +194,10 @@ def tracked_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer
             for _ in range(warmup_steps):
                 training_step(model, batch, optimizer)
         if strategy == "fsdp":
-            tracker = FSDPMemTracker(model, optimizer)
+            tracker = _frozen_aware(FSDPMemTracker)(model, optimizer)
             tracker.track_inputs(tuple(batch.values()))
         else:
-            tracker = MemTracker()
+            tracker = _frozen_aware(MemTracker)()
             tracker.track_external(model, optimizer, *batch.values())
         with tracker:
             training_step(model, batch, optimizer)
