@@ -74,7 +74,7 @@ def test_rank_estimate_equals_the_torchrun_measurement_on_two_gloo_ranks(tmp_pat
     """Needed by CI (``.ci/run``): the fake-process-group estimate of a rank is, byte for byte,
     what each of two gloo ranks measures for the same cell (t5-tiny with one block, cpu kernels modelled)."""
     path, suite = _suite(tmp_path, {"strategy": strategy, "world_size": [2], "bucket_cap_mb": 0.1},
-                         methods=("full",), base=ONE_BLOCK)
+                         methods=("full", "lora") if strategy == "ddp" else ("full",), base=ONE_BLOCK)
     runner = CellRunner(suite, "auto")
     estimates = {c.cell_id: runner.run(c) for c in suite.cells()}
     measured = _torchrun(path, tmp_path / "out")
