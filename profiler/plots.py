@@ -158,14 +158,14 @@ def _col_wrap(panels: Sequence[str]) -> int:
 
 
 def _line_facets(data: pd.DataFrame, y: str, ylabel: str, all_methods: Sequence[str],
-                 log_when_spread: bool = False) -> sns.FacetGrid:
+                 log_when_spread: bool = False, x: str = "batch_size", xlabel: str = "batch size B") -> sns.FacetGrid:
     data = data.assign(method=data["method"].astype(str),
                        figures=np.where(data["estimated"], "estimated", "measured"))
     methods = [m for m in all_methods if m in set(data["method"])]
     styles = [s for s in FIGURE_STYLES if s in set(data["figures"])]
     panels = _present(data["panel"])
     grid = sns.relplot(
-        data=data, x="batch_size", y=y, kind="line", col="panel", col_order=panels, col_wrap=_col_wrap(panels),
+        data=data, x=x, y=y, kind="line", col="panel", col_order=panels, col_wrap=_col_wrap(panels),
         hue="method", hue_order=methods, palette=method_palette(list(all_methods)),
         style="figures", style_order=styles, markers={s: FIGURE_STYLES[s][0] for s in styles},
         dashes={s: FIGURE_STYLES[s][1] for s in styles}, markersize=7, linewidth=1.8,
@@ -173,10 +173,10 @@ def _line_facets(data: pd.DataFrame, y: str, ylabel: str, all_methods: Sequence[
         facet_kws={"sharey": False, "sharex": False},
     )
     grid.set_titles("{col_name}")
-    grid.set_axis_labels("batch size B", ylabel)
+    grid.set_axis_labels(xlabel, ylabel)
     for panel, ax in grid.axes_dict.items():
         in_panel = data[data["panel"] == panel]
-        ax.set_xticks(sorted(in_panel["batch_size"].unique()))
+        ax.set_xticks(sorted(in_panel[x].unique()))
         values = in_panel[y][in_panel[y] > 0]
         if log_when_spread and len(values) and values.max() / values.min() > 20:
             # one method 20x above the rest would flatten every other line into the axis
@@ -201,6 +201,32 @@ def peak_memory(cells: pd.DataFrame) -> Figure | None:
     data = data.assign(peak=data["peak_bytes"] / unit)
     grid = _line_facets(data, "peak", f"peak memory ({unit_name})", _present(cells["method"]), log_when_spread=True)
     grid.figure.suptitle("Peak memory per method", y=1.02, fontsize=13)
+    return grid.figure
+
+
+@_styled
+def per_gpu_peak(cells: pd.DataFrame) -> Figure | None:
+    """Per-GPU peak (a DDP/FSDP cell's largest rank peak) against world size on a log2 axis, one
+    line per method; a facet per panel and batch size. None unless the cells span two or more world sizes."""
+    if "world_size" not in cells.columns:
+        return None
+    data = cells.dropna(subset=["peak_bytes", "world_size"])
+    if data["world_size"].nunique() < 2:
+        return None
+    unit_name, unit = byte_unit(data["peak_bytes"].max())
+    panel = data["scale_panel"].astype(str)  # the panel label without the world size
+    if data["batch_size"].nunique() > 1:  # a panel holds every batch size; one line needs one
+        panel = panel + " · B=" + data["batch_size"].astype(str)
+    data = data.assign(peak=data["peak_bytes"] / unit, world_size=data["world_size"].astype(int), panel=panel)
+    grid = _line_facets(data, "peak", f"per-GPU peak ({unit_name})", _present(cells["method"]),
+                        x="world_size", xlabel="world size (GPUs)")
+    for ax in grid.axes.flat:
+        ticks = ax.get_xticks()
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    grid.figure.suptitle("Per-GPU peak memory against world size", y=1.02, fontsize=13)
     return grid.figure
 
 

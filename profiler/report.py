@@ -80,7 +80,8 @@ def cells_frame(results: Results) -> pd.DataFrame:
     ``peak_ratio`` and ``activation_ratio``
     (full's figure over this cell's, at the same grid point, from figures of the same kind; see
     ``comparable``), ``ratio_figures`` (that ``FigureKind``, or None), ``ratio_estimated`` (bool), ``panel`` (the
-    facet label: model and every varying grid parameter but batch size and method), ``cell_id``,
+    facet label: model and every varying grid parameter but batch size and method, world size included),
+    ``scale_panel`` (the same without the world size), ``cell_id``,
     ``key``, ``peak_phase`` (forward / backward / optimizer, where recorded), and the step time
     (``step_time``): ``step_time_s``, ``step_time_kind`` (measured / estimated), ``step_time_target``,
     ``estimate_over_measured``, ``time_ratio`` (this cell's step time over full's at the same grid
@@ -130,6 +131,7 @@ def cells_frame(results: Results) -> pd.DataFrame:
     for column in ("peak_ratio", "activation_ratio", "step_time_s", "time_ratio", "estimate_over_measured"):
         frame[column] = frame[column].astype(float)
     frame["panel"] = _panel_labels(frame)
+    frame["scale_panel"] = _panel_labels(frame, skip=("world_size",))  # per_gpu_peak's x axis
     # models in the order the suite ran them, the rest of the grid ascending
     models = list(dict.fromkeys(frame["model"].astype(str)))
     frame["model"] = pd.Categorical(frame["model"].astype(str), categories=models, ordered=True)
@@ -150,18 +152,18 @@ def time_ratio(cell: dict[str, Any], full: dict[str, Any] | None) -> dict[str, A
 def varying_params(frame: pd.DataFrame) -> list[str]:
     """Grid parameters that take more than one value in the frame (suite order)."""
     out = []
-    for column in (*GRID_ORDER, "models_device"):
+    for column in (*GRID_ORDER, "world_size", "models_device"):
         if column in frame.columns and frame[column].astype(str).nunique(dropna=False) > 1:
             out.append(column)
     return out
 
 
-def _panel_labels(frame: pd.DataFrame) -> pd.Series:
-    """Facet labels: model, S (and T where it differs from S), other varying parameters, and
-    whether the panel's figures are estimated."""
+def _panel_labels(frame: pd.DataFrame, skip: tuple[str, ...] = ()) -> pd.Series:
+    """Facet labels: model, S (and T where it differs from S), other varying parameters (world
+    size among them, not those in ``skip``), and whether the panel's figures are estimated."""
     # Only what varies within a model: d_model, layers... that follow from the preset are noise.
     # nor the modelled device: cells of one panel may be measured or estimated (marked per point)
-    skip = ("model", "batch_size", "seq_len", "target_len", "models_device")
+    skip = ("model", "batch_size", "seq_len", "target_len", "models_device", *skip)
     usable = frame[frame["status"].isin(FIGURE_STATUSES)]
     varying_by_model = {
         model: [c for c in varying_params(usable[usable["model"] == model] if (usable["model"] == model).any()
@@ -481,6 +483,9 @@ _FIGURES = (
     ("activation_breakdown", "Saved activations by operator and category",
      "Bytes saved for backward at the largest batch size of each panel, stacked by operator (colour) "
      "and category (hatching); deduplicated by storage, parameters excluded. " + SHARED_STORAGE_NOTE),
+    ("per_gpu_peak", "Per-GPU peak against world size",
+     "Peak memory of one training step on one GPU (the largest rank's peak of a DDP/FSDP cell) against "
+     "the number of GPUs the cell is split over, log2 axis; batch sizes are per GPU."),
     ("memory_ratio", "Memory saved against full fine-tuning",
      "Peak memory of full fine-tuning divided by each method's peak at the same grid point "
      "(higher is better; 1× is full fine-tuning)."),
@@ -521,7 +526,8 @@ def render_report(results_path: Path, out_dir: Path | None = None) -> Path:
     breakdown = breakdown_frame(results, cells)
     budgets = memory_budgets(results.suite)
     frames = {"max_batch": max_batch_frame(cells, budgets), "fits": fits_frame(cells, budgets),
-              "checks": checks_frame(results)}
+              "checks": checks_frame(results),
+              "parallel": "world_size" in cells.columns and bool(cells["world_size"].notna().any())}
 
     from profiler import plots  # matplotlib is loaded only to draw
 
@@ -530,6 +536,7 @@ def render_report(results_path: Path, out_dir: Path | None = None) -> Path:
     figures = {
         "peak_memory": plots.peak_memory(cells),
         "activation_breakdown": plots.activation_breakdown(breakdown),
+        "per_gpu_peak": plots.per_gpu_peak(cells),  # None unless two or more world sizes
         "memory_ratio": plots.memory_ratio(cells),
         "memory_time": plots.memory_time(cells),
         "max_batch": plots.max_batch(frames["max_batch"]),
@@ -561,7 +568,8 @@ def _page(results: Results, cells: pd.DataFrame, breakdown: pd.DataFrame, frames
     parts += _checks_section(*frames["checks"])
     parts.append('<h2 id="plots">Plots</h2>')
     for key, title, caption in _FIGURES:
-        parts += _figure_section(key, title, caption, images, frames)
+        if key in images or key != "per_gpu_peak":  # one world size: no section
+            parts += _figure_section(key, title, caption, images, frames)
     parts += _cells_section(results, cells, breakdown)
     parts += _suite_section(results)
     parts.append("</main></body></html>")
@@ -634,6 +642,9 @@ def _figure_section(key: str, title: str, caption: str, images: dict[str, bytes]
                  f"<figcaption>{e(caption)} Also written as {e(key)}.png.</figcaption></figure>")
     if key == "max_batch" and not frames["max_batch"].empty:
         parts.append(_max_batch_table(frames["max_batch"]))
+    if key == "fits" and frames.get("parallel"):
+        parts.append("<p>Cells split over GPUs (DDP/FSDP) are fitted on their per-GPU memory: the largest "
+                     "rank's peak, each GPU holding its batch of the given size.</p>")
     if key == "fits" and not frames["fits"].empty:
         parts.append("<p>A GPU sold as “24 GB” may have 24 × 10<sup>9</sup> bytes (22.35 GiB) or 24 GiB "
                      "(nvidia-smi's total in MiB says which): every budget is given in both units.</p>")

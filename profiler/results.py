@@ -28,7 +28,7 @@ METRICS = ("peak_bytes", "activation_bytes")
 GRID_ORDER = ("model", "batch_size", "seq_len", "target_len", "d_model", "n_head", "d_ff", "d_head",
               "n_layers", "dtype", "optimizer", "attn_implementation", "family")
 SHORT_NAMES = {"batch_size": "B", "seq_len": "S", "target_len": "T", "d_model": "d_model",
-               "n_head": "n_head", "d_ff": "d_ff", "d_head": "d_head", "n_layers": "layers"}
+               "n_head": "n_head", "d_ff": "d_ff", "d_head": "d_head", "n_layers": "layers", "world_size": "GPUs"}
 
 
 class ResultsError(ValueError):

@@ -20,6 +20,7 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
+from profiler.fits import fits_frame  # noqa: E402
 from profiler.records import read_records  # noqa: E402
 from profiler.report import (  # noqa: E402
     cell_table,
@@ -375,3 +376,48 @@ def test_the_page_shows_checks_fits_step_times_and_grey_notes(tmp_path):
     # notes grey, the messages of failed cells red
     assert re.search(r"table\.cells td:last-child \{[^}]*color: #5f6b76", text)
     assert '<tr class="failed">' in text
+
+
+def _parallel_results(tmp_path: Path, world_sizes: tuple[int, ...]) -> Path:
+    """The fixture's full and lora cells of t5-small (B=16, S=128) as FSDP estimates, one per
+    world size: per-GPU peak = the peak / world size, no activation list, per-rank figures."""
+    records = read_records(FIXTURES / "results.jsonl")
+    base = [r for r in records if r["cell_id"].startswith("t5-small/") and r["cell_id"].endswith("/B16-S128-T128-D512-H8")
+            and r["params"]["method"] in ("full", "lora")]
+    out = []
+    for record, world_size in ((r, w) for r in base for w in world_sizes):
+        peak = record["memory"]["peak_bytes"] // world_size
+        out.append({**record, "cell_id": f"{record['cell_id']}-fsdp{world_size}", "status": "estimated",
+                    "device": "meta", "models_device": "cuda", "activations": None,
+                    "params": {**record["params"], "strategy": "fsdp", "world_size": world_size},
+                    "memory": {**record["memory"], "peak_bytes": peak},
+                    "parallel": {"strategy": "fsdp", "world_size": world_size,
+                                 "ranks": [{"rank": 0, "peak_bytes": peak, "breakdown": {"Sharded Param": peak}}]}})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
+    suite = {"name": "t5-fsdp-fixture", "budgets": {"memory_gib": [80, 1]}, "cells": [r["cell_id"] for r in out],
+             "checks": [{"metric": "peak_bytes", "numerator": "full", "denominator": "lora", "min": 1.0, "max": None,
+                         "where": {}}]}
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    return tmp_path / "results.jsonl"
+
+
+@pytest.mark.parametrize("world_sizes", [(1, 8), (8,)])
+def test_per_gpu_peak_against_world_size_is_plotted_only_for_two_or_more_world_sizes(tmp_path, world_sizes):
+    from profiler.check import run_check
+    from rich.console import Console
+
+    results = _parallel_results(tmp_path, world_sizes)
+    text = render_report(results, tmp_path / "out").read_text(encoding="utf-8")
+    png = tmp_path / "out" / "per_gpu_peak.png"
+    assert ("Per-GPU peak against world size" in text) == (len(world_sizes) > 1) == png.exists()
+    assert "fitted on their per-GPU memory" in text
+    if png.exists():
+        embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.read_bytes() in embedded
+    # records with no activation list: each world size its own panel of the fits, on the per-GPU peak
+    cells = cells_frame(load_results(results))
+    fit = fits_frame(cells, [GiB])
+    assert sorted(zip(fit["panel"], fit["method"], fit["fits"])) == sorted(
+        (f"t5-small · S=128{f' · GPUs={w}' if len(world_sizes) > 1 else ''} [estimated]", m, w == 8)
+        for w in world_sizes for m in ("full", "lora"))
+    assert run_check(results, console=Console(file=io.StringIO(), width=200)) == 0
