@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import wtacrs
-from tests.test_convert import batch, build
+from tests.factory import tiny_batch, tiny_model
 
 WORLD = 2
 TRIALS = 120
@@ -42,12 +42,12 @@ def _unbiased(model, local, exact) -> float:
 def _ddp_checks(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    local = batch("t5", seed=1 + rank)
-    plain = build("t5", dropout=False).train()
+    local = tiny_batch("t5", seed=1 + rank)
+    plain = tiny_model("t5", dropout=0.0).train()
     plain(**local).loss.backward()
     exact = {n: p.grad.clone() for n, p in plain.named_parameters() if p.grad is not None}
-    model = DistributedDataParallel(wtacrs.convert(build("t5", dropout=False).train(), wtacrs.WTACRSConfig(ratio=0.4, seed=0)))
-    same = batch("t5", seed=1)  # one batch on both ranks: only the generators can tell them apart
+    model = DistributedDataParallel(wtacrs.convert(tiny_model("t5", dropout=0.0).train(), wtacrs.WTACRSConfig(ratio=0.4, seed=0)))
+    same = tiny_batch("t5", seed=1)  # one batch on both ranks: only the generators can tell them apart
     with model.no_sync():
         model(**same).loss.backward()
     first_draw = model.module.get_parameter(SAMPLED).grad.flatten()[:64].tolist()
@@ -68,14 +68,14 @@ def _fsdp_checks(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = wtacrs.convert(build("t5").train(), wtacrs.WTACRSConfig(ratio=0.3, seed=0))
+    model = wtacrs.convert(tiny_model("t5").train(), wtacrs.WTACRSConfig(ratio=0.3, seed=0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     mesh = init_device_mesh("cpu", (WORLD,))
     for block in [*model.encoder.block, *model.decoder.block]:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    local, losses = batch("t5", seed=1 + rank), []
+    local, losses = tiny_batch("t5", seed=1 + rank), []
     for _ in range(2):
         optimizer.zero_grad()
         loss = model(**local).loss

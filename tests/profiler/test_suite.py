@@ -51,11 +51,11 @@ def test_tiny_suite_expands_to_models_x_methods_x_grid(write_suite):
     assert cells[0].params["n_layers"] == 2 and cells[0].params["d_head"] == 16
 
 
-def test_paper_t5_suite_has_84_cells_with_unique_ids():
+def test_paper_t5_suite_has_108_cells_with_unique_ids():
     suite = load_suite("suites/t5.yaml")
     cells = suite.cells()
-    assert len(cells) == 84
-    assert len({c.cell_id for c in cells}) == 84
+    assert len(cells) == 2 * 3 * 2 * 9  # models x batch sizes x lengths x methods
+    assert len({c.cell_id for c in cells}) == len(cells)
     assert "t5-base/wtacrs@0.3/B64-S128-T128-D768-H12" in {c.cell_id for c in cells}
     assert {(c.d_model, c.n_head, c.d_ff, c.d_head) for c in cells} == {(768, 12, 3072, 64), (1024, 16, 4096, 64)}
 
