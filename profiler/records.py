@@ -142,7 +142,7 @@ class CellRecord(_Part):
     message: str = ""  # why, for any status but ok/estimated
     memory: Memory | None = None
     activations: list[Activation] | None = None
-    throughput: Throughput | None = None  # every ok/estimated cell; None for the others
+    throughput: Throughput | None = None  # every ok/estimated one-device cell; None for the others and DDP/FSDP ranks
     flops: int | None = None  # of one training step (matmuls)
     env: Env
     finished_at: str = Field(default_factory=_now)  # ISO-8601 UTC time the cell ended

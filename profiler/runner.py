@@ -435,31 +435,37 @@ def _measure_on(
                 torch.cuda.empty_cache()
 
 
-def _step_cost(measurement: Any) -> steptime.StepCost:
-    """The measurement's kernels; a backend that counts none gives its FLOPs as one kernel."""
+def _step_cost(measurement: Any) -> steptime.StepCost | None:
+    """The measurement's kernels; a backend that counts none gives its FLOPs as one kernel, and
+    one without FLOPs either (a DDP/FSDP rank) None: nothing to estimate a time from."""
     cost = getattr(measurement, "cost", None)
-    if cost is None:
+    if cost is None and measurement.flops:
         cost = steptime.StepCost()
-        cost.add(int(measurement.flops or 0), 0, "fp32")
+        cost.add(int(measurement.flops), 0, "fp32")
     return cost
 
 
-def _throughput(cell: Cell, device: str, measurement: Any, cpu_rates: steptime.Rates | None) -> dict[str, Any]:
+def _throughput(cell: Cell, device: str, measurement: Any, cpu_rates: steptime.Rates | None) -> dict[str, Any] | None:
     """``records.Throughput`` of a measurement: the median of its timed steps where it has some,
     else the roofline of its step for ``cell.target``; a CPU-timed step also gets the ratio of its
-    roofline on ``cpu_rates`` to the time measured."""
+    roofline on ``cpu_rates`` to the time measured. None with neither times nor a counted step."""
     cost = _step_cost(measurement)
     times = measurement.step_times_s
+    if cost is None:
+        if not times:
+            return None
+        cost = steptime.StepCost()
     step = statistics.median(times) if times else cost.seconds(steptime.gpu_rates(cell.target))
     ratio = None
-    if times and device == "cpu" and cpu_rates is not None and step > 0:
+    if times and device == "cpu" and cpu_rates is not None and step > 0 and cost.ops:
         ratio = cost.seconds(cpu_rates) / step
     return {
         "step_time_s": step, "kind": "measured" if times else "estimated",
         "target": device if times else cell.target,
         "tokens_per_s": tokens_per_step(cell) / step if step > 0 else None,
         "samples_per_s": cell.batch_size / step if step > 0 else None,
-        "timed_steps": len(times), "flops": cost.flops, "bytes_moved": cost.bytes_moved,
+        "timed_steps": len(times), "flops": cost.flops if cost.ops else None,
+        "bytes_moved": cost.bytes_moved if cost.ops else None,
         "estimate_over_measured": ratio,
     }
 
