@@ -481,8 +481,6 @@ def _estimate(args: argparse.Namespace) -> int:
     else:
         console = Console(highlight=False)
         console.print(_estimate_table(result))
-        if args.target and not result.target_supported:
-            console.print(Text("--target: this version has no step-time estimates; step times are left out", style="dim"))
     return EXIT_FAILED if any(row["status"] == "error" for row in result.rows) else EXIT_OK
 
 

@@ -77,15 +77,14 @@ def estimate_suite(model: str, batch_sizes: list[int], seq_len: int, methods: li
                    optimizer: str = "adamw", attn_implementation: str = "eager"):
     """The validated ``Suite`` of an estimate (``device: meta``, modelling cuda kernels).
 
-    ``target`` names the GPU of estimated step times where the suite schema has
-    ``training.target``; None or a schema without it: step times as the runner gives them.
+    ``target`` names the GPU of estimated step times (``training.target``; None: the default).
     Raises EstimateInputError with the suite validator's first problem.
     """
-    from profiler.suite import SuiteError, Training, parse_suite
+    from profiler.suite import SuiteError, parse_suite
 
     training: dict[str, Any] = {"dtype": dtype, "optimizer": optimizer, "attn_implementation": attn_implementation,
                                 "warmup_steps": 1, "timed_steps": 1}
-    if target is not None and "target" in Training.model_fields:
+    if target is not None:
         training["target"] = target
     grid: dict[str, Any] = {"batch_size": batch_sizes, "seq_len": [seq_len]}
     if target_len is not None:
@@ -105,7 +104,6 @@ class Estimate:
     model: str
     rows: list[dict[str, Any]]
     budgets: list[int]
-    target_supported: bool
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "margin": {"cuda_context_bytes": CUDA_CONTEXT_BYTES,
@@ -119,7 +117,6 @@ def estimate_fits(model: str, batch_sizes: list[int], seq_len: int, methods: lis
     from profiler.report import cells_frame
     from profiler.results import Results
     from profiler.runner import CellRunner
-    from profiler.suite import Training
 
     suite = estimate_suite(model, batch_sizes, seq_len, methods, budgets, **settings)
     runner = CellRunner(suite, "meta")
@@ -130,7 +127,7 @@ def estimate_fits(model: str, batch_sizes: list[int], seq_len: int, methods: lis
     cells = cells_frame(Results(Path("estimate"), records, suite.to_json()))
     fit = fits_frame(cells, budgets)
     rows = [_row(cell, fit) for _, cell in cells.iterrows()]
-    return Estimate(suite.models[0].name, rows, sorted(budgets, reverse=True), "target" in Training.model_fields)
+    return Estimate(suite.models[0].name, rows, sorted(budgets, reverse=True))
 
 
 def _row(cell, fit) -> dict[str, Any]:
