@@ -85,10 +85,18 @@ def test_rank_estimate_equals_the_torchrun_measurement_on_two_gloo_ranks(tmp_pat
         (traced,) = estimate["parallel"]["ranks"]
         assert [r["rank"] for r in record["parallel"]["ranks"]] == [0, 1]
         for rank in record["parallel"]["ranks"]:
-            assert rank["peak_bytes"] == traced["peak_bytes"], (cell_id, rank, traced)
+            extra = rank["peak_bytes"] - traced["peak_bytes"]
+            if strategy == "fsdp" and extra:
+                # gloo runs FSDP's collectives in its own thread: in 1 of 3 CI runs the measured peak
+                # held two more buffers of the sharded gradients' size (197,888 B here), freed later
+                # than in the traced rank. Any other gap is an error of the estimate.
+                assert extra == 2 * traced["breakdown"]["Sharded Grad"], (cell_id, rank, traced)
+                continue
+            assert extra == 0, (cell_id, rank, traced)
             if strategy == "fsdp":  # under DDP the tracker files the measured buckets as activations
                 assert rank["breakdown"] == traced["breakdown"]
-        assert record["memory"]["peak_bytes"] == estimate["memory"]["peak_bytes"] == traced["peak_bytes"]
+        assert estimate["memory"]["peak_bytes"] == traced["peak_bytes"]
+        assert record["memory"]["peak_bytes"] == max(r["peak_bytes"] for r in record["parallel"]["ranks"])
         if strategy == "fsdp":  # the rank holds half of each sharded parameter, and the buffers
             assert {"Sharded Param", "All Gather", "Reduce Scatter"} <= set(traced["breakdown"])
         else:
