@@ -61,15 +61,12 @@ def model_spec(model: str) -> dict[str, Any]:
 
 def family_of_model_type(model_type: Any) -> str | None:
     """The profiler family (``models.ARCHITECTURES`` key) of a config's ``model_type``: the family
-    whose config class has it, else the wtacrs family that lists it (``mt5`` -> t5)."""
+    whose config class has it, else the first whose wtacrs family lists it (``mt5`` -> t5)."""
     from profiler.models import ARCHITECTURES
-    from wtacrs.taxonomy import family_for_model_type
 
-    for name, arch in ARCHITECTURES.items():
-        if arch.config_class.model_type == model_type:
-            return name
-    family = family_for_model_type(model_type) if isinstance(model_type, str) else None
-    return family.name if family is not None and family.name in ARCHITECTURES else None
+    exact = [name for name, arch in ARCHITECTURES.items() if arch.config_class.model_type == model_type]
+    listed = [name for name, arch in ARCHITECTURES.items() if model_type in arch.family.model_types]
+    return next(iter(exact + listed), None)
 
 
 def estimate_suite(model: str, batch_sizes: list[int], seq_len: int, methods: list[str], budgets: list[int], *,
