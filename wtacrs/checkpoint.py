@@ -24,7 +24,8 @@ Usage::
         "use_reentrant": False, "context_fn": wtacrs.checkpoint_context_fn(model)})
 
 Limitations: the reentrant variant (``use_reentrant=True``) takes no ``context_fn``; its
-recomputation draws other rows (still an unbiased estimate, not the forward's sample). Each
+recomputation draws other rows than the forward (not reproducible; the bias of that mix is
+not measured). Each
 region keeps its generator states until backward: host memory, about 5 KiB per region for a cpu
 generator and 16 bytes for a cuda one, not tensor memory of the device.
 """
