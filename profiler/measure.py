@@ -29,7 +29,7 @@ from wtacrs.taxonomy import Family
 
 from .breakdown import SavedActivationBreakdown
 from .records import MEMORY_CATEGORIES
-from .steptime import OpCostCounter, StepCost
+from .steptime import StepCost
 from .tracker import CUDA_BLOCK_BYTES, PREEXISTING, StorageTracker
 
 DEVICE_TYPES = ("cuda", "cpu", "meta")
@@ -242,8 +242,7 @@ def measure_training_step(
         del warmup_grads
         breakdown = SavedActivationBreakdown(model, family, tracker=tracker)
         allocator = CudaAllocatorPeak(device) if device_type == "cuda" else None
-        counter = OpCostCounter()
-        with allocator or nullcontext(), tracker, counter:
+        with allocator or nullcontext(), tracker:
             optimizer.zero_grad(set_to_none=True)
             tracker.mark_phase("forward")
             with breakdown:
@@ -284,7 +283,7 @@ def measure_training_step(
         nvml_used_bytes=allocator.nvml_used_bytes if allocator is not None else None,
         step_times_s=step_times,
         flops=tracker.flops,
-        cost=counter.cost,
+        cost=tracker.cost,
         estimated=device_type == "meta",
         models_device=models_device,
         peak_phase=tracker.peak_phase,

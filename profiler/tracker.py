@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import flop_registry
+
+from profiler.steptime import StepCost, op_cost
 
 aten = torch.ops.aten
 
@@ -68,7 +69,9 @@ class StorageTracker(TorchDispatchMode):
       storage itself (so this works on meta, where ``data_ptr()`` is 0).
     - ``peak_bytes`` is the maximum of live bytes; ``peak_records()`` the storages alive then.
     - ``peak_phase`` is the phase (``mark_phase``) current when the peak was reached.
-    - ``flops`` sums ``torch.utils.flop_counter`` formulas (matmuls, convolutions, attention).
+    - ``cost`` counts each kernel's FLOPs and bytes (``profiler.steptime.op_cost``, the roofline's
+      input); ``flops`` is its sum of ``torch.utils.flop_counter`` formulas (matmuls, convolutions,
+      attention).
     - Leaves no trace: ``__exit__`` pops the mode, and callbacks of storages that die later are
       ignored.
 
@@ -105,7 +108,7 @@ class StorageTracker(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
         self.peak_tick = PREEXISTING
-        self.flops = 0
+        self.cost = StepCost()  # the kernels of the ops seen: FLOPs and bytes (``profiler.steptime``)
         self.phase: str | None = None  # set by the caller (``mark_phase``): forward, backward, optimizer
         self.peak_phase: str | None = None  # the phase in which the peak was reached
         self._closed = False  # set on exit: storages dying afterwards no longer change the figures
@@ -201,6 +204,11 @@ class StorageTracker(TorchDispatchMode):
         torch.random.fork_rng = self._original_fork_rng
         return super().__exit__(*exc)
 
+    @property
+    def flops(self) -> int:
+        """Matmul-class FLOPs of the ops seen (``torch.utils.flop_counter``'s formulas)."""
+        return self.cost.flops
+
     @contextlib.contextmanager
     def _fork_rng(self, devices=None, enabled=True, *args, device_type=None, **kwargs):
         """``torch.random.fork_rng``; on meta it also holds the cpu rng state, as off meta."""
@@ -213,9 +221,9 @@ class StorageTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
-        formula = flop_registry.get(packet)
-        if formula is not None:
-            self.flops += int(formula(*args, **kwargs, out_val=out))
+        cost = op_cost(func, args, kwargs, out)
+        if cost is not None:
+            self.cost.add(*cost)
         if isinstance(out, torch.Tensor):
             self._see(out, func)
         else:
