@@ -53,6 +53,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from profiler.records import read_json_object
 from profiler.results import (
     BASELINE_METHOD,
     FIGURE_STATUSES,
@@ -351,15 +352,10 @@ def read_baseline(path: str | Path, any_format: bool = False) -> dict[str, Any]:
     ``any_format`` accepts format 1 too (no kinds: only its tolerance and metric, which an update
     keeps, are of use).
     """
-    path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: no such baseline file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResultsError(f"{path}: not a JSON baseline ({e})") from None
-    if not isinstance(doc, dict):
-        raise ResultsError(f"{path}: a baseline must be a JSON object")
+        doc = read_json_object(Path(path), "baseline")
+    except ValueError as e:
+        raise ResultsError(str(e)) from None
     missing = [k for k in ("suite", "metric", "tolerance", "ratios") if k not in doc]
     if missing:
         raise ResultsError(f"{path}: missing key(s) {', '.join(missing)}")

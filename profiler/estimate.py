@@ -14,12 +14,12 @@ bookkeeping keys such as ``architectures`` and keys the class does not know are 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from profiler.fits import ALLOCATOR_RESERVE, CUDA_CONTEXT_BYTES, budget_label, fits_frame
+from profiler.records import read_json_object
 from profiler.units import GiB
 
 # config.json keys that describe the checkpoint, not the model built from it
@@ -42,13 +42,9 @@ def model_spec(model: str) -> dict[str, Any]:
         raise EstimateInputError(f"--model {model!r}: not a preset (python -m profiler estimate --help lists them) "
                                  "nor a config.json file")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EstimateInputError(f"--model {model}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EstimateInputError(f"--model {model}: not a JSON config ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise EstimateInputError(f"--model {model}: not a JSON object")
+        config = read_json_object(path, "config")
+    except ValueError as e:
+        raise EstimateInputError(f"--model {e}") from None
     family = family_of_model_type(config.get("model_type"))
     if family is None:
         raise EstimateInputError(f"--model {model}: model_type {config.get('model_type')!r} is not a supported family")

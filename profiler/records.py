@@ -165,6 +165,20 @@ def append_record(path: str | os.PathLike, record: Record) -> None:
         os.fsync(f.fileno())
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a ``what``: baseline, suite, config); ValueError, one line
+    naming the file, when it is missing, unreadable, not JSON or not an object."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a {what} must be a JSON object")
+    return doc
+
+
 def read_records(path: str | os.PathLike) -> list[Record]:
     """All complete records of a results file. A truncated last line (a killed write) is ignored."""
     return list(iter_records(path))

@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from profiler.records import MEMORY_CATEGORIES, Record, read_records
+from profiler.records import MEMORY_CATEGORIES, Record, read_json_object, read_records
 
 BASELINE_METHOD = "full"
 FIGURE_STATUSES = ("ok", "estimated")  # statuses whose memory figures are usable
@@ -140,11 +140,9 @@ def load_results(results_path: str | Path) -> Results:
     suite_path = path.parent / "suite.json"
     if suite_path.exists():
         try:
-            suite = json.loads(suite_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ResultsError(f"{suite_path}: not a JSON suite ({e})") from None
-        if not isinstance(suite, dict):
-            raise ResultsError(f"{suite_path}: not a JSON object")
+            suite = read_json_object(suite_path, "suite")
+        except ValueError as e:
+            raise ResultsError(str(e)) from None
     member = suite_membership(suite, suite_path)
     by_cell: dict[str, Record] = {}
     outside = 0

@@ -144,11 +144,14 @@ def test_a_model_whose_config_says_wtacrs_is_converted_like_the_eager_model_it_r
 @pytest.mark.slow
 def test_compiled_training_with_the_default_config_matches_eager():
     """Inductor on CPU, the default config (lossless dropout on). With inductor drawing random
-    numbers as eager does, a compiled copy gives the eager losses and the same sampled gradients."""
-    model = wtacrs.convert(tiny_model("bert", n_layers=1), wtacrs.WTACRSConfig(seed=0))  # compile time grows per layer
-    compiled_model = copy.deepcopy(model)  # same weights, same generator states
-    compiled = torch.compile(compiled_model)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, compiled_model)]
+    numbers as eager does, a copy whose transformer layer is compiled gives the eager losses and the
+    same sampled gradients. The layer holds every kind of wtacrs module (sampled linears, the
+    attention, lossless dropout and GeLU, the lean LayerNorm); compiling the embeddings and head too would only
+    add kernels of stock ops to build (90 s instead of 54 s with a cold inductor cache here)."""
+    model = wtacrs.convert(tiny_model("bert", n_layers=1), wtacrs.WTACRSConfig(seed=0))
+    compiled = copy.deepcopy(model)  # same weights, same generator states
+    compiled.bert.encoder.layer[0].compile()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, compiled)]
     b = tiny_batch("bert")
     with torch._inductor.config.patch(fallback_random=True):
         for step in range(2):
@@ -159,7 +162,7 @@ def test_compiled_training_with_the_default_config_matches_eager():
             loss = loss_at(compiled, b, step)
             loss.backward()
             torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-            for (n, g), (_, g_ref) in zip(grads(compiled_model).items(), grads(model).items()):
+            for (n, g), (_, g_ref) in zip(grads(compiled).items(), grads(model).items()):
                 torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6, msg=n)
             for opt in opts:
                 opt.step()

@@ -59,7 +59,10 @@ def fake_measure_training_step(model, batch, optimizer, *, device, family, warmu
         return tensor
 
     times = []
-    for step in range(warmup_steps + timed_steps):
+    # meta tensors have no values: one step gives the figures (what is saved for backward), and
+    # neither warm-up nor timed steps change them
+    steps = 1 if device == "meta" else warmup_steps + timed_steps
+    for step in range(steps):
         saved.clear()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
