@@ -20,8 +20,11 @@ weights, and gradients equal to those of the same model without checkpointing, b
 Usage::
 
     model = wtacrs.convert(model, config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={
         "use_reentrant": False, "context_fn": wtacrs.checkpoint_context_fn(model)})
+
+(``gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`` in transformers releases
+before ``activation_checkpointing_enable``.)
 
 Limitations: the reentrant variant (``use_reentrant=True``) takes no ``context_fn``; its
 recomputation draws other rows than the forward (not reproducible; the bias of that mix is
