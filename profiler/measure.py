@@ -50,11 +50,15 @@ class Measurement:
     reserved_bytes: int | None = None  # cuda allocator reserved peak
     nvml_used_bytes: int | None = None  # NVML used memory (context only, never a gate)
     step_times_s: list[float] = field(default_factory=list)  # timed steps; empty on meta
-    flops: int | None = None  # FLOPs of one training step (matmul-class ops)
     cost: StepCost | None = None  # the tracked step's kernels: FLOPs and bytes per op (profiler.steptime)
     estimated: bool = False  # True on meta
     models_device: str = "cpu"  # whose kernels the figures model
     peak_phase: str | None = None  # forward / backward / optimizer: where the tracked peak fell
+
+    @property
+    def flops(self) -> int | None:
+        """FLOPs of one training step (matmul-class ops); None when no kernel was counted."""
+        return self.cost.flops if self.cost is not None else None
 
 
 def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -282,7 +286,6 @@ def measure_training_step(
         reserved_bytes=allocator.reserved_bytes if allocator is not None else None,
         nvml_used_bytes=allocator.nvml_used_bytes if allocator is not None else None,
         step_times_s=step_times,
-        flops=tracker.flops,
         cost=tracker.cost,
         estimated=device_type == "meta",
         models_device=models_device,

@@ -246,15 +246,33 @@ def memory_ratio(cells: pd.DataFrame) -> Figure | None:
     return grid.figure
 
 
+def _one_target(in_panel: pd.DataFrame) -> tuple[pd.DataFrame, str, int]:
+    """The cells of a panel timed for its most common target, that target, and how many cells
+    (timed elsewhere) are left out: times on different devices do not compare."""
+    targets = in_panel["step_time_target"].astype(str)
+    target = targets.mode().iloc[0]
+    shown = in_panel[targets == target]
+    return shown, target, len(in_panel) - len(shown)
+
+
+def _timed_on(target: str, left_out: int) -> str:
+    return f"on {target}" + (f"; {left_out} cell(s) timed elsewhere not drawn" if left_out else "")
+
+
 @_styled
 def throughput(cells: pd.DataFrame) -> Figure | None:
-    """Training tokens/s against batch size, for the cells where it was measured."""
+    """Training tokens/s against batch size: measured where the cell ran, else estimated for its
+    target; a panel draws the cells of its most common target (``_one_target``)."""
     data = cells.dropna(subset=["tokens_per_s"])
     if data.empty:
         return None
+    kept = {panel: _one_target(in_panel) for panel, in_panel in data.groupby("panel", sort=False, observed=True)}
+    data = pd.concat([shown for shown, _, _ in kept.values()])
     grid = _line_facets(data, "tokens_per_s", "throughput (tokens/s)", _present(cells["method"]))
-    for ax in grid.axes.flat:
+    for panel, ax in grid.axes_dict.items():
         ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+        _, target, left_out = kept[panel]
+        ax.set_xlabel(f"batch size B ({_timed_on(target, left_out)})")
     grid.figure.suptitle("Training throughput", y=1.02, fontsize=13)
     return grid.figure
 
@@ -428,12 +446,9 @@ def memory_time(cells: pd.DataFrame) -> Figure | None:
     grid.set_titles("{col_name}")
     grid.set_axis_labels("", f"peak memory ({unit_name})")
     for panel, ax in grid.axes_dict.items():
-        in_panel = data[data["panel"] == panel]
-        target = in_panel["step_time_target"].astype(str).mode().iloc[0]
-        shown = in_panel[in_panel["step_time_target"].astype(str) == target]
+        shown, target, left_out = _one_target(data[data["panel"] == panel])
         _trade_off_panel(ax, shown, methods, palette)
-        left_out = len(in_panel) - len(shown)
-        ax.set_xlabel(f"step time (s on {target})" + (f"; {left_out} cell(s) timed elsewhere not drawn" if left_out else ""))
+        ax.set_xlabel(f"step time (s {_timed_on(target, left_out)})")
     grid.tight_layout()
     handles = [matplotlib.lines.Line2D([], [], color=palette[m], marker="o", label=m) for m in methods]
     styles = [s for s in FIGURE_STYLES if s in set(np.where(data["point_estimated"], "estimated", "measured"))]

@@ -55,7 +55,8 @@ class Throughput(_Part):
     """The step time of a cell: measured (median of the timed steps) where the step ran, else the
     roofline estimate of the tracked step (``profiler.steptime``) for a GPU of ``profiler.gpus``.
 
-    Records of older runs have measured throughputs only, without the fields after ``timed_steps``.
+    Records of older runs have measured throughputs only, without ``kind``, ``target``,
+    ``bytes_moved`` and ``estimate_over_measured``.
     """
 
     step_time_s: float  # measured median, or the roofline estimate
@@ -64,8 +65,7 @@ class Throughput(_Part):
     tokens_per_s: float | None
     samples_per_s: float | None
     timed_steps: int  # 0 for an estimate
-    flops: int | None = None  # the roofline's inputs: matmul-class FLOPs of the tracked step
-    bytes_moved: int | None = None  # and the bytes its ops read and wrote
+    bytes_moved: int | None = None  # the roofline's inputs: the bytes the ops read and wrote (and the record's flops)
     estimate_over_measured: float | None = None  # a CPU-timed cell: its roofline on this CPU / measured
 
 
@@ -85,7 +85,6 @@ class Estimate(_Part):
     activation_bytes: int
     models_device: str
     flops: int | None
-    cpu_seconds: float
 
 
 class RankMemory(_Part):
@@ -211,7 +210,7 @@ def flatten(record: Record) -> dict[str, Any]:
     row: dict[str, Any] = {"cell_id": record["cell_id"], "cell_key": record.get("cell_key"),
                            "suite": record.get("suite")}
     row.update(sorted(record.get("params", {}).items()))
-    for key in ("device", "models_device", "status", "message", "finished_at"):
+    for key in ("device", "models_device", "status", "message", "finished_at", "flops"):
         row[key] = record.get(key)
     memory = record.get("memory") or {}
     for key in ("peak_bytes", "reserved_bytes", "nvml_used_bytes", "peak_phase"):

@@ -502,7 +502,8 @@ _FIGURES = (
     ("fits", "Fits per memory budget",
      "Each cell of the grid coloured by the smallest budget its step fits (darker: a smaller card), "
      "annotated with the memory it needs (peak with the margin). " + MARGIN_NOTE),
-    ("throughput", "Throughput", "Training tokens per second (median step time after warm-up)."),
+    ("throughput", "Throughput", "Training tokens per second: the median timed step where the cell ran, else the "
+     "step-time estimate for the suite's target; one target per panel."),
 )
 _MISSING = {
     "throughput": "No throughput: no cell has a step time.",

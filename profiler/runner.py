@@ -435,21 +435,11 @@ def _measure_on(
                 torch.cuda.empty_cache()
 
 
-def _step_cost(measurement: Any) -> steptime.StepCost | None:
-    """The measurement's kernels; a backend that counts none gives its FLOPs as one kernel, and
-    one without FLOPs either (a DDP/FSDP rank) None: nothing to estimate a time from."""
-    cost = getattr(measurement, "cost", None)
-    if cost is None and measurement.flops:
-        cost = steptime.StepCost()
-        cost.add(int(measurement.flops), 0, "fp32")
-    return cost
-
-
 def _throughput(cell: Cell, device: str, measurement: Any, cpu_rates: steptime.Rates | None) -> dict[str, Any] | None:
     """``records.Throughput`` of a measurement: the median of its timed steps where it has some,
     else the roofline of its step for ``cell.target``; a CPU-timed step also gets the ratio of its
     roofline on ``cpu_rates`` to the time measured. None with neither times nor a counted step."""
-    cost = _step_cost(measurement)
+    cost = measurement.cost  # None for a DDP/FSDP rank: nothing to estimate a time from
     times = measurement.step_times_s
     if cost is None:
         if not times:
@@ -464,8 +454,7 @@ def _throughput(cell: Cell, device: str, measurement: Any, cpu_rates: steptime.R
         "target": device if times else cell.target,
         "tokens_per_s": tokens_per_step(cell) / step if step > 0 else None,
         "samples_per_s": cell.batch_size / step if step > 0 else None,
-        "timed_steps": len(times), "flops": cost.flops if cost.ops else None,
-        "bytes_moved": cost.bytes_moved if cost.ops else None,
+        "timed_steps": len(times), "bytes_moved": cost.bytes_moved if cost.ops else None,
         "estimate_over_measured": ratio,
     }
 
@@ -488,14 +477,14 @@ def _record(cell: Cell, device: str, models_device: str, measurement: Any = None
             models_device=measurement.models_device,
             memory={"peak_bytes": int(measurement.peak_bytes), "reserved_bytes": measurement.reserved_bytes,
                     "nvml_used_bytes": measurement.nvml_used_bytes,
-                    "peak_phase": getattr(measurement, "peak_phase", None),
+                    "peak_phase": measurement.peak_phase,
                     "categories": {k: measurement.categories.get(k) for k in records.MEMORY_CATEGORIES}},
             activations=measurement.activations,
             throughput=_throughput(cell, device, measurement, cpu_rates),
             flops=measurement.flops,
         )
         if plan_cpu:
-            figures["policy"] = {"cpu_seconds": planned_cpu_seconds(cell, _step_cost(measurement))}
+            figures["policy"] = {"cpu_seconds": planned_cpu_seconds(cell, measurement.cost)}
     return records.CellRecord(**{
         "cell_id": cell.cell_id, "suite": cell.suite, "params": cell.params, "device": device,
         "models_device": models_device, "env": environment(device, models_device), **fields, **figures,
@@ -579,7 +568,7 @@ class CellRunner:
         self.cache.clear()  # the CPU run needs the memory more than the meta model does
         estimate = {"peak_bytes": int(record["memory"]["peak_bytes"]), "models_device": record["models_device"],
                     "activation_bytes": sum(item["bytes"] for item in record["activations"] or []),
-                    "flops": record["flops"], "cpu_seconds": seconds}
+                    "flops": record["flops"]}
         measured = self._run_on(cell, "cpu", estimate=estimate)
         measured["policy"] = policy
         return measured

@@ -10,7 +10,9 @@ cuda alike) and adds one entry per kernel to a ``StepCost``:
   Gathers (``embedding``, ``index_select``, ``gather``, ``index``) read as many source elements
   as they write; ops that only write their first argument (``copy_``, ``fill_``, ``zero_``,
   random fills) do not read it.
-- views, ``empty*`` and ops that return no tensor launch no kernel and cost nothing.
+- an in-place op that returns nothing (the ``_foreach_*_`` ops of a foreach optimizer step)
+  writes the arguments its schema marks written: they are its outputs;
+- views, ``empty*`` and ops that neither return nor write a tensor launch no kernel and cost nothing.
 
 ``StepCost.seconds(rates)`` is the roofline: per op ``max(flops / matmul rate of its dtype,
 bytes / bandwidth) + per_op_s``, summed over the ops. Checkpointing's recomputed forward and
@@ -27,6 +29,7 @@ whatever their shape, and a float32 matmul at the FP32 rate (PyTorch's default, 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import Counter
@@ -111,15 +114,29 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return elements * tensor.element_size()
 
 
+@functools.cache
 def _is_view(func) -> bool:
     returns = func._schema.returns
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
 
 
+@functools.cache
+def _written_arguments(func) -> tuple[tuple[int, str], ...]:
+    """(position, name) of each argument the op writes (``Tensor(a!)``, ``Tensor(a!)[]``)."""
+    return tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
+                 if a.alias_info is not None and a.alias_info.is_write)
+
+
+def _written(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an op writes in place: the outputs of one that returns nothing (``_foreach_add_``)."""
+    values = [args[i] if i < len(args) else kwargs.get(name) for i, name in _written_arguments(func)]
+    return [t for t in tree_leaves(values) if isinstance(t, torch.Tensor)]
+
+
 def op_cost(func, args, kwargs, out) -> tuple[int, int, str] | None:
     """``(flops, bytes, dtype key)`` of one op (module docstring), None when it runs no kernel."""
     packet = func._overloadpacket
-    outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)] or _written(func, args, kwargs)
     if not outputs or packet in _NO_KERNEL or _is_view(func):
         return None
     inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]

@@ -39,6 +39,19 @@ def _unbiased(model, local, exact) -> float:
     return excess
 
 
+def _train(model, batch, steps: int) -> list[float]:
+    """``steps`` AdamW steps on ``batch``; the losses."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _ddp_checks(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -52,14 +65,7 @@ def _ddp_checks(rank: int) -> dict:
         model(**same).loss.backward()
     first_draw = model.module.get_parameter(SAMPLED).grad.flatten()[:64].tolist()
     excess = _unbiased(model, local, exact)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss = model(**local).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _train(model, local, steps=3)
     checksum = sum(float(p.double().sum()) for p in model.parameters())
     return {"excess": excess, "first_draw": first_draw, "losses": losses, "checksum": checksum}
 
@@ -74,14 +80,7 @@ def _fsdp_checks(rank: int) -> dict:
     for block in [*model.encoder.block, *model.decoder.block]:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    local, losses = tiny_batch("t5", seed=1 + rank), []
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss = model(**local).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _train(model, tiny_batch("t5", seed=1 + rank), steps=2)
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
     changed = sum(int(not torch.equal(full[n], before[n])) for n in full)
     checksum = sum(float(t.double().sum()) for t in full.values())

@@ -35,7 +35,7 @@ generator and 16 bytes for a cuda one, not tensor memory of the device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
 
 import torch
 from torch import nn
@@ -47,17 +47,14 @@ from wtacrs.rng import GeneratorPool
 
 
 class _Recomputation:
-    """What a region's forward drew from: restored around its recomputation (re-entrant)."""
+    """What a region's forward draws from, taken when checkpoint asks for the region's contexts
+    (just before its forward runs): restored around its recomputation (re-entrant)."""
 
     def __init__(self, generators: GeneratorPool | None, share: SampleShare) -> None:
         self.generators, self.share = generators, share
-        self.states: dict[torch.device, torch.Tensor] = {}
-        self.sources: ForwardSources | None = None
-        self._outer: list[dict[torch.device, torch.Tensor]] = []
-
-    def capture(self) -> None:
-        self.states = {} if self.generators is None else self.generators.get_state()
+        self.states = {} if generators is None else generators.get_state()
         self.sources = ForwardSources()
+        self._outer: list[dict[torch.device, torch.Tensor]] = []
 
     def __enter__(self) -> _Recomputation:
         if self.generators is not None:
@@ -73,27 +70,19 @@ class _Recomputation:
             self.generators.set_state(self._outer.pop())
 
 
-class _RegionForward:
-    """Entered by checkpoint around the region's first run: takes the snapshot."""
+class CheckpointContext:
+    """The ``context_fn`` of one converted model: an object rather than a closure, so that a
+    ``copy.deepcopy`` of the model (which copies the checkpoint partials on its layers) replays
+    the copy's generators, not the original's."""
 
-    def __init__(self, recomputation: _Recomputation) -> None:
-        self.recomputation = recomputation
+    def __init__(self, model: nn.Module) -> None:
+        self.state = conversion_state(model)  # ValueError for a model wtacrs.convert did not convert
 
-    def __enter__(self) -> _RegionForward:
-        self.recomputation.capture()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
+    def __call__(self) -> tuple[contextlib.nullcontext, _Recomputation]:
+        return contextlib.nullcontext(), _Recomputation(self.state.generators, self.state.share)
 
 
-def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple[_RegionForward, _Recomputation]]:
+def checkpoint_context_fn(model: nn.Module) -> CheckpointContext:
     """The ``context_fn`` for non-reentrant ``torch.utils.checkpoint`` on a model converted by
     :func:`wtacrs.convert` (see the module docstring). Raises ValueError for any other model."""
-    state = conversion_state(model)
-
-    def context_fn() -> tuple[_RegionForward, _Recomputation]:
-        recomputation = _Recomputation(state.generators, state.share)
-        return _RegionForward(recomputation), recomputation
-
-    return context_fn
+    return CheckpointContext(model)

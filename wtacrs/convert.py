@@ -293,10 +293,7 @@ def _after_forward(hf_model: nn.Module, args: tuple, output):
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert`: put back every original module and attention implementation."""
-    hf_model = _hf_model(model)
-    state: _ConversionState | None = getattr(hf_model, _STATE, None)
-    if state is None:
-        raise ValueError("model is not converted by wtacrs.convert")
+    hf_model, state = _hf_model(model), conversion_state(model)
     for parent, name, original in reversed(state.replaced):
         current = getattr(parent, name)
         original.train(current.training)
@@ -333,8 +330,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
         wtacrs.save_pretrained(model, "out")
         model = wtacrs.convert(AutoModel.from_pretrained("out"), wtacrs.WTACRSConfig.from_pretrained("out"))
     """
-    state: _ConversionState | None = getattr(_hf_model(model), _STATE, None)
-    if state is None:
-        raise ValueError("model is not converted by wtacrs.convert; save it with model.save_pretrained")
+    try:
+        state = conversion_state(model)
+    except ValueError:
+        raise ValueError("model is not converted by wtacrs.convert; save it with model.save_pretrained") from None
     model.save_pretrained(save_directory, **kwargs)
     state.config.save_pretrained(save_directory)

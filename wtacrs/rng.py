@@ -69,11 +69,12 @@ class GeneratorPool:
 
     def set_state(self, states: dict[torch.device, torch.Tensor]) -> None:
         """Put back states from :meth:`get_state`; a generator created since goes back to a new
-        generator's state (seeded ``seed``), which is what it had when ``states`` were taken."""
+        generator's state (seeded ``rank_seed(seed)``, as :meth:`for_device` seeds it), which is
+        what it had when ``states`` were taken."""
         for device, g in self._by_device.items():
             state = states.get(device)
             if state is None:
-                g.manual_seed(self.seed)
+                g.manual_seed(rank_seed(self.seed))
             else:
                 g.set_state(state)
 

@@ -107,6 +107,9 @@ class Family:
     def __post_init__(self) -> None:
         if self.softmax not in ("plain", "fp32", "to_value"):
             raise ValueError(f"Family.softmax must be 'plain', 'fp32' or 'to_value', got {self.softmax!r}")
+        bad = sorted(set(self.loss_layouts.values()) - {"seq2seq", "causal"})  # wtacrs.loss.LossLayout
+        if bad:
+            raise ValueError(f"Family.loss_layouts values must be 'seq2seq' or 'causal', got {bad}")
         compiled = [(re.compile(rf"(^|\.)(?:{pattern})$"), op) for pattern, op in self.linears.items()]
         object.__setattr__(self, "_compiled", compiled)
 
@@ -227,6 +230,7 @@ FAMILIES: dict[str, Family] = {
         softmax="fp32",
     ),
 }
+_BUILT_IN = frozenset(FAMILIES)
 
 
 class UnsupportedModelError(ValueError):
@@ -252,7 +256,10 @@ def register_family(family: Family) -> Family:
 
 
 def unregister_family(name: str) -> None:
-    """Remove a family added by :func:`register_family` (KeyError if there is none)."""
+    """Remove a family added by :func:`register_family` (KeyError if there is none; ValueError
+    for a family the package ships)."""
+    if name in _BUILT_IN:
+        raise ValueError(f"{name!r} is a family wtacrs ships; only a registered family can be removed")
     del FAMILIES[name]
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
+from profiler.measure import Measurement
 from profiler.records import MEMORY_CATEGORIES
+from profiler.steptime import StepCost
 
 TINY_SUITE = """\
 name: tiny
@@ -32,19 +33,6 @@ device: meta
 checks:
   - {metric: peak_bytes, denominator: lora, min: 1.0, where: {batch_size: 3}}
 """
-
-
-@dataclass
-class FakeMeasurement:
-    peak_bytes: int
-    categories: dict
-    activations: list
-    reserved_bytes: int | None = None
-    nvml_used_bytes: int | None = None
-    step_times_s: list = field(default_factory=list)
-    flops: int | None = None
-    estimated: bool = False
-    models_device: str = "cpu"
 
 
 def fake_measure_training_step(model, batch, optimizer, *, device, family, warmup_steps=1, timed_steps=3,
@@ -76,12 +64,14 @@ def fake_measure_training_step(model, batch, optimizer, *, device, family, warmu
     activations = sum(saved.values())
     categories = dict.fromkeys(MEMORY_CATEGORIES, 0)
     categories.update(parameters=parameters, activations=activations)
-    return FakeMeasurement(
+    cost = StepCost()
+    cost.add(6 * parameters // 4 * batch["input_ids"].numel(), 0, "fp32")  # the step's FLOPs, as one kernel
+    return Measurement(
         peak_bytes=parameters + activations,
         categories=categories,
         activations=[{"operator": "Other", "category": "uncompressed", "bytes": activations}],
         step_times_s=times,
-        flops=6 * parameters // 4 * batch["input_ids"].numel(),
+        cost=cost,
         estimated=device == "meta",
         models_device=models_device if device == "meta" else device,
     )

@@ -49,7 +49,7 @@ def test_records_hold_params_status_memory_and_env(write_suite, tmp_path, fake_m
         assert row["memory"]["peak_bytes"] == sum(row["memory"]["categories"].values())
         throughput = row["throughput"]  # meta runs: the roofline estimate for the suite's target GPU
         assert (throughput["kind"], throughput["target"], throughput["timed_steps"]) == ("estimated", "a100-80gb", 0)
-        assert throughput["step_time_s"] == pytest.approx(throughput["flops"] / 19.5e12 + steptime.KERNEL_LAUNCH_S)
+        assert throughput["step_time_s"] == pytest.approx(row["flops"] / 19.5e12 + steptime.KERNEL_LAUNCH_S)
         assert set(row["env"]) == ENV_KEYS
     suite_json = json.loads((tmp_path / "out" / "suite.json").read_text())
     assert suite_json["name"] == "tiny" and len(suite_json["cells"]) == 8
@@ -174,7 +174,7 @@ def test_auto_plans_cpu_time_from_the_estimate_alone(write_suite, tmp_path, fake
     meta_flops = row["estimate"]["flops"]
     nominal = steptime.NOMINAL_CPU
     assert row["policy"]["cpu_seconds"] == pytest.approx(3 * (meta_flops / nominal.matmul["fp32"] + nominal.per_op_s))
-    assert row["policy"]["choice"] == "cpu" and row["estimate"]["cpu_seconds"] == row["policy"]["cpu_seconds"]
+    assert row["policy"]["choice"] == "cpu"
     assert row["throughput"]["estimate_over_measured"] > 0
 
 
