@@ -11,8 +11,8 @@ the default target, said so), then prints one table:
 - step: the measured median step and its ratio to full's, the estimated step over the measured;
 - op: forward+backward of a WTA-CRS linear over the exact ``nn.Linear`` at the suite's tokens.
 
-Exits 0 when every peak estimate is within 5%, 1 when one is not, and 0 with one line when CUDA
-is absent. About 4 minutes on one A100-class GPU with t5-base at B=16 and 32.
+Exits 0 when every peak estimate is within 5%, 1 when one is not or a cell fails, and 0 with one
+line when CUDA is absent. It has not run on a GPU yet (none was lent).
 """
 
 from __future__ import annotations
@@ -90,8 +90,11 @@ def check(args: argparse.Namespace) -> int:
                       "yes" if within else "NO", f"{step * 1e3:.1f} ms",
                       f"{step / full_step[cell.batch_size]:.2f}×" if cell.batch_size in full_step else "—",
                       f"{step_guess * 1e3:.1f} ms", f"{step_guess / step:.2f}")
-    ops = op_times_ms(args.batch_sizes[0] * args.seq_len, 768, 3072)
-    table.caption = (f"op: Linear 768→3072 forward+backward at {args.batch_sizes[0] * args.seq_len} tokens, "
+    from profiler.models import preset_dims
+
+    dims = preset_dims(args.preset, {})
+    ops = op_times_ms(args.batch_sizes[0] * args.seq_len, dims.d_model, dims.d_ff)
+    table.caption = (f"op: Linear {dims.d_model}→{dims.d_ff} forward+backward at {args.batch_sizes[0] * args.seq_len} tokens, "
                      f"exact {ops['exact']:.2f} ms, wtacrs@0.3 {ops['wtacrs@0.3']:.2f} ms "
                      f"({ops['wtacrs@0.3'] / ops['exact']:.2f}×)")
     Console(highlight=False).print(table)

@@ -33,7 +33,7 @@ from profiler.results import metric_value
 from profiler.gpus import DEFAULT_TARGET, GPUS
 from profiler.limits import MAX_CELLS
 from profiler.terminal import printable
-from profiler.units import format_bytes, format_count
+from profiler.units import format_bytes, format_count, format_seconds
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATUS_STYLES = {"ok": "green", "estimated": "cyan", "oom": "yellow", "error": "bold red", "skipped": "dim"}
@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="measure every cell of a suite", description=(
             "Measure every cell of a suite (models x grid x methods) and append one record per cell to "
-            "OUT/results.jsonl, then render the report. Methods: " + METHOD_NAMES_HELP + ". Every cell gets a "
-            "step time: measured where it ran, else a roofline estimate for the suite's training.target GPU "
+            "OUT/results.jsonl, then render the report. Methods: " + METHOD_NAMES_HELP + ". Every single-device "
+            "cell gets a step time: measured where it ran, else a roofline estimate for the suite's training.target GPU "
             f"(default {DEFAULT_TARGET}; one of {', '.join(GPUS)})."
         ),
     )
@@ -164,10 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sizes(text: str) -> list[int]:
     """``8,16,32`` -> [8, 16, 32]: positive whole numbers, comma-separated."""
-    values = [_positive(part.strip()) for part in text.split(",")]
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"a batch size is given twice in {text!r}")
-    return values
+    return [_positive(part.strip()) for part in text.split(",")]  # repeats: the suite's grid says so
 
 
 def _budget_list(text: str) -> list[int]:
@@ -250,7 +247,7 @@ def _summary_line(index: int, total: int, record: records.Record) -> str:
     step = (record.get("throughput") or {}).get("step_time_s")
     if step is not None:
         kind = (record.get("throughput") or {}).get("kind") == "estimated"
-        line += f"  step {step:.3g} s" + (f" (estimated, {printable(record['throughput'].get('target'))})" if kind else "")
+        line += f"  step {format_seconds(step)}" + (f" (estimated, {printable(record['throughput'].get('target'))})" if kind else "")
     if record.get("message") and record["status"] not in ("ok",):
         line += f"  ({printable(record['message'].splitlines()[0])})"
     elif (record.get("policy") or {}).get("choice") == "cpu":
@@ -497,7 +494,7 @@ def _estimate_table(result) -> Table:
         table.add_column(budget_label(budget), justify="center")
     for row in result.rows:
         step = row["step_time_s"]
-        step_text = "-" if step is None else f"{step:.3g} s" + (" est." if row["step_time_kind"] == "estimated" else "")
+        step_text = "-" if step is None else format_seconds(step) + (" est." if row["step_time_kind"] == "estimated" else "")
         ratio = "-" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}×"
         fits = [Text("fits", style="green") if row["fits"].get(budget_label(b)) else
                 Text("no", style="red") if budget_label(b) in row["fits"] else Text(row["status"], style="yellow")

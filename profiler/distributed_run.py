@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node N -m profiler run SUITE`` starts N copies of the CLI. Rank 0 runs the
 suite as a plain run does and alone writes the output directory; before each DDP/FSDP cell of
 world size N it broadcasts the cell's id, every rank builds, shards and measures the cell on its
-own device (``profiler.parallel.measure_rank``), and rank 0 gathers the per-rank figures into the
+own device (``measure_rank``), and rank 0 gathers the per-rank figures into the
 record. A cell of another world size cannot be measured by this launch and is recorded
 ``skipped`` (run without torchrun to estimate it). Other ranks only follow rank 0's broadcasts.
 
@@ -25,8 +25,9 @@ import torch.distributed as dist
 
 from profiler import records
 from profiler.measure import Measurement
-from profiler.models import MetaMaskChecks, build_model, make_batch, quiet_transformers
+from profiler.models import MetaMaskChecks, make_batch, quiet_transformers
 from profiler.parallel import RankFigures, estimate_rank, shard_fsdp, tracked_step
+from profiler.runner import _is_oom, _prepared_model, _record, _short, build_optimizer
 
 RANK_TIMEOUT_S = float(os.environ.get("PROFILER_RANK_TIMEOUT_S", 600))
 CONTROL_TIMEOUT = dt.timedelta(hours=24)
@@ -36,11 +37,6 @@ _WORK_GROUP = None  # the group of a torchrun launch's steps (timeout RANK_TIMEO
 def launched_by_torchrun() -> bool:
     """True in a process torchrun started (it sets RANK, WORLD_SIZE and TORCHELASTIC_RUN_ID)."""
     return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
-
-
-def _prepared(cell, device: str):
-    model = build_model(cell, device)
-    return cell.method.prepare(model, cell.family, seed=cell.seed).train()
 
 
 def _batch(cell) -> dict:
@@ -53,10 +49,8 @@ def dist_rank() -> int:
 
 def estimate_cell(cell, models_device: str) -> RankFigures:
     """One rank of ``cell`` traced under the fake process group (``estimate_rank``)."""
-    from profiler.runner import build_optimizer
-
     with MetaMaskChecks(cell):  # no values on fake tensors: transformers' mask checks read the cell
-        return estimate_rank(lambda: _prepared(cell, "cpu"), _batch(cell), lambda m: build_optimizer(m, cell.optimizer),
+        return estimate_rank(lambda: _prepared_model(cell, "cpu"), _batch(cell), lambda m: build_optimizer(m, cell.optimizer),
                              cell.parallel, models_device=models_device, warmup_steps=cell.warmup_steps)
 
 
@@ -65,11 +59,9 @@ def measure_rank(cell) -> RankFigures:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.nn.parallel import DistributedDataParallel
 
-    from profiler.runner import build_optimizer
-
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    settings, extra = cell.parallel, {}
-    model = _prepared(cell, device)
+    settings = cell.parallel
+    model = _prepared_model(cell, device)
     if settings.strategy == "fsdp":
         shard_fsdp(model, settings, DeviceMesh.from_group(_WORK_GROUP, torch.device(device).type))
     else:
@@ -80,7 +72,7 @@ def measure_rank(cell) -> RankFigures:
     # them in backward, and counts them from then on (under "Activation"); measured here, the
     # peak equals the estimate's single-device step plus ``ddp_bucket_bytes``
     return tracked_step(model, batch, optimizer, strategy=settings.strategy, models_device=torch.device(device).type,
-                        warmup_steps=cell.warmup_steps, extra=extra, rank=dist.get_rank())
+                        warmup_steps=cell.warmup_steps, rank=dist.get_rank())
 
 
 def _gathered(cell) -> list[dict]:
@@ -96,11 +88,9 @@ def _gathered(cell) -> list[dict]:
     return gathered
 
 
-def parallel_record(cell, device: str, models_device: str) -> records.Record:
+def parallel_record(cell, models_device: str) -> records.Record:
     """The record of a DDP/FSDP ``cell``: measured on every rank under torchrun (its world size
     only), else estimated here under the fake process group. Never raises but for Ctrl-C."""
-    from profiler.runner import _is_oom, _record, _short
-
     measured = dist.is_initialized()
     on = ("cuda" if torch.cuda.is_available() else "cpu") if measured else "meta"
     kind = on if measured else models_device
@@ -124,8 +114,6 @@ def parallel_record(cell, device: str, models_device: str) -> records.Record:
 
 
 def _ranks_record(cell, on: str, kind: str, ranks: list[dict]) -> records.Record:
-    from profiler.runner import _record
-
     failed = [r for r in ranks if "error" in r]
     if failed:
         return _record(cell, on, kind, status="error", traceback=failed[0].get("traceback"),

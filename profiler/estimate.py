@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from profiler.fits import ALLOCATOR_RESERVE, CUDA_CONTEXT_BYTES, budget_label, fits_frame
+from profiler.fits import ALLOCATOR_RESERVE, CUDA_CONTEXT_BYTES, budget_label, fits, needed_bytes
 from profiler.records import read_json_object
 from profiler.units import GiB
 
@@ -118,25 +118,24 @@ def estimate_fits(model: str, batch_sizes: list[int], seq_len: int, methods: lis
     finally:
         runner.close()
     cells = cells_frame(Results(Path("estimate"), records, suite.to_json()))
-    fit = fits_frame(cells, budgets)
-    rows = [_row(cell, fit) for _, cell in cells.iterrows()]
+    rows = [_row(cell, budgets) for _, cell in cells.iterrows()]
     return Estimate(suite.models[0].name, rows, sorted(budgets, reverse=True))
 
 
-def _row(cell, fit) -> dict[str, Any]:
+def _row(cell, budgets: list[int]) -> dict[str, Any]:
     """One JSON row: the cell's figures and, per budget label, whether it fits."""
     def value(key: str) -> Any:
         item = cell.get(key)
         return None if item is None or (isinstance(item, float) and item != item) else item
 
-    mine = fit[(fit["method"].astype(str) == str(cell["method"])) & (fit["batch_size"] == cell["batch_size"])]
+    peak = value("peak_bytes")
     return {
         "method": str(cell["method"]), "batch_size": int(cell["batch_size"]), "seq_len": int(cell["seq_len"]),
         "status": cell["status"], "message": cell["message"],
-        "peak_bytes": None if value("peak_bytes") is None else int(cell["peak_bytes"]),
-        "needed_bytes": None if mine.empty else int(mine["needed_bytes"].iloc[0]),
+        "peak_bytes": None if peak is None else int(peak),
+        "needed_bytes": None if peak is None else int(needed_bytes(peak)),
         "peak_ratio": value("peak_ratio"), "step_time_s": value("step_time_s"),
         "step_time_kind": value("step_time_kind"), "step_time_target": value("step_time_target"),
         "time_ratio": value("time_ratio"),
-        "fits": {str(r.budget): bool(r.fits) for r in mine.itertuples()},
+        "fits": {} if peak is None else {budget_label(b): fits(peak, b) for b in sorted(budgets, reverse=True)},
     }

@@ -7,12 +7,12 @@ than that for the same step, so a cell **fits** when::
     peak_bytes * (1 + ALLOCATOR_RESERVE) + CUDA_CONTEXT_BYTES <= budget
 
 - ``CUDA_CONTEXT_BYTES`` (0.5 GiB): the CUDA context, loaded kernels and cuBLAS workspace a
-  PyTorch process holds before its first tensor. NVML shows about 0.3-0.6 GiB for it on
-  A100/H100-class GPUs with CUDA 12 (more with cuDNN and NCCL loaded); it never shows in
-  ``max_memory_allocated``.
+  PyTorch process holds before its first tensor; it never shows in ``max_memory_allocated``.
 - ``ALLOCATOR_RESERVE`` (10% of the peak): the caching allocator reserves whole segments and
-  rounds blocks, so ``max_memory_reserved`` sits above ``max_memory_allocated``; 5-15% is what
-  training steps show, and a run that needs more than the reserved memory fails with OOM.
+  rounds blocks, so ``max_memory_reserved`` sits above ``max_memory_allocated``, and a run that
+  needs more than the reserved memory fails with OOM.
+
+Both values are assumed, typical of published reports, not measured here (no GPU was lent yet).
 
 Both are stated on the report page and in ``python -m profiler estimate``. Budgets are sizes in
 GiB (2**30 bytes) in suites; a GPU vendor's "24 GB" may mean 24 * 10**9 bytes (22.35 GiB), so

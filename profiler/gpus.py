@@ -4,12 +4,13 @@ Importable without torch (``python -m profiler --help`` names the table). Figure
 datasheets' **dense** peaks (no 2:4 sparsity), SXM parts where a card comes in several forms:
 
 - ``fp32``: CUDA-core FP32 FLOP/s, the rate of a float32 matmul under PyTorch's default
-  (``torch.backends.cuda.matmul.allow_tf32 = False``), and of every non-matmul op's arithmetic;
-- ``tf32``, ``bf16``, ``fp16``: tensor-core FLOP/s with FP32 accumulation (None where the part has
-  no such tensor-core mode; estimates then fall back on ``fp32``);
-- ``bandwidth``: DRAM (HBM/GDDR) bytes per second; ``memory_gb``: memory size in GB (10^9 bytes).
+  (``torch.backends.cuda.matmul.allow_tf32 = False``); non-matmul ops are costed by their bytes;
+- ``bf16``, ``fp16``: tensor-core FLOP/s with FP32 accumulation (None where the part has no such
+  mode; estimates then fall back on ``fp32``); ``tf32`` likewise, kept as data: no estimate uses
+  it, since PyTorch's default runs float32 matmuls without TF32;
+- ``bandwidth``: DRAM (HBM/GDDR) bytes per second; ``memory_gb`` and ``title``: data for readers.
 
-``steptime.roofline_seconds`` turns these into a step time.
+``steptime.gpu_rates`` turns these into the rates of ``StepCost.seconds``.
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ class GPU:
     bandwidth: float  # bytes/s
     memory_gb: float
     pattern: str  # a regular expression that finds this part in a lower-cased device name
-
-    def matmul_rate(self, dtype_key: str) -> float:
-        """FLOP/s of a matmul in ``fp32`` / ``tf32`` / ``bf16`` / ``fp16``; ``fp32`` where unsupported."""
-        return getattr(self, dtype_key, None) or self.fp32
 
 
 GPUS: dict[str, GPU] = {

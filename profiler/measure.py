@@ -74,7 +74,8 @@ def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
 _REACHED_PARAMETERS: weakref.WeakKeyDictionary[nn.Module, frozenset[int]] = weakref.WeakKeyDictionary()
 
 
-def shapes_only_warmup(model: nn.Module, optimizer: torch.optim.Optimizer, reached: frozenset[int]) -> None:
+def shapes_only_warmup(model: nn.Module, optimizer: torch.optim.Optimizer,
+                       reached: frozenset[int] | None = None) -> None:
     """Leave a meta model and optimizer as warm-up steps would, without running them.
 
     On meta a step computes shapes and nothing else, so all a warm-up leaves behind is a gradient
@@ -82,11 +83,12 @@ def shapes_only_warmup(model: nn.Module, optimizer: torch.optim.Optimizer, reach
     model's first real warm-up (which parameters the loss reaches does not depend on B or S) --
     and the optimizer state its step creates. This saves a forward and a backward per estimate
     after the first one of a model (the runner reuses meta models across batch sizes and
-    sequence lengths); the cpu-vs-meta tests hold the figures to a real warm-up's.
+    sequence lengths); the cpu-vs-meta tests hold the figures to a real warm-up's. ``reached``
+    None: every trainable parameter (a DDP/FSDP rank's fake model, ``profiler.parallel``).
     """
     optimizer.zero_grad(set_to_none=True)
     for parameter in model.parameters():
-        if id(parameter) in reached and parameter.requires_grad:
+        if (reached is None or id(parameter) in reached) and parameter.requires_grad:
             parameter.grad = torch.empty_like(parameter)
     optimizer.step()
 

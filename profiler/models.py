@@ -51,10 +51,10 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 FIRST_TOKEN_ID = 3  # ids below are pad / eos / unk in every family here; synthetic tokens avoid them
 
 
-TASKS = {  # what a family's head model trains: peft's task type, and the labels of the synthetic batch
-    "seq2seq": ("SEQ_2_SEQ_LM", "seq2seq LM (labels [B, target_len])"),
-    "classification": ("SEQ_CLS", "sequence classification (labels [B])"),
-    "causal": ("CAUSAL_LM", "causal LM (labels [B, S])"),
+TASKS = {  # what a family's head model trains -> peft's task type (make_batch gives each task its labels)
+    "seq2seq": "SEQ_2_SEQ_LM",
+    "classification": "SEQ_CLS",
+    "causal": "CAUSAL_LM",
 }
 
 
@@ -95,11 +95,7 @@ class Architecture:
 
     @property
     def peft_task_type(self) -> str:
-        return TASKS[self.task][0]
-
-    @property
-    def loss(self) -> str:
-        return TASKS[self.task][1]
+        return TASKS[self.task]
 
     @property
     def size_keys(self) -> tuple[str, ...]:

@@ -7,13 +7,17 @@ cell differ only in what runs beneath them:
   fake process group (``init_process_group("fake", world_size=N)``: collectives return at once,
   no data moves) with the model built inside ``FakeTensorMode`` (FSDP2 rejects meta parameters).
   The rank holds 1/N of every parameter, gradient and optimizer state, and allocates FSDP's
-  all-gather and reduce-scatter buffers exactly where FSDP does.
+  all-gather and reduce-scatter buffers where FSDP does (byte for byte what two gloo ranks
+  measure under torchrun for a one-block t5-tiny, ``tests/profiler/test_parallel.py``; one CI
+  run in three measured two more sharded-gradient-sized buffers at the peak, cause not traced).
   DDP's C++ reducer cannot run on fake tensors, so a DDP rank is the single-device step plus
   DDP's gradient buckets: one flat copy of every trainable gradient, alive for the whole step
   (``ddp_bucket_bytes``; DDP's default ``gradient_as_bucket_view=False``).
-- **measured** (``measure_rank``): the same step on a real process group (``torchrun``: gloo on
+- **measured** (``profiler.distributed_run.measure_rank``): the same step on a real process group (``torchrun``: gloo on
   the CPU, nccl on cuda), each rank on its own device. DDP's buckets, allocated in C++, are met
-  by the tracker when the reducer's all-reduce returns them in backward.
+  by the tracker when the reducer's all-reduce returns them in backward, and filed as
+  "Activation": a measured DDP rank's categories count its buckets as activations (the peak is
+  the same).
 
 Accounting is torch's own: ``FSDPMemTracker`` for FSDP (categories sharded/unsharded param,
 sharded/unsharded grad, all-gather, reduce-scatter, activations, temporaries, optimizer state,
@@ -37,11 +41,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from profiler.measure import CudaKernelBehaviour, training_step
+from profiler.measure import CudaKernelBehaviour, shapes_only_warmup, training_step
 from profiler.records import MEMORY_CATEGORIES
+from profiler.tracker import CUDA_BLOCK_BYTES
 
 STRATEGIES = ("none", "ddp", "fsdp")
-CUDA_BLOCK_BYTES = 512
 
 # torch's tracker categories (``_RefType`` values of MemTracker and FSDPMemTracker) -> record categories
 _CATEGORY_OF = {
@@ -73,7 +77,6 @@ class RankFigures:
     categories: dict[str, int]
     breakdown: dict[str, int] = field(default_factory=dict)
     estimated: bool = False
-    models_device: str = "cpu"
 
     def to_json(self) -> dict:
         return {"rank": self.rank, "peak_bytes": self.peak_bytes, "breakdown": dict(self.breakdown)}
@@ -106,13 +109,14 @@ def shard_fsdp(model: nn.Module, settings: ParallelSettings, mesh) -> nn.Module:
 
 def ddp_bucket_bytes(model: nn.Module, settings: ParallelSettings, models_device: str) -> int:
     """Bytes of DDP's gradient buckets: the trainable parameters, grouped in reverse order as
-    ``DistributedDataParallel`` groups them (a first bucket of 1 MiB, then ``bucket_cap_mb``),
-    each bucket one flat tensor (rounded to 512-byte blocks when modelling cuda)."""
+    ``DistributedDataParallel`` groups them when given ``bucket_cap_mb`` (as
+    ``profiler.distributed_run.measure_rank`` gives it: every bucket, the first too, of at most ``bucket_cap_mb``), each bucket one flat
+    tensor (rounded to 512-byte blocks when modelling cuda)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return 0
     shapes = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in reversed(params)]
-    limits = [dist._DEFAULT_FIRST_BUCKET_BYTES, int(settings.bucket_cap_mb * 1024 * 1024)]
+    limits = [int(settings.bucket_cap_mb * 1024 * 1024)]
     groups, _ = dist._compute_bucket_assignment_by_size(shapes, limits)
     sizes = [sum(shapes[i].numel() * shapes[i].element_size() for i in group) for group in groups]
     return sum(_rounded(size, models_device) for size in sizes)
@@ -189,7 +193,10 @@ def tracked_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer
         if estimated:
             stack.enter_context(_memoised_strided_shard_flag())
             if warmup_steps:
-                _shapes_only_warmup(model, optimizer)
+                # the step runs as configured (foreach when modelling cuda): its first foreach call
+                # on DTensors allocates outputs to infer shardings, cached from then on, and a
+                # tracked step after a per-tensor warm-up would count them as optimizer state
+                shapes_only_warmup(model, optimizer)
         else:
             for _ in range(warmup_steps):
                 training_step(model, batch, optimizer)
@@ -209,20 +216,7 @@ def tracked_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer
     for name, nbytes in breakdown.items():
         categories[_CATEGORY_OF.get(name, "other")] += nbytes
     return RankFigures(rank=rank, peak_bytes=sum(breakdown.values()), categories=categories,
-                       breakdown=breakdown, estimated=estimated, models_device=models_device)
-
-
-def _shapes_only_warmup(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Leave fake ``model`` and ``optimizer`` as warm-up steps do, without their forward and
-    backward: a gradient (``empty_like``, a DTensor under FSDP) for every trainable parameter,
-    then ``optimizer.step()``. The step runs as configured (foreach when modelling cuda): its
-    first foreach call on DTensors allocates outputs to infer shardings, cached from then on,
-    and a tracked step after a per-tensor warm-up would count them as optimizer state."""
-    optimizer.zero_grad(set_to_none=True)
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            parameter.grad = torch.empty_like(parameter)
-    optimizer.step()
+                       breakdown=breakdown, estimated=estimated)
 
 
 @contextlib.contextmanager
@@ -281,8 +275,6 @@ def estimate_rank(build, batch: dict, make_optimizer, settings: ParallelSettings
     (real cpu tensors, the per-rank batch) by ``make_optimizer(model)``. ``estimated`` is True."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    if settings.strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {settings.strategy!r}")
     group = fake_process_group(settings.world_size) if settings.strategy == "fsdp" else contextlib.nullcontext()
     with group as mesh, FakeTensorMode(allow_non_fake_inputs=True):
         with _adapters_stay_put():

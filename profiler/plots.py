@@ -83,9 +83,9 @@ def to_png(figure: Figure) -> bytes:
 METHOD_HUES = {
     "full": "#1f77b4", "lora": "#ff7f0e", "checkpointing": "#2ca02c", "wtacrs": "#d62728",
     "wtacrs-linear": "#9467bd", "lora+wtacrs": "#8c564b", "checkpointing+wtacrs": "#e377c2",
-    "checkpointing+lora": "#bcbd22",
+    "checkpointing+lora": "#bcbd22", "checkpointing+lora+wtacrs": "#17becf",
 }
-FALLBACK_HUES = ("#17becf", "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39")
+FALLBACK_HUES = ("#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39")
 REFERENCE_RATIO = 0.3  # the ratio drawn in the kind's own hue; lower ratios lighter, higher darker
 
 
@@ -361,8 +361,6 @@ def max_batch(frame: pd.DataFrame) -> Figure | None:
     if frame.empty:
         return None
     data = frame.assign(method=frame["method"].astype(str))
-    if "capped" not in data.columns:
-        data["capped"] = False
     methods = _present(frame["method"])
     budgets = list(dict.fromkeys(data.sort_values("budget_bytes", ascending=False)["budget"]))
     panels = _present(data["panel"])

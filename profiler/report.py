@@ -45,7 +45,7 @@ from profiler.results import (
     record_kind,
     step_time,
 )
-from profiler.units import GiB, byte_unit, format_bytes, format_count, in_unit
+from profiler.units import GiB, byte_unit, format_bytes, format_count, format_seconds, in_unit
 
 DEFAULT_BUDGETS_GIB = (80.0, 40.0, 24.0)
 PAGE_NAME = "report.html"
@@ -301,18 +301,11 @@ def _time_ratio_range(group: pd.DataFrame) -> str:
     return text + (" (estimated)" if text != "—" and group.loc[has, "time_ratio_estimated"].any() else "")
 
 
-def _seconds(value: float | None) -> str:
-    """A step time: ``0.412 s``, ``12.3 s``, ``4.1 ms``."""
-    if value is None or pd.isna(value):
-        return "—"
-    return f"{value * 1e3:.3g} ms" if value < 0.1 else f"{value:.3g} s"
-
-
 def _seconds_range(group: pd.DataFrame) -> str:
     values = group["step_time_s"].dropna()
     if values.empty:
         return "—"
-    low, high = _seconds(values.min()), _seconds(values.max())
+    low, high = format_seconds(values.min()), format_seconds(values.max())
     text = low if low == high else f"{low} – {high}"
     return text + (" (estimated)" if (group.loc[values.index, "step_time_kind"] == "estimated").any() else "")
 
@@ -366,7 +359,7 @@ def cell_table(cells: pd.DataFrame) -> pd.DataFrame:
 
     table["peak: full ÷ method"] = ratio(cells["peak_ratio"])
     table["activations: full ÷ method"] = ratio(cells["activation_ratio"])
-    table["peak in"] = cells["peak_phase"].fillna("—") if "peak_phase" in cells else "—"
+    table["peak in"] = cells["peak_phase"].fillna("—")
     table["step time"] = [_step_time_text(*row) for row in
                           cells[["step_time_s", "step_time_kind", "step_time_target"]].itertuples(index=False)]
     table["step time: method ÷ full"] = [
@@ -381,7 +374,7 @@ def _step_time_text(seconds: Any, kind: Any, target: Any) -> str:
     """``0.412 s (estimated, a100-80gb)``: a step time says how it was obtained, like a memory figure."""
     if seconds is None or pd.isna(seconds):
         return "—"
-    return f"{seconds:.3g} s ({kind}, {target})"
+    return f"{format_seconds(seconds)} ({kind}, {target})"
 
 
 def _html_table(frame: pd.DataFrame, classes: str = "", row_classes: Sequence[str] | None = None) -> str:

@@ -117,10 +117,16 @@ class Plan:
 def run_policy(suite: Suite, device: str) -> dict[str, Any]:
     """The run settings outside a cell that change its figures: where it runs, whose kernels an
     estimate models, and for ``auto`` the budgets that choose between a CPU run and the estimate
-    and the nominal CPU rates it plans CPU time at (``memory_gib`` only sizes the report's plot)."""
+    and the nominal CPU rates it plans CPU time at (``memory_gib`` only sizes the report's plot).
+    A DDP / FSDP cell is measured on the ranks of a torchrun launch, else estimated (modelling
+    ``models_device`` whatever the device): the launch's world size is part of its policy."""
+    import torch.distributed as dist
+
     policy: dict[str, Any] = {"device": device}
-    if device in ("meta", "auto"):
+    if device in ("meta", "auto") or suite.parallel.strategy != "none":
         policy["models_device"] = suite.models_device
+    if suite.parallel.strategy != "none":
+        policy["torchrun_world_size"] = dist.get_world_size() if dist.is_initialized() else None
     if device == "auto":
         policy["budgets"] = suite.budgets.model_dump(exclude={"memory_gib"})
         nominal = steptime.NOMINAL_CPU  # the rates the CPU time is planned at
@@ -514,7 +520,7 @@ class CellRunner:
             from profiler.distributed_run import parallel_record
 
             self.cache.clear()
-            return parallel_record(cell, self.device, self.suite.models_device)
+            return parallel_record(cell, self.suite.models_device)
         record = self.estimate(cell) if self.device == "auto" else self._run_on(cell, self.device)
         return self.consider_cpu(record, cell) if self.device == "auto" else record
 
@@ -524,7 +530,7 @@ class CellRunner:
         if cell.parallel is not None:
             from profiler.distributed_run import parallel_record
 
-            return parallel_record(cell, "meta", self.suite.models_device)
+            return parallel_record(cell, self.suite.models_device)
         return self._run_on(cell, "meta")
 
     def _run_on(self, cell: Cell, device: str, estimate: dict[str, Any] | None = None) -> records.Record:
@@ -551,9 +557,9 @@ class CellRunner:
 
         A fixed rule of the estimate and the suite (module docstring); ``policy`` records the
         choice and its reason, and so does ``message`` for an estimate kept. A rank estimate
-        (DDP/FSDP) stays one.
+        (DDP/FSDP) carries no policy, so it stays one.
         """
-        if record["status"] != "estimated" or record.get("policy") is None or record.get("parallel"):
+        if record["status"] != "estimated" or record.get("policy") is None:
             return record
         reason = self._over_budget(record)
         if reason is not None:

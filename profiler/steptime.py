@@ -76,8 +76,9 @@ def gpu_rates(key: str) -> Rates:
     return Rates(key, matmul, gpu.bandwidth, KERNEL_LAUNCH_S)
 
 
-# What ``device: auto`` assumes of a CPU when it plans which cells to run there: a small cloud
-# machine (2 cores with AVX2/FMA). Fixed, so the plan is a function of the suite alone.
+# What ``device: auto`` assumes of a CPU when it plans which cells to run there: planning
+# constants, not a measurement (the example's two CPU cells, one thread of a shared machine, took
+# 1.8x and 3.5x their planned time). Fixed, so the plan is a function of the suite alone.
 NOMINAL_CPU = Rates("nominal cpu", {"fp32": 50e9}, 10e9, 20e-6)
 
 

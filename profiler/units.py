@@ -36,6 +36,13 @@ def format_bytes(value: float | None, unit: int | None = None, digits: int = 2, 
     return f"{in_unit(value, unit, digits)} {UNIT_NAMES[unit]}"
 
 
+def format_seconds(value: float | None, missing: str = "—") -> str:
+    """A step time: ``0.412 s``, ``12.3 s``, ``4.1 ms`` (milliseconds below 0.1 s)."""
+    if is_missing(value):
+        return missing
+    return f"{value * 1e3:.3g} ms" if value < 0.1 else f"{value:.3g} s"
+
+
 def format_count(value: float | None, missing: str = "—") -> str:
     """A rate or a count rounded to a whole number, with thousands separators: ``12,345``."""
     return missing if is_missing(value) else f"{value:,.0f}"

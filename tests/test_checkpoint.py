@@ -4,6 +4,7 @@ drew, so checkpointing changes no gradient bit, also under an outer ``saved_tens
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -19,11 +20,17 @@ def _detaching_hooks():
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t)
 
 
-def _gradients(family: str, checkpointing: bool, outer_hook: bool, steps: int = 3) -> list[list[torch.Tensor]]:
-    model = wtacrs.convert(tiny_model(family).train(), wtacrs.WTACRSConfig(ratio=0.3, seed=5))
+def _enable(model, **kwargs):
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False, **kwargs})
+
+
+def _gradients(family: str, checkpointing: bool, outer_hook: bool, steps: int = 3, deep_copy: bool = False,
+               **switches) -> list[list[torch.Tensor]]:
+    model = wtacrs.convert(tiny_model(family).train(), wtacrs.WTACRSConfig(ratio=0.3, seed=5, **switches))
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False, "context_fn": wtacrs.checkpoint_context_fn(model)})
+        _enable(model, context_fn=wtacrs.checkpoint_context_fn(model))
+    if deep_copy:  # the copy's checkpoint partials must replay the copy's generators, not the original's
+        model = copy.deepcopy(model)
     data = tiny_batch(family, 2, 8)  # padded: the token masks decide the probabilities
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(0)  # dropout masks: checkpoint replays the default generator
@@ -48,10 +55,21 @@ def test_checkpointed_gradients_equal_the_uncheckpointed_ones_bit_for_bit(family
         assert all(torch.equal(a, b) for a, b in zip(step_expected, step_got))
 
 
+@pytest.mark.parametrize("case", ["sampled-attention", "deep-copy"])
+def test_the_replay_also_holds_for_the_sampled_attention_and_a_deep_copy(case):
+    """tm1 and tm2_v='sample' draw from the pool inside the attention too; a deep copy of a
+    checkpointed model (its layers hold checkpoint partials with the context) replays its own pool."""
+    switches = {"tm1": True, "tm2_v": "sample"} if case == "sampled-attention" else {}
+    expected = _gradients("t5", checkpointing=False, outer_hook=False, **switches)
+    got = _gradients("t5", checkpointing=True, outer_hook=False, deep_copy=case == "deep-copy", **switches)
+    for step_expected, step_got in zip(expected, got):
+        assert all(torch.equal(a, b) for a, b in zip(step_expected, step_got))
+
+
 def test_without_the_context_fn_the_recomputation_draws_other_rows():
     """The test above can fail: checkpoint alone replays no private generator."""
     model = wtacrs.convert(tiny_model("t5").train(), wtacrs.WTACRSConfig(ratio=0.3, seed=5))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _enable(model)
     data = tiny_batch("t5", 2, 8)
     torch.manual_seed(0)
     model(**data).loss.backward()
@@ -69,6 +87,19 @@ def test_a_pool_state_puts_back_the_draws_and_resets_generators_made_since():
     pool.set_state(state)
     assert torch.equal(torch.rand(4, generator=pool.for_device(cpu)), second)
     pool.set_state({})  # as before the generator was made: seeded 3
+    assert torch.equal(torch.rand(4, generator=pool.for_device(cpu)), first)
+
+
+def test_on_a_rank_a_pool_goes_back_to_its_rank_seed(monkeypatch):
+    """On rank 1 a generator is seeded rank_seed(seed), not seed: so is one put back as new."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 1)
+    pool = GeneratorPool(3)
+    cpu = torch.device("cpu")
+    first = torch.rand(4, generator=pool.for_device(cpu))
+    pool.set_state({})
     assert torch.equal(torch.rand(4, generator=pool.for_device(cpu)), first)
 
 

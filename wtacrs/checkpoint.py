@@ -28,7 +28,8 @@ before ``activation_checkpointing_enable``.)
 
 Limitations: the reentrant variant (``use_reentrant=True``) takes no ``context_fn``; its
 recomputation draws other rows than the forward (not reproducible; the bias of that mix is
-not measured). Each
+not measured). Under ``torch.compile`` checkpoint accepts only ``TorchDispatchMode`` contexts
+and raises for this one (read from torch's ``torch.utils.checkpoint``, not run here). Each
 region keeps its generator states until backward: host memory, about 5 KiB per region for a cpu
 generator and 16 bytes for a cuda one, not tensor memory of the device.
 """

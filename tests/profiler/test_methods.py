@@ -49,8 +49,7 @@ def test_checkpointed_wtacrs_keeps_nothing_of_its_regions_after_the_forward():
     The extra is counted by hand: the running per-position gradient norms PositionGradNorms
     folds in at the forward (fp32 [S] per group of layers that read one input: per encoder block
     Q/K/V, O, U, D; per decoder block self Q/K/V, O, cross Q, cross K/V, O, U, D) and T5's
-    decoder token mask (bool [B, T], read by the sinks in backward). A ``RowSource`` kept on
-    ``ctx`` held each region's norm inputs: 51200 more bytes here (0.84 GiB at T5-Base B=64)."""
+    decoder token mask (bool [B, T], read by the sinks in backward)."""
     batch_size, seq_len, layers = 4, 16, 2
     alone = _after_forward("checkpointing", batch_size, seq_len)
     sampled = _after_forward("checkpointing+wtacrs@0.3", batch_size, seq_len)

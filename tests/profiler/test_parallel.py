@@ -42,6 +42,21 @@ def test_world_size_is_a_grid_axis_and_one_device_cells_keep_their_keys(tmp_path
     assert "world_size" not in plain.cells()[0].params
 
 
+def test_a_torchrun_measurement_and_an_estimate_of_a_cell_have_different_keys(tmp_path, monkeypatch):
+    """``--resume`` must not keep an estimate where a launch measures, nor the reverse."""
+    import torch.distributed as dist
+
+    _, suite = _suite(tmp_path, {"strategy": "ddp", "world_size": [2]})
+    (cell,) = suite.cells()
+    estimated = cell_key(cell, run_policy(suite, "cpu"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    assert cell_key(cell, run_policy(suite, "cpu")) != estimated
+    other = parse_suite({**TINY, "methods": ["full"], "models_device": "cuda",
+                         "parallel": {"strategy": "ddp", "world_size": [2]}})
+    assert cell_key(other.cells()[0], run_policy(other, "cpu")) != cell_key(cell, run_policy(suite, "cpu"))
+
+
 def test_bad_parallel_section_gives_one_line_per_problem():
     with pytest.raises(SuiteError) as error:
         parse_suite({**TINY, "methods": ["full"], "parallel": {"strategy": "fsdpp", "buckets": 3}})
@@ -56,8 +71,13 @@ def test_ddp_buckets_hold_one_copy_of_the_trainable_gradients():
     model[1].weight.requires_grad_(False)
     trainable = (300 * 200 + 200) * 4
     assert ddp_bucket_bytes(model, ParallelSettings("ddp", 8, bucket_cap_mb=0.1), "cpu") == trainable
-    # two buckets (1 MiB first bucket cap, then 0.1 MiB): weight and bias rounded separately on cuda
-    assert ddp_bucket_bytes(model, ParallelSettings("ddp", 8, bucket_cap_mb=0.1), "cuda") == 240128 + 1024
+    # one bucket (a bucket closes once it holds bucket_cap_mb): 240,800 B, rounded to 512 on cuda
+    assert ddp_bucket_bytes(model, ParallelSettings("ddp", 8, bucket_cap_mb=0.1), "cuda") == 241152
+    # three 40,000 B weights, 0.05 MiB buckets, the first too (bucket_cap_mb is given): [w3, w2], [w1],
+    # each rounded on its own: 80,384 + 40,448 (one bucket of all three would round to 120,320)
+    chain = torch.nn.Sequential(*(torch.nn.Linear(100, 100, bias=False) for _ in range(3)))
+    assert ddp_bucket_bytes(chain, ParallelSettings("ddp", 8, bucket_cap_mb=0.05), "cpu") == 120000
+    assert ddp_bucket_bytes(chain, ParallelSettings("ddp", 8, bucket_cap_mb=0.05), "cuda") == 80384 + 40448
 
 
 def _torchrun(suite_path, out, timeout=240):

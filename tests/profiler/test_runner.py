@@ -521,7 +521,6 @@ PARENT = """\
 import sys
 from profiler import runner
 from profiler.suite import load_suite
-from tests.profiler.conftest import TINY_SUITE
 from tests.profiler.conftest import sleeping_measure
 
 plan = runner.plan_run(load_suite(sys.argv[1]), sys.argv[2])

@@ -60,7 +60,7 @@ def test_paper_t5_suite_has_108_cells_with_unique_ids():
     assert {(c.d_model, c.n_head, c.d_ff, c.d_head) for c in cells} == {(768, 12, 3072, 64), (1024, 16, 4096, 64)}
 
 
-@pytest.mark.parametrize("name", ["smoke", "bert", "t5-paper"])
+@pytest.mark.parametrize("name", ["smoke", "bert", "t5-paper", "t5-fsdp"])
 def test_shipped_suites_validate(name):
     suite = load_suite(f"suites/{name}.yaml")
     assert suite.cells()
